@@ -1,0 +1,253 @@
+// Divergence terms and their gradients: the one definition shared by the CPU and CUDA kernels.
+//
+// Notation (DESIGN.md §3): u = z_s / T, a = z_t / T, q = softmax(u), p = softmax(a).
+// Every function takes the per-element log-probabilities and probabilities
+//   logp = a_i - lse(a),  logq = u_i - lse(u),  p = exp(logp),  q = exp(logq)
+// which may be -inf / 0 for masked vocabulary entries, and returns values in which a zero
+// probability contributes exactly 0 (0 * log 0 = 0), never NaN.
+//
+// Each divergence D provides
+//   kRowSum                : true when the gradient needs a per-row constant C = sum_i c_i
+//                            computed in a pass of its own before the gradient pass;
+//   terms(..., loss, c)    : the per-element loss term and the element's share c_i of C;
+//   grad(..., C)           : dD/du_i (the derivative with respect to the tempered student logit).
+// The kernels sum `loss` over the row for the divergence value. Everything is written for a
+// generic arithmetic type F: `float` (scalar CPU and CUDA code) or `at::vec::Vectorized<float>`
+// (CPU SIMD); the elementary functions below are overloaded for each.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#define KD_HD inline
+#endif
+
+namespace kdkernels {
+
+enum class Divergence : int64_t {
+  kForwardKL = 0,
+  kReverseKL = 1,
+  kJSD = 2,
+  kSkewKL = 3,
+  kSkewReverseKL = 4,
+  kTVD = 5,
+};
+
+// ---- scalar elementary functions -------------------------------------------------------------
+KD_HD float kd_exp(float x) { return ::expf(x); }
+KD_HD float kd_log(float x) { return ::logf(x); }
+KD_HD float kd_log1p(float x) { return ::log1pf(x); }
+KD_HD float kd_abs(float x) { return ::fabsf(x); }
+KD_HD float kd_max(float a, float b) { return a > b ? a : b; }
+KD_HD float kd_min(float a, float b) { return a < b ? a : b; }
+// a > b ? x : y
+KD_HD float kd_where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
+KD_HD float kd_splat(float v, float) { return v; }
+
+// log(exp(x) + exp(y)) that is -inf (not NaN) when both are -inf.
+template <class F>
+KD_HD F kd_logaddexp(F x, F y) {
+  const F neg_inf = kd_splat(-INFINITY, x);
+  F hi = kd_max(x, y);
+  F lo = kd_min(x, y);
+  F sum = hi + kd_log1p(kd_exp(lo - hi));
+  return kd_where_gt(hi, neg_inf, sum, neg_inf);
+}
+
+// p > 0 ? value : 0 ; guards 0 * inf and 0 * NaN from masked entries.
+template <class F>
+KD_HD F kd_if_pos(F prob, F value) {
+  const F zero = kd_splat(0.f, prob);
+  return kd_where_gt(prob, zero, value, zero);
+}
+
+// Mixture parameters precomputed once per call: log(w_p), log(w_q) of m = w_p p + w_q q.
+struct Mixture {
+  float log_wp;
+  float log_wq;
+  float wp;
+  float wq;
+};
+
+KD_HD Mixture make_mixture(float wp, float wq) {
+  return Mixture{wp > 0.f ? ::logf(wp) : -INFINITY, wq > 0.f ? ::logf(wq) : -INFINITY, wp, wq};
+}
+
+// log m for m = wp * p + wq * q, computed in log space so it does not underflow with p and q.
+template <class F>
+KD_HD F log_mixture(const Mixture& mix, F logp, F logq) {
+  return kd_logaddexp(logp + kd_splat(mix.log_wp, logp), logq + kd_splat(mix.log_wq, logq));
+}
+
+// ---- forward KL: KL(p || q) = sum p (log p - log q);  dD/du_i = q_i - p_i ------------------
+struct ForwardKL {
+  static constexpr bool kRowSum = false;
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture&, F& loss, F& c) {
+    loss = kd_if_pos(p, p * (logp - logq));
+    c = kd_splat(0.f, p);
+  }
+  template <class F>
+  KD_HD static F grad(F, F, F p, F q, const Mixture&, float) {
+    return q - p;
+  }
+};
+
+// ---- reverse KL: KL(q || p);  r = log q - log p,  C = sum q r,  dD/du_i = q_i (r_i - C) -------
+struct ReverseKL {
+  static constexpr bool kRowSum = true;
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F, F q, const Mixture&, F& loss, F& c) {
+    loss = kd_if_pos(q, q * (logq - logp));
+    c = loss;
+  }
+  template <class F>
+  KD_HD static F grad(F logp, F logq, F, F q, const Mixture&, float row_c) {
+    return kd_if_pos(q, q * (logq - logp - kd_splat(row_c, q)));
+  }
+};
+
+// ---- generalized JSD(beta): m = beta p + (1-beta) q,
+//      D = beta KL(p||m) + (1-beta) KL(q||m);  s = log q - log m,  C = sum q s,
+//      dD/du_i = (1-beta) q_i (s_i - C).  D = 0 at beta in {0, 1} (continuous convention). ------
+struct JSD {
+  static constexpr bool kRowSum = true;
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F logm = log_mixture(mix, logp, logq);
+    F kl_q = kd_if_pos(q, q * (logq - logm));
+    loss = kd_splat(0.f, p);
+    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, p * (logp - logm));
+    if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
+    c = kl_q;
+  }
+  template <class F>
+  KD_HD static F grad(F logp, F logq, F, F q, const Mixture& mix, float row_c) {
+    if (!(mix.wq > 0.f) || !(mix.wp > 0.f)) return kd_splat(0.f, q);
+    F logm = log_mixture(mix, logp, logq);
+    return kd_splat(mix.wq, q) * kd_if_pos(q, q * (logq - logm - kd_splat(row_c, q)));
+  }
+};
+
+// ---- skew KL(alpha): m = alpha p + (1-alpha) q,  D = KL(p || m);
+//      w = p/m,  C = sum q w,  dD/du_i = (1-alpha) (q_i C - q_i w_i). ---------------------------
+struct SkewKL {
+  static constexpr bool kRowSum = true;
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F logm = log_mixture(mix, logp, logq);
+    loss = kd_if_pos(p, p * (logp - logm));
+    c = kd_if_pos(q, kd_if_pos(p, kd_exp(logq + logp - logm)));  // q p / m
+  }
+  template <class F>
+  KD_HD static F grad(F logp, F logq, F p, F q, const Mixture& mix, float row_c) {
+    if (!(mix.wq > 0.f)) return kd_splat(0.f, q);
+    F logm = log_mixture(mix, logp, logq);
+    F qw = kd_if_pos(q, kd_if_pos(p, kd_exp(logq + logp - logm)));
+    return kd_splat(mix.wq, q) * (q * kd_splat(row_c, q) - qw);
+  }
+};
+
+// ---- skew reverse KL(alpha): m = (1-alpha) p + alpha q,  D = KL(q || m);
+//      h = log(q/m) - alpha q/m,  C = sum q h,  dD/du_i = q_i (h_i - C). -------------------------
+struct SkewReverseKL {
+  static constexpr bool kRowSum = true;
+  template <class F>
+  KD_HD static F h_term(F logp, F logq, const Mixture& mix, F& log_ratio) {
+    F logm = log_mixture(mix, logp, logq);
+    log_ratio = logq - logm;
+    return log_ratio - kd_splat(mix.wq, logq) * kd_exp(log_ratio);
+  }
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F, F q, const Mixture& mix, F& loss, F& c) {
+    F log_ratio;
+    F h = h_term(logp, logq, mix, log_ratio);
+    loss = kd_if_pos(q, q * log_ratio);
+    c = kd_if_pos(q, q * h);
+  }
+  template <class F>
+  KD_HD static F grad(F logp, F logq, F, F q, const Mixture& mix, float row_c) {
+    F log_ratio;
+    F h = h_term(logp, logq, mix, log_ratio);
+    return kd_if_pos(q, q * (h - kd_splat(row_c, q)));
+  }
+};
+
+// ---- total variation: D = 1/2 sum |p - q|;  sigma = 1/2 sign(q - p),  C = sum q sigma,
+//      dD/du_i = q_i (sigma_i - C). ----------------------------------------------------------
+struct TVD {
+  static constexpr bool kRowSum = true;
+  template <class F>
+  KD_HD static F sigma(F p, F q) {
+    const F half = kd_splat(0.5f, p);
+    const F zero = kd_splat(0.f, p);
+    return kd_where_gt(q, p, half, kd_where_gt(p, q, zero - half, zero));
+  }
+  template <class F>
+  KD_HD static void terms(F, F, F p, F q, const Mixture&, F& loss, F& c) {
+    loss = kd_splat(0.5f, p) * kd_abs(p - q);
+    c = q * sigma(p, q);
+  }
+  template <class F>
+  KD_HD static F grad(F, F, F p, F q, const Mixture&, float row_c) {
+    return q * (sigma(p, q) - kd_splat(row_c, q));
+  }
+};
+
+// The mixture each divergence uses, from its `beta` argument.
+KD_HD Mixture mixture_for(Divergence div, float beta) {
+  switch (div) {
+    case Divergence::kJSD:
+    case Divergence::kSkewKL:
+      return make_mixture(beta, 1.f - beta);  // m = beta p + (1 - beta) q
+    case Divergence::kSkewReverseKL:
+      return make_mixture(1.f - beta, beta);  // m = (1 - alpha) p + alpha q
+    default:
+      return make_mixture(0.f, 0.f);
+  }
+}
+
+// Calls f(Tag{}) with the divergence type selected at run time.
+template <class Fn>
+inline void dispatch_divergence(Divergence div, Fn&& fn) {
+  switch (div) {
+    case Divergence::kForwardKL: fn(ForwardKL{}); break;
+    case Divergence::kReverseKL: fn(ReverseKL{}); break;
+    case Divergence::kJSD: fn(JSD{}); break;
+    case Divergence::kSkewKL: fn(SkewKL{}); break;
+    case Divergence::kSkewReverseKL: fn(SkewReverseKL{}); break;
+    case Divergence::kTVD: fn(TVD{}); break;
+  }
+}
+
+// Per-call parameters of the fused KD row loss
+//   loss_row = ce_weight * (lse(z) - z_y) + kd_weight * t2 * D(p_T || q_T)
+// with t2 = T^2 when scale_by_t2 else 1; dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y)
+// where kd_coef = kd_weight * t2 / T.
+struct KDParams {
+  Divergence divergence;
+  float inv_temperature;
+  float kd_scale;  // kd_weight * t2   (multiplies D in the loss)
+  float kd_coef;   // kd_scale / T     (multiplies dD/du in dL/dz)
+  float ce_weight;
+  int64_t ignore_index;
+  Mixture mix;
+};
+
+KD_HD KDParams make_kd_params(int64_t divergence, float temperature, float beta, float kd_weight,
+                              float ce_weight, bool scale_by_t2, int64_t ignore_index) {
+  KDParams p;
+  p.divergence = static_cast<Divergence>(divergence);
+  p.inv_temperature = 1.f / temperature;
+  p.kd_scale = kd_weight * (scale_by_t2 ? temperature * temperature : 1.f);
+  p.kd_coef = p.kd_scale / temperature;
+  p.ce_weight = ce_weight;
+  p.ignore_index = ignore_index;
+  p.mix = mixture_for(p.divergence, beta);
+  return p;
+}
+
+}  // namespace kdkernels

@@ -1,0 +1,64 @@
+"""Choosing the backend that runs a loss (see kdkernels.backends for the shared contract)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from kdkernels import _extension
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+# On CUDA tensors, "auto" tries these in order (the first is the one measured faster).
+GPU_PREFERENCE = ("triton", "cuda")
+
+
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"kdkernels.backends.{name}")
+
+
+def usable(name: str, tensor: torch.Tensor) -> bool:
+    """Whether backend `name` can run on `tensor`'s device and dtype in this process."""
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return tensor.device.type == "cpu" and tensor.dtype != torch.float64 and _extension.cpu_available()
+    if name == "cuda":
+        return tensor.device.type == "cuda" and tensor.dtype != torch.float64 and _extension.cuda_available()
+    if name == "triton":
+        on_device = tensor.device.type == "cuda" or (
+            tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+        return on_device and tensor.dtype != torch.float64 and _triton_importable()
+    return False
+
+
+def resolve(backend: str, tensor: torch.Tensor) -> str:
+    """The backend name that will run: `backend` itself, or the best usable one for "auto"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        candidates = GPU_PREFERENCE if tensor.device.type == "cuda" else ("cpu",)
+        for name in candidates:
+            if usable(name, tensor):
+                return name
+        return "reference"
+    if not usable(backend, tensor):
+        raise ValueError(
+            f"backend={backend!r} cannot run on {tensor.device.type} {tensor.dtype} tensors in this "
+            f"process (see kdkernels.backend_info()); use backend='auto' or 'reference'")
+    return backend
+
+
+def module(name: str) -> ModuleType:
+    return _module(name)

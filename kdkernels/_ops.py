@@ -1,0 +1,23 @@
+"""Fake (meta) implementations of the compiled ops, so shapes propagate under torch.compile and
+torch.library.opcheck passes. Registered only when the compiled library is loaded."""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels import _extension
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("kdkernels::kd_loss_fwd")
+    def _kd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, divergence, temperature,
+                          beta, kd_weight, ce_weight, scale_by_t2, ignore_index, compute_grad):
+        n = student_logits.shape[0]
+        row_loss = student_logits.new_empty((n,), dtype=torch.float32)
+        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad \
+            else student_logits.new_empty((0,))
+        return row_loss, grad
+
+
+if _extension.cpu_available() or _extension.cuda_available():
+    _register_fakes()

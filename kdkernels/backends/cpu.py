@@ -1,0 +1,21 @@
+"""The compiled CPU kernels (csrc/cpu), through the registered op torch.ops.kdkernels.*."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from kdkernels._config import KDConfig
+
+# The kernel reports NaN/+inf logits and out-of-range labels itself, while it streams the rows.
+CHECKS_VALUES = True
+
+
+def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+         grad_scale: torch.Tensor, cfg: KDConfig, compute_grad: bool
+         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    row_loss, grad = torch.ops.kdkernels.kd_loss_fwd(
+        student_logits, teacher_logits, labels, grad_scale, cfg.divergence_id, cfg.temperature,
+        cfg.beta, cfg.kd_weight, cfg.ce_weight, cfg.scale_by_t2, cfg.ignore_index, compute_grad)
+    return row_loss, (grad if compute_grad else None)
