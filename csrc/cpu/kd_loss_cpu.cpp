@@ -1,11 +1,11 @@
 // Fused KD loss on CPU: one row per task, at::vec SIMD inside a row, at::parallel_for across rows.
 //
-// Per row (DESIGN.md §3), with the row held in L2 after the first pass:
-//   1. statistics: block-wise online max / sum-of-exp for student (at 1/T, and at T = 1 for the CE
-//      blend) and teacher -> lse(u), lse(a), lse(z); the only pass that reads DRAM;
-//   2. row constant C = sum_i c_i and the divergence value (divergences with kRowSum only);
-//   3. gradient dL/dz written in the input dtype, scaled by grad_scale (the reduction factor);
-//      forward KL accumulates its value here too, so it needs two passes.
+// Per row (DESIGN.md §3):
+//   1. statistics, the only pass that reads DRAM: block-wise online max / sum-of-exp of the
+//      student (at 1/T, and at T = 1 for the CE blend) and the teacher; the exps are kept in
+//      per-thread scratch (L2) so no later pass needs exp; forward KL also gets its value here;
+//   2. the divergence value and its row constant C (divergences with kRowSum only), from L2;
+//   3. the gradient dL/dz, written once in the input dtype and scaled by grad_scale.
 // Rows whose labels equal ignore_index give loss 0 and gradient 0. Non-finite teacher/student
 // entries other than -inf (masking) and out-of-range labels are reported as ValueError.
 #include "vec_math.h"
@@ -61,40 +61,81 @@ inline float block_max(const float* x, int64_t n) {
   return hmax(m);
 }
 
-// sum_i exp((x_i - shift) * scale) over a block
-inline float block_sum_exp(const float* x, int64_t n, float shift, float scale) {
-  Vec acc(0.f);
-  const Vec vshift(shift), vscale(scale);
-  for (int64_t i = 0; i < n; i += kW)
-    acc = acc + ((load_masked(x + i, std::min(kW, n - i)) - vshift) * vscale).exp();
-  return hsum(acc);
-}
+// Per-thread buffers reused across rows.
+struct RowScratch {
+  std::vector<float> exp_s, exp_t;            // [V] exp((x - running max) / T)
+  std::vector<float> block_max_s, block_max_t;  // [blocks] running max each block was shifted by
+  std::vector<float> factor_s, factor_t;        // [blocks] turns the stored exps into probabilities
+  std::vector<float> s_buf, t_buf, g_buf;       // [V] widened bf16/fp16 rows and fp32 gradient
+};
 
-// Online (max, sum-of-exp) of one row at scale 1/T, optionally also at scale 1.
-struct OnlineLse {
+// Online softmax statistics of one row at scale 1/T (and at scale 1 for the CE blend), filled
+// block by block: each block's max is found in L1, the running sums are rescaled when the max
+// grows, and exp((x - running max) / T) is stored so later passes need no exp.
+struct OnlineSoftmax {
   float max = kNegInf;
   double sum_t = 0.0;  // sum exp((x - max) / T)
   double sum_1 = 0.0;  // sum exp(x - max)
+  double cross = 0.0;  // teacher only: sum exp((a - max)/T) (a - u) / T, for forward KL's value
   bool bad = false;    // NaN or +inf seen
 
-  void update(const float* x, int64_t n, float inv_t, bool want_unit) {
+  // Moves the running max to the block's max if larger; returns false for a bad block.
+  bool advance(const float* x, int64_t n, float inv_t) {
     const float bmax = block_max(x, n);
     if (std::isnan(bmax) || bmax == std::numeric_limits<float>::infinity()) {
       bad = true;
-      return;
+      return false;
     }
     if (bmax > max) {
-      sum_t *= std::exp(static_cast<double>(max - bmax) * inv_t);
+      const double shrink = std::exp(static_cast<double>(max - bmax) * inv_t);
+      sum_t *= shrink;
+      cross *= shrink;
       sum_1 *= std::exp(static_cast<double>(max - bmax));
       max = bmax;
     }
-    if (max == kNegInf) return;  // everything so far masked
-    sum_t += block_sum_exp(x, n, max, inv_t);
-    if (want_unit) sum_1 += block_sum_exp(x, n, max, 1.f);
+    return true;
   }
+
+  // Stores e = exp((x - max) / T) for the block into `out` and adds it to the sums. With
+  // `student` (teacher rows of forward KL) also accumulates e * (x - z) / T.
+  void accumulate(const float* x, int64_t n, float inv_t, bool want_unit, float* out,
+                  const float* student) {
+    if (max == kNegInf) {  // everything so far masked
+      std::fill(out, out + n, 0.f);
+      return;
+    }
+    const Vec vmax(max), vinv(inv_t), zero(0.f);
+    Vec acc(0.f), acc_1(0.f), acc_cross(0.f);
+    for (int64_t i = 0; i < n; i += kW) {
+      const int64_t m = std::min(kW, n - i);
+      const Vec xv = load_masked(x + i, m);
+      const Vec e = ((xv - vmax) * vinv).exp();
+      e.store(out + i, m);
+      acc = acc + e;
+      if (want_unit) acc_1 = acc_1 + (xv - vmax).exp();
+      if (student != nullptr) {
+        const Vec diff = (xv - load_masked(student + i, m)) * vinv;
+        acc_cross = acc_cross + Vec::blendv(zero, e * diff, e > zero);
+      }
+    }
+    sum_t += hsum(acc);
+    if (want_unit) sum_1 += hsum(acc_1);
+    if (student != nullptr) cross += hsum(acc_cross);
+  }
+
   bool empty() const { return max == kNegInf; }
   float lse_t(float inv_t) const { return max * inv_t + static_cast<float>(std::log(sum_t)); }
   float lse_1() const { return max + static_cast<float>(std::log(sum_1)); }
+
+  // factor[b] * exp_stored = probability, for every block.
+  void probability_factors(const std::vector<float>& block_max, float inv_t,
+                           std::vector<float>& factor) const {
+    factor.resize(block_max.size());
+    for (size_t b = 0; b < block_max.size(); ++b)
+      factor[b] = block_max[b] == kNegInf
+                      ? 0.f
+                      : static_cast<float>(std::exp(static_cast<double>(block_max[b] - max) * inv_t) / sum_t);
+  }
 };
 
 enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4 };
@@ -110,18 +151,29 @@ struct RowArgs {
 
 // Returns the row loss; writes the gradient when args.grad != nullptr.
 template <class Div>
-float kd_row(const RowArgs& args, const KDParams& prm, int* error) {
+float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int* error) {
+  constexpr bool kForwardKL = std::is_same_v<Div, ForwardKL>;
   const int64_t V = args.vocab;
+  const int64_t blocks = (V + kBlock - 1) / kBlock;
   const float inv_t = prm.inv_temperature;
-  const bool has_label = args.label != prm.ignore_index;
-  const bool use_ce = prm.ce_weight != 0.f && has_label;
+  const bool use_ce = prm.ce_weight != 0.f && args.label != prm.ignore_index;
   const bool ce_separate = use_ce && inv_t != 1.f;
 
-  OnlineLse st, tt;
-  for (int64_t b = 0; b < V; b += kBlock) {
-    const int64_t n = std::min(kBlock, V - b);
-    st.update(args.student + b, n, inv_t, ce_separate);
-    tt.update(args.teacher + b, n, inv_t, false);
+  // Pass 1 (reads DRAM): statistics, and the exps kept in scratch.
+  scratch.exp_s.resize(V);
+  scratch.exp_t.resize(V);
+  scratch.block_max_s.resize(blocks);
+  scratch.block_max_t.resize(blocks);
+  OnlineSoftmax st, tt;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
+    if (st.advance(args.student + off, n, inv_t))
+      st.accumulate(args.student + off, n, inv_t, ce_separate, scratch.exp_s.data() + off, nullptr);
+    if (tt.advance(args.teacher + off, n, inv_t))
+      tt.accumulate(args.teacher + off, n, inv_t, false, scratch.exp_t.data() + off,
+                    kForwardKL ? args.student + off : nullptr);
+    scratch.block_max_s[b] = st.max;
+    scratch.block_max_t[b] = tt.max;
   }
   if (tt.bad) *error |= kBadTeacher;
   if (st.bad) *error |= kBadStudent;
@@ -132,58 +184,75 @@ float kd_row(const RowArgs& args, const KDParams& prm, int* error) {
   const float lse_u = st.lse_t(inv_t);
   const float lse_a = tt.lse_t(inv_t);
   const float lse_z = ce_separate ? st.lse_1() : lse_u;
+  st.probability_factors(scratch.block_max_s, inv_t, scratch.factor_s);
+  tt.probability_factors(scratch.block_max_t, inv_t, scratch.factor_t);
 
+  // Visits every vector of the row (from L2) with the tempered student logit z, the teacher
+  // and student log-probabilities and probabilities.
   const Vec v_inv_t(inv_t), v_lse_u(lse_u), v_lse_a(lse_a);
-  auto log_probs = [&](int64_t i, int64_t n, Vec& z, Vec& logp, Vec& logq) {
-    z = load_masked(args.student + i, n);
+  auto for_each_vector = [&](auto&& body) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
+      const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
+      for (int64_t i = off; i < bend; i += kW) {
+        const int64_t n = std::min(kW, bend - i);
+        const Vec z = load_masked(args.student + i, n);
+        const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
+        const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
+        body(i, n, z, p, q);
+      }
+    }
+  };
+  auto logs = [&](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) {
     logq = z * v_inv_t - v_lse_u;
     logp = load_masked(args.teacher + i, n) * v_inv_t - v_lse_a;
   };
 
+  // Pass 2: the divergence value and its row constant C (forward KL has both from pass 1).
   double divergence = 0.0;
   float row_c = 0.f;
-  if (Div::kRowSum) {
+  if constexpr (kForwardKL) {
+    divergence = tt.cross / tt.sum_t - lse_a + lse_u;  // E_p[a - u] - lse(a) + lse(u)
+  } else {
+    Vec loss_acc(0.f), c_acc(0.f);
     double c_total = 0.0;
-    for (int64_t b = 0; b < V; b += kBlock) {
-      const int64_t bend = std::min(V, b + kBlock);
-      Vec loss_acc(0.f), c_acc(0.f);
-      for (int64_t i = b; i < bend; i += kW) {
-        Vec z, logp, logq, loss, c;
-        log_probs(i, std::min(kW, bend - i), z, logp, logq);
-        Div::terms(logp, logq, logp.exp(), logq.exp(), prm.mix, loss, c);
-        loss_acc = loss_acc + loss;
-        c_acc = c_acc + c;
+    int64_t since_flush = 0;
+    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
+      Vec logp, logq, loss, c;
+      logs(i, n, z, logp, logq);
+      Div::terms(logp, logq, p, q, prm.mix, loss, c);
+      loss_acc = loss_acc + loss;
+      c_acc = c_acc + c;
+      if (++since_flush == kBlock / kW) {  // fold into double once per block for accuracy
+        divergence += hsum(loss_acc);
+        c_total += hsum(c_acc);
+        loss_acc = Vec(0.f);
+        c_acc = Vec(0.f);
+        since_flush = 0;
       }
-      divergence += hsum(loss_acc);
-      c_total += hsum(c_acc);
-    }
-    row_c = static_cast<float>(c_total);
+    });
+    divergence += hsum(loss_acc);
+    row_c = static_cast<float>(c_total + hsum(c_acc));
   }
 
-  if (args.grad != nullptr || !Div::kRowSum) {
+  // Pass 3: the gradient dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y), times the
+  // reduction factor.
+  if (args.grad != nullptr) {
     const float scale = args.grad_scale;
     const Vec v_kd(prm.kd_coef * scale), v_ce(prm.ce_weight * scale), v_lse_z(lse_z);
-    for (int64_t b = 0; b < V; b += kBlock) {
-      const int64_t bend = std::min(V, b + kBlock);
-      Vec loss_acc(0.f);
-      for (int64_t i = b; i < bend; i += kW) {
-        const int64_t n = std::min(kW, bend - i);
-        Vec z, logp, logq;
-        log_probs(i, n, z, logp, logq);
-        const Vec p = logp.exp(), q = logq.exp();
-        if (!Div::kRowSum) {
-          Vec loss, c;
-          Div::terms(logp, logq, p, q, prm.mix, loss, c);
-          loss_acc = loss_acc + loss;
-        }
-        if (args.grad == nullptr) continue;
-        Vec g = v_kd * Div::grad(logp, logq, p, q, prm.mix, row_c);
-        if (use_ce) g = g + v_ce * (ce_separate ? (z - v_lse_z).exp() : q);
-        g.store(args.grad + i, n);
+    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
+      Vec g;
+      if constexpr (kForwardKL) {
+        g = v_kd * (q - p);
+      } else {
+        Vec logp, logq;
+        logs(i, n, z, logp, logq);
+        g = v_kd * Div::grad(logp, logq, p, q, prm.mix, row_c);
       }
-      if (!Div::kRowSum) divergence += hsum(loss_acc);
-    }
-    if (args.grad != nullptr && use_ce) args.grad[args.label] -= prm.ce_weight * scale;
+      if (use_ce) g = g + v_ce * (ce_separate ? (z - v_lse_z).exp() : q);
+      g.store(args.grad + i, n);
+    });
+    if (use_ce) args.grad[args.label] -= prm.ce_weight * scale;
   }
 
   float loss = prm.kd_scale * static_cast<float>(divergence);
@@ -191,12 +260,34 @@ float kd_row(const RowArgs& args, const KDParams& prm, int* error) {
   return loss;
 }
 
-using RowFn = float (*)(const RowArgs&, const KDParams&, int*);
+using RowFn = float (*)(const RowArgs&, const KDParams&, RowScratch&, int*);
 
 RowFn row_kernel_for(Divergence div) {
   RowFn fn = nullptr;
   dispatch_divergence(div, [&](auto tag) { fn = &kd_row<decltype(tag)>; });
   return fn;
+}
+
+// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
+template <typename scalar_t>
+void widen(const scalar_t* src, float* dst, int64_t n) {
+  using LowVec = at::vec::Vectorized<scalar_t>;
+  int64_t i = 0;
+  for (; i + LowVec::size() <= n; i += LowVec::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(LowVec::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + kW);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename scalar_t>
+void narrow(const float* src, scalar_t* dst, int64_t n) {
+  using LowVec = at::vec::Vectorized<scalar_t>;
+  int64_t i = 0;
+  for (; i + LowVec::size() <= n; i += LowVec::size())
+    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
 // Returns a pointer to the row as fp32: the row itself for float input, else `buf` filled by
@@ -207,7 +298,7 @@ const float* row_as_float(const scalar_t* row, int64_t V, std::vector<float>& bu
     return row;
   } else {
     buf.resize(V);
-    at::vec::convert(row, buf.data(), V);
+    widen(row, buf.data(), V);
     return buf.data();
   }
 }
@@ -224,7 +315,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf, t_buf, g_buf;
+    RowScratch scratch;
     int local_errors = kRowOk;
     for (int64_t r = begin; r < end; ++r) {
       RowArgs args;
@@ -241,17 +332,17 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
         if (g_row) std::fill(g_row, g_row + V, student_t(0));
         continue;
       }
-      args.student = row_as_float(s_base + r * V, V, s_buf);
-      args.teacher = row_as_float(t_base + r * V, V, t_buf);
+      args.student = row_as_float(s_base + r * V, V, scratch.s_buf);
+      args.teacher = row_as_float(t_base + r * V, V, scratch.t_buf);
       if constexpr (std::is_same_v<student_t, float>) {
         args.grad = g_row;
       } else {
-        if (g_row) g_buf.resize(V);
-        args.grad = g_row ? g_buf.data() : nullptr;
+        if (g_row) scratch.g_buf.resize(V);
+        args.grad = g_row ? scratch.g_buf.data() : nullptr;
       }
-      row_loss[r] = row_fn(args, prm, &local_errors);
+      row_loss[r] = row_fn(args, prm, scratch, &local_errors);
       if constexpr (!std::is_same_v<student_t, float>) {
-        if (g_row) at::vec::convert(g_buf.data(), g_row, V);
+        if (g_row) narrow(scratch.g_buf.data(), g_row, V);
       }
     }
     if (local_errors) errors->fetch_or(local_errors);
