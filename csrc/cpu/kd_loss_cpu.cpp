@@ -109,10 +109,10 @@ struct OnlineSoftmax {
     for (int64_t i = 0; i < n; i += kW) {
       const int64_t m = std::min(kW, n - i);
       const Vec xv = load_masked(x + i, m);
-      const Vec e = ((xv - vmax) * vinv).exp();
+      const Vec e = exp_nonpositive((xv - vmax) * vinv);
       e.store(out + i, m);
       acc = acc + e;
-      if (want_unit) acc_1 = acc_1 + (xv - vmax).exp();
+      if (want_unit) acc_1 = acc_1 + exp_nonpositive(xv - vmax);
       if (student != nullptr) {
         const Vec diff = (xv - load_masked(student + i, m)) * vinv;
         acc_cross = acc_cross + Vec::blendv(zero, e * diff, e > zero);
@@ -147,6 +147,7 @@ struct RowArgs {
   int64_t vocab;
   int64_t label;         // ignore_index when no label
   float grad_scale;
+  bool stream_grad;      // args.grad is the output tensor (not per-thread scratch): bypass caches
 };
 
 // Returns the row loss; writes the gradient when args.grad != nullptr.
@@ -250,9 +251,16 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
         g = v_kd * Div::grad(logp, logq, p, q, prm.mix, row_c);
       }
       if (use_ce) g = g + v_ce * (ce_separate ? (z - v_lse_z).exp() : q);
-      g.store(args.grad + i, n);
+      if (n == kW && args.stream_grad) {
+        store_streaming(g, args.grad + i);
+      } else {
+        g.store(args.grad + i, n);
+      }
     });
-    if (use_ce) args.grad[args.label] -= prm.ce_weight * scale;
+    if (use_ce) {
+      stream_fence();
+      args.grad[args.label] -= prm.ce_weight * scale;
+    }
   }
 
   float loss = prm.kd_scale * static_cast<float>(divergence);
@@ -286,7 +294,8 @@ void narrow(const float* src, scalar_t* dst, int64_t n) {
   using LowVec = at::vec::Vectorized<scalar_t>;
   int64_t i = 0;
   for (; i + LowVec::size() <= n; i += LowVec::size())
-    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)).store(dst + i);
+    store_streaming(at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)),
+                    dst + i);
   for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
@@ -334,6 +343,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
       }
       args.student = row_as_float(s_base + r * V, V, scratch.s_buf);
       args.teacher = row_as_float(t_base + r * V, V, scratch.t_buf);
+      args.stream_grad = std::is_same_v<student_t, float>;
       if constexpr (std::is_same_v<student_t, float>) {
         args.grad = g_row;
       } else {
@@ -345,6 +355,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
         if (g_row) narrow(scratch.g_buf.data(), g_row, V);
       }
     }
+    stream_fence();
     if (local_errors) errors->fetch_or(local_errors);
   });
 }

@@ -1,0 +1,171 @@
+// Building blocks of the CPU row kernels (kd_loss_cpu.cpp, cakd_cpu.cpp): SIMD loads and
+// reductions over a row, bf16/fp16 <-> fp32 row conversion, and the parallel loop over rows that
+// handles ignored rows, label checks and the low-precision gradient.
+#pragma once
+
+#include "vec_math.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace kdkernels {
+
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kBlock = 2048;  // elements per online-softmax block (8 KB of fp32: stays in L1)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Loads n <= kW floats; missing lanes read as -inf, which every formula treats as masked.
+inline Vec load_masked(const float* ptr, int64_t n) {
+  if (n == kW) return Vec::loadu(ptr);
+  return Vec::set(Vec(kNegInf), Vec::loadu(ptr, n), n);
+}
+
+inline float hsum(const Vec& v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  float s = 0.f;
+  for (int64_t i = 0; i < kW; ++i) s += lanes[i];
+  return s;
+}
+
+// Max that propagates NaN (so a NaN anywhere in the row is seen).
+inline float hmax(const Vec& v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t i = 1; i < kW; ++i) m = (std::isnan(lanes[i]) || lanes[i] > m) ? lanes[i] : m;
+  return m;
+}
+
+inline float block_max(const float* x, int64_t n) {
+  Vec m(kNegInf);
+  for (int64_t i = 0; i < n; i += kW) m = at::vec::maximum(m, load_masked(x + i, std::min(kW, n - i)));
+  return hmax(m);
+}
+
+// True when any lane of a comparison result (all-ones or all-zeros lanes) is set.
+inline bool any_lane(const Vec& mask) {
+  constexpr int kAllZero = static_cast<int>((1ULL << kW) - 1);
+  return mask.zero_mask() != kAllZero;
+}
+
+enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4 };
+
+inline bool bad_logit(float x) { return std::isnan(x) || x == std::numeric_limits<float>::infinity(); }
+
+struct RowArgs {
+  const float* student;  // [V] raw student logits z
+  const float* teacher;  // [V] raw teacher logits
+  float* grad;           // [V] dL/dz out, or nullptr
+  int64_t vocab;
+  int64_t label;         // ignore_index when no label
+  float grad_scale;
+};
+
+// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
+template <typename scalar_t>
+void widen(const scalar_t* src, float* dst, int64_t n) {
+  using LowVec = at::vec::Vectorized<scalar_t>;
+  int64_t i = 0;
+  for (; i + LowVec::size() <= n; i += LowVec::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(LowVec::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + kW);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename scalar_t>
+void narrow(const float* src, scalar_t* dst, int64_t n) {
+  using LowVec = at::vec::Vectorized<scalar_t>;
+  int64_t i = 0;
+  for (; i + LowVec::size() <= n; i += LowVec::size())
+    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Returns a pointer to the row as fp32: the row itself for float input, else `buf` filled by
+// one conversion pass (bf16/fp16 are widened once, all math is fp32).
+template <typename scalar_t>
+const float* row_as_float(const scalar_t* row, int64_t V, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    buf.resize(V);
+    widen(row, buf.data(), V);
+    return buf.data();
+  }
+}
+
+template <typename Fn>
+void dispatch_float_types(at::ScalarType type, const char* name, Fn&& fn) {
+  switch (type) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", type);
+  }
+}
+
+// Runs a row kernel over every row of [N, V] student / teacher logits with at::parallel_for.
+// Rows whose label is ignore_index get loss 0 and gradient 0 without calling the kernel;
+// out-of-range labels are reported (kBadLabel) and their rows ignored; bf16/fp16 rows are
+// widened once and the fp32 gradient narrowed once. `make_row_fn()` runs once per thread and
+// returns the row kernel `float (const RowArgs&, int64_t row, int* errors)` (per-thread scratch
+// lives in it).
+template <typename student_t, typename teacher_t, typename MakeRowFn>
+void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
+                  int64_t ignore_index, float grad_scale, float* row_loss, at::Tensor* grad,
+                  std::atomic<int>* errors, MakeRowFn&& make_row_fn) {
+  const int64_t N = student.size(0), V = student.size(1);
+  const student_t* s_base = student.const_data_ptr<student_t>();
+  const teacher_t* t_base = teacher.const_data_ptr<teacher_t>();
+  student_t* g_base = grad ? grad->mutable_data_ptr<student_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    auto row_fn = make_row_fn();
+    std::vector<float> s_buf, t_buf, g_buf;
+    int local_errors = kRowOk;
+    for (int64_t r = begin; r < end; ++r) {
+      RowArgs args;
+      args.vocab = V;
+      args.grad_scale = grad_scale;
+      args.label = labels ? labels[r] : ignore_index;
+      student_t* g_row = g_base ? g_base + r * V : nullptr;
+      if (labels && args.label != ignore_index && (args.label < 0 || args.label >= V)) {
+        local_errors |= kBadLabel;
+        args.label = ignore_index;
+      }
+      if (labels && args.label == ignore_index) {  // ignored row: no loss, no gradient
+        row_loss[r] = 0.f;
+        if (g_row) std::fill(g_row, g_row + V, student_t(0));
+        continue;
+      }
+      args.student = row_as_float(s_base + r * V, V, s_buf);
+      args.teacher = row_as_float(t_base + r * V, V, t_buf);
+      if constexpr (std::is_same_v<student_t, float>) {
+        args.grad = g_row;
+      } else {
+        if (g_row) g_buf.resize(V);
+        args.grad = g_row ? g_buf.data() : nullptr;
+      }
+      row_loss[r] = row_fn(args, r, &local_errors);
+      if constexpr (!std::is_same_v<student_t, float>) {
+        if (g_row) narrow(g_buf.data(), g_row, V);
+      }
+    }
+    if (local_errors) errors->fetch_or(local_errors);
+  });
+}
+
+}  // namespace kdkernels
