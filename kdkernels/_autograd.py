@@ -80,8 +80,11 @@ def fused_rows_loss(student_2d: torch.Tensor, teacher_2d: torch.Tensor, labels_1
     gradient is wanted (torch.no_grad(), or a student that does not require grad)."""
     scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, student_2d.shape[0], batch_shape,
                             student_2d.device)
+    # The teacher never receives a gradient: detached on both paths, so a teacher that requires
+    # grad does not put the compiled op (which has no autograd formula) into the graph.
+    teacher_2d = teacher_2d.detach()
     if torch.is_grad_enabled() and student_2d.requires_grad:
-        return FusedKDFunction.apply(student_2d, teacher_2d.detach(), labels_1d, scale, cfg, reduction,
+        return FusedKDFunction.apply(student_2d, teacher_2d, labels_1d, scale, cfg, reduction,
                                      tuple(batch_shape), rows_fn)
     row_loss, _ = rows_fn(student_2d, teacher_2d, labels_1d, scale, cfg, False)
     return reduce_rows(row_loss, scale, reduction, batch_shape)

@@ -76,7 +76,6 @@ struct OnlineSoftmax {
   float max = kNegInf;
   double sum_t = 0.0;  // sum exp((x - max) / T)
   double sum_1 = 0.0;  // sum exp(x - max)
-  double cross = 0.0;  // teacher only: sum exp((a - max)/T) (a - u) / T, for forward KL's value
   bool bad = false;    // NaN or +inf seen
 
   // Moves the running max to the block's max if larger; returns false for a bad block.
@@ -89,23 +88,20 @@ struct OnlineSoftmax {
     if (bmax > max) {
       const double shrink = std::exp(static_cast<double>(max - bmax) * inv_t);
       sum_t *= shrink;
-      cross *= shrink;
       sum_1 *= std::exp(static_cast<double>(max - bmax));
       max = bmax;
     }
     return true;
   }
 
-  // Stores e = exp((x - max) / T) for the block into `out` and adds it to the sums. With
-  // `student` (teacher rows of forward KL) also accumulates e * (x - z) / T.
-  void accumulate(const float* x, int64_t n, float inv_t, bool want_unit, float* out,
-                  const float* student) {
+  // Stores e = exp((x - max) / T) for the block into `out` and adds it to the sums.
+  void accumulate(const float* x, int64_t n, float inv_t, bool want_unit, float* out) {
     if (max == kNegInf) {  // everything so far masked
       std::fill(out, out + n, 0.f);
       return;
     }
-    const Vec vmax(max), vinv(inv_t), zero(0.f);
-    Vec acc(0.f), acc_1(0.f), acc_cross(0.f);
+    const Vec vmax(max), vinv(inv_t);
+    Vec acc(0.f), acc_1(0.f);
     for (int64_t i = 0; i < n; i += kW) {
       const int64_t m = std::min(kW, n - i);
       const Vec xv = load_masked(x + i, m);
@@ -113,19 +109,16 @@ struct OnlineSoftmax {
       e.store(out + i, m);
       acc = acc + e;
       if (want_unit) acc_1 = acc_1 + exp_nonpositive(xv - vmax);
-      if (student != nullptr) {
-        const Vec diff = (xv - load_masked(student + i, m)) * vinv;
-        acc_cross = acc_cross + Vec::blendv(zero, e * diff, e > zero);
-      }
     }
     sum_t += hsum(acc);
     if (want_unit) sum_1 += hsum(acc_1);
-    if (student != nullptr) cross += hsum(acc_cross);
   }
 
   bool empty() const { return max == kNegInf; }
-  float lse_t(float inv_t) const { return max * inv_t + static_cast<float>(std::log(sum_t)); }
-  float lse_1() const { return max + static_cast<float>(std::log(sum_1)); }
+  // log-softmax is formed as (x - max) / T - log(sum): the shifted logit is exact and the
+  // normaliser stays small, which keeps precision when all logits are large.
+  float log_sum_t() const { return static_cast<float>(std::log(sum_t)); }
+  float log_sum_1() const { return static_cast<float>(std::log(sum_1)); }
 
   // factor[b] * exp_stored = probability, for every block.
   void probability_factors(const std::vector<float>& block_max, float inv_t,
@@ -137,6 +130,12 @@ struct OnlineSoftmax {
                       : static_cast<float>(std::exp(static_cast<double>(block_max[b] - max) * inv_t) / sum_t);
   }
 };
+
+// Divergences that carry a second row constant for precision (see SkewKL).
+template <class Div, class = void>
+constexpr bool kSecondRowSum = false;
+template <class Div>
+constexpr bool kSecondRowSum<Div, std::void_t<decltype(Div::kSecondRowSum)>> = Div::kSecondRowSum;
 
 enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4 };
 
@@ -153,7 +152,6 @@ struct RowArgs {
 // Returns the row loss; writes the gradient when args.grad != nullptr.
 template <class Div>
 float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int* error) {
-  constexpr bool kForwardKL = std::is_same_v<Div, ForwardKL>;
   const int64_t V = args.vocab;
   const int64_t blocks = (V + kBlock - 1) / kBlock;
   const float inv_t = prm.inv_temperature;
@@ -169,10 +167,9 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
     if (st.advance(args.student + off, n, inv_t))
-      st.accumulate(args.student + off, n, inv_t, ce_separate, scratch.exp_s.data() + off, nullptr);
+      st.accumulate(args.student + off, n, inv_t, ce_separate, scratch.exp_s.data() + off);
     if (tt.advance(args.teacher + off, n, inv_t))
-      tt.accumulate(args.teacher + off, n, inv_t, false, scratch.exp_t.data() + off,
-                    kForwardKL ? args.student + off : nullptr);
+      tt.accumulate(args.teacher + off, n, inv_t, false, scratch.exp_t.data() + off);
     scratch.block_max_s[b] = st.max;
     scratch.block_max_t[b] = tt.max;
   }
@@ -182,15 +179,13 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
     if (args.grad) std::fill(args.grad, args.grad + V, 0.f);
     return 0.f;
   }
-  const float lse_u = st.lse_t(inv_t);
-  const float lse_a = tt.lse_t(inv_t);
-  const float lse_z = ce_separate ? st.lse_1() : lse_u;
   st.probability_factors(scratch.block_max_s, inv_t, scratch.factor_s);
   tt.probability_factors(scratch.block_max_t, inv_t, scratch.factor_t);
 
   // Visits every vector of the row (from L2) with the tempered student logit z, the teacher
   // and student log-probabilities and probabilities.
-  const Vec v_inv_t(inv_t), v_lse_u(lse_u), v_lse_a(lse_a);
+  const Vec v_inv_t(inv_t), v_max_s(st.max), v_max_t(tt.max);
+  const Vec v_log_sum_s(st.log_sum_t()), v_log_sum_t(tt.log_sum_t());
   auto for_each_vector = [&](auto&& body) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
@@ -205,67 +200,88 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
     }
   };
   auto logs = [&](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) {
-    logq = z * v_inv_t - v_lse_u;
-    logp = load_masked(args.teacher + i, n) * v_inv_t - v_lse_a;
+    logq = (z - v_max_s) * v_inv_t - v_log_sum_s;
+    logp = (load_masked(args.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
   };
 
-  // Pass 2: the divergence value and its row constant C (forward KL has both from pass 1).
-  double divergence = 0.0;
-  float row_c = 0.f;
-  if constexpr (kForwardKL) {
-    divergence = tt.cross / tt.sum_t - lse_a + lse_u;  // E_p[a - u] - lse(a) + lse(u)
-  } else {
-    Vec loss_acc(0.f), c_acc(0.f);
-    double c_total = 0.0;
-    int64_t since_flush = 0;
+  // Sums vector partials in fp32 and folds them into double once per block, for accuracy.
+  struct RowSum {
+    Vec partial = Vec(0.f);
+    double total = 0.0;
+    int64_t count = 0;
+    void add(const Vec& v) {
+      partial = partial + v;
+      if (++count == kBlock / kW) flush();
+    }
+    void flush() {
+      total += hsum(partial);
+      partial = Vec(0.f);
+      count = 0;
+    }
+    double value() {
+      flush();
+      return total;
+    }
+  };
+
+  // Pass 2: the divergence value and its row constant C (kRowSum divergences).
+  RowSum divergence, row_c_sum, row_c2_sum;
+  float row_c = 0.f, row_c2 = 0.f;
+  if constexpr (Div::kRowSum) {
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
       Vec logp, logq, loss, c;
       logs(i, n, z, logp, logq);
       Div::terms(logp, logq, p, q, prm.mix, loss, c);
-      loss_acc = loss_acc + loss;
-      c_acc = c_acc + c;
-      if (++since_flush == kBlock / kW) {  // fold into double once per block for accuracy
-        divergence += hsum(loss_acc);
-        c_total += hsum(c_acc);
-        loss_acc = Vec(0.f);
-        c_acc = Vec(0.f);
-        since_flush = 0;
-      }
+      divergence.add(loss);
+      row_c_sum.add(c);
+      if constexpr (kSecondRowSum<Div>) row_c2_sum.add(Div::second_term(p, q, prm.mix));
     });
-    divergence += hsum(loss_acc);
-    row_c = static_cast<float>(c_total + hsum(c_acc));
+    row_c = static_cast<float>(row_c_sum.value());
+    row_c2 = static_cast<float>(row_c2_sum.value());
   }
 
   // Pass 3: the gradient dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y), times the
-  // reduction factor.
-  if (args.grad != nullptr) {
-    const float scale = args.grad_scale;
-    const Vec v_kd(prm.kd_coef * scale), v_ce(prm.ce_weight * scale), v_lse_z(lse_z);
+  // reduction factor; divergences without a row constant add up their value here.
+  const float scale = args.grad_scale;
+  const bool write_grad = args.grad != nullptr;
+  if (write_grad || !Div::kRowSum) {
+    const Vec v_kd(prm.kd_coef * scale), v_ce(prm.ce_weight * scale);
+    const Vec v_log_sum_1(ce_separate ? st.log_sum_1() : 0.f);
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
-      Vec g;
-      if constexpr (kForwardKL) {
-        g = v_kd * (q - p);
-      } else {
-        Vec logp, logq;
+      Vec logp, logq;
+      if constexpr (!Div::kRowSum) {
+        Vec loss, c;
         logs(i, n, z, logp, logq);
+        Div::terms(logp, logq, p, q, prm.mix, loss, c);
+        divergence.add(loss);
+      }
+      if (!write_grad) return;
+      if constexpr (Div::kRowSum) logs(i, n, z, logp, logq);
+      Vec g;
+      if constexpr (kSecondRowSum<Div>) {
+        g = v_kd * Div::grad2(logp, logq, p, q, prm.mix, row_c, row_c2);
+      } else {
         g = v_kd * Div::grad(logp, logq, p, q, prm.mix, row_c);
       }
-      if (use_ce) g = g + v_ce * (ce_separate ? (z - v_lse_z).exp() : q);
+      if (use_ce) g = g + v_ce * (ce_separate ? exp_nonpositive(z - v_max_s - v_log_sum_1) : q);
       if (n == kW && args.stream_grad) {
         store_streaming(g, args.grad + i);
       } else {
         g.store(args.grad + i, n);
       }
     });
-    if (use_ce) {
+    if (write_grad && use_ce) {
       stream_fence();
       args.grad[args.label] -= prm.ce_weight * scale;
     }
   }
 
-  float loss = prm.kd_scale * static_cast<float>(divergence);
-  if (use_ce) loss += prm.ce_weight * (lse_z - args.student[args.label]);
-  return loss;
+  double loss = prm.kd_scale * divergence.value();
+  if (use_ce) {  // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
+    const double log_sum = std::log(ce_separate ? st.sum_1 : st.sum_t);
+    loss += prm.ce_weight * (static_cast<double>(st.max - args.student[args.label]) + log_sum);
+  }
+  return static_cast<float>(loss);
 }
 
 using RowFn = float (*)(const RowArgs&, const KDParams&, RowScratch&, int*);

@@ -78,11 +78,15 @@ def row_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     logq = F.log_softmax(z / T, dim=-1)
     logp = F.log_softmax(t / T, dim=-1)
     loss = cfg.kd_scale * divergence_per_row(logp, logq, cfg.divergence, cfg.beta)
+    if torch.is_grad_enabled() and z.requires_grad and not loss.requires_grad:
+        # The divergence is constant in the student (jsd at beta = 1, skew_kl at alpha = 1): keep
+        # the loss connected so backward gives a zero gradient, as the kernels do, not an error.
+        loss = loss + 0.0 * logq.exp().sum(-1)
     if labels is None:
         return loss
     valid = labels != cfg.ignore_index
     if cfg.ce_weight:
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()  # any integer dtype
         ce = F.cross_entropy(z, safe_labels, reduction="none")
         loss = loss + cfg.ce_weight * ce
     return torch.where(valid, loss, torch.zeros_like(loss))

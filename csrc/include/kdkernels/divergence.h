@@ -133,14 +133,28 @@ struct JSD {
 };
 
 // ---- skew KL(alpha): m = alpha p + (1-alpha) q,  D = KL(p || m);
-//      w = p/m,  C = sum q w,  dD/du_i = (1-alpha) (q_i C - q_i w_i). ---------------------------
+//      w = p/m,  C = W = sum q w,  dD/du_i = (1-alpha) q_i (W - w_i).
+//      W - w_i cancels when w_i ~ W. Small w are exact enough directly; for w near 1 the small
+//      quantity w - 1 = (1-alpha)(p - q)/m keeps the precision, with C2 = sum q (w - 1) = W - 1.
+//      Kernels that can carry a second row constant use grad2 (CPU); grad is the one-constant form.
 struct SkewKL {
   static constexpr bool kRowSum = true;
+  static constexpr bool kSecondRowSum = true;
+  template <class F>
+  KD_HD static F mixture(F p, F q, const Mixture& mix) {
+    return kd_splat(mix.wp, p) * p + kd_splat(mix.wq, q) * q;
+  }
   template <class F>
   KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
     F logm = log_mixture(mix, logp, logq);
     loss = kd_if_pos(p, p * (logp - logm));
     c = kd_if_pos(q, kd_if_pos(p, kd_exp(logq + logp - logm)));  // q p / m
+  }
+  // c2_i = q_i (w_i - 1)
+  template <class F>
+  KD_HD static F second_term(F p, F q, const Mixture& mix) {
+    const F m = mixture(p, q, mix);
+    return kd_if_pos(m, kd_splat(mix.wq, q) * q * (p - q) / m);  // m = 0 only where p = q = 0
   }
   template <class F>
   KD_HD static F grad(F logp, F logq, F p, F q, const Mixture& mix, float row_c) {
@@ -148,6 +162,16 @@ struct SkewKL {
     F logm = log_mixture(mix, logp, logq);
     F qw = kd_if_pos(q, kd_if_pos(p, kd_exp(logq + logp - logm)));
     return kd_splat(mix.wq, q) * (q * kd_splat(row_c, q) - qw);
+  }
+  template <class F>
+  KD_HD static F grad2(F, F, F p, F q, const Mixture& mix, float row_c, float row_c2) {
+    if (!(mix.wq > 0.f)) return kd_splat(0.f, q);
+    const F m = mixture(p, q, mix);
+    const F w = kd_if_pos(m, p / m);
+    const F w_minus_1 = kd_if_pos(m, kd_splat(mix.wq, q) * (p - q) / m);
+    const F half = kd_splat(0.5f, q);
+    const F gap = kd_where_gt(w, half, kd_splat(row_c2, q) - w_minus_1, kd_splat(row_c, q) - w);
+    return kd_splat(mix.wq, q) * q * gap;
   }
 };
 
@@ -170,6 +194,7 @@ struct SkewReverseKL {
   }
   template <class F>
   KD_HD static F grad(F logp, F logq, F, F q, const Mixture& mix, float row_c) {
+    if (!(mix.wp > 0.f)) return kd_splat(0.f, q);  // alpha = 1: m = q, D = 0 for every q
     F log_ratio;
     F h = h_term(logp, logq, mix, log_ratio);
     return kd_if_pos(q, q * (h - kd_splat(row_c, q)));
