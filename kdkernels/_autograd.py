@@ -12,17 +12,19 @@ from kdkernels._config import KDConfig
 
 
 def reduction_scale(labels: Optional[torch.Tensor], ignore_index: int, reduction: str,
-                    n_rows: int, batch_shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """The factor on sum(row_loss) that gives the reduced loss, as a 0-dim float32 tensor on the
-    logits' device (no host sync): 1/valid rows (mean), 1/size(0) (batchmean, as F.kl_div), 1."""
+                    n_rows: int, batch_shape: Sequence[int], device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The factor on sum(row_loss) that gives the reduced loss, as a 0-dim tensor on the logits'
+    device (no host sync): 1/valid rows (mean), 1/size(0) (batchmean, as F.kl_div), 1.
+    float32 for the kernels (the backend contract); float64 for float64 reference losses."""
     if reduction == "mean":
         if labels is None:
-            return torch.tensor(1.0 / max(n_rows, 1), dtype=torch.float32, device=device)
+            return torch.tensor(1.0 / max(n_rows, 1), dtype=dtype, device=device)
         valid = (labels != ignore_index).sum().clamp(min=1)
-        return valid.to(torch.float32).reciprocal()
+        return valid.to(dtype).reciprocal()
     if reduction == "batchmean":
-        return torch.tensor(1.0 / max(batch_shape[0], 1), dtype=torch.float32, device=device)
-    return torch.ones((), dtype=torch.float32, device=device)
+        return torch.tensor(1.0 / max(batch_shape[0], 1), dtype=dtype, device=device)
+    return torch.ones((), dtype=dtype, device=device)
 
 
 def reduce_rows(row_loss: torch.Tensor, scale: torch.Tensor, reduction: str,

@@ -39,23 +39,11 @@ enum class Divergence : int64_t {
 // ---- scalar elementary functions -------------------------------------------------------------
 KD_HD float kd_exp(float x) { return ::expf(x); }
 KD_HD float kd_log(float x) { return ::logf(x); }
-KD_HD float kd_log1p(float x) { return ::log1pf(x); }
 KD_HD float kd_abs(float x) { return ::fabsf(x); }
 KD_HD float kd_max(float a, float b) { return a > b ? a : b; }
-KD_HD float kd_min(float a, float b) { return a < b ? a : b; }
 // a > b ? x : y
 KD_HD float kd_where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
 KD_HD float kd_splat(float v, float) { return v; }
-
-// log(exp(x) + exp(y)) that is -inf (not NaN) when both are -inf.
-template <class F>
-KD_HD F kd_logaddexp(F x, F y) {
-  const F neg_inf = kd_splat(-INFINITY, x);
-  F hi = kd_max(x, y);
-  F lo = kd_min(x, y);
-  F sum = hi + kd_log1p(kd_exp(lo - hi));
-  return kd_where_gt(hi, neg_inf, sum, neg_inf);
-}
 
 // p > 0 ? value : 0 ; guards 0 * inf and 0 * NaN from masked entries.
 template <class F>
@@ -64,22 +52,21 @@ KD_HD F kd_if_pos(F prob, F value) {
   return kd_where_gt(prob, zero, value, zero);
 }
 
-// Mixture parameters precomputed once per call: log(w_p), log(w_q) of m = w_p p + w_q q.
+// Weights of the mixture m = w_p p + w_q q used by jsd and the skew divergences.
 struct Mixture {
-  float log_wp;
-  float log_wq;
   float wp;
   float wq;
 };
 
-KD_HD Mixture make_mixture(float wp, float wq) {
-  return Mixture{wp > 0.f ? ::logf(wp) : -INFINITY, wq > 0.f ? ::logf(wq) : -INFINITY, wp, wq};
-}
+KD_HD Mixture make_mixture(float wp, float wq) { return Mixture{wp, wq}; }
 
-// log m for m = wp * p + wq * q, computed in log space so it does not underflow with p and q.
+// m = wp p + wq q. The mixture divergences below use the ratios p/m and q/m formed from the
+// probabilities: when student and teacher nearly agree a ratio is ~1 and its log keeps full
+// precision (log p - log m from the logits would not), and entries where both probabilities are
+// tiny still give a well-scaled ratio. Entries with zero probability are guarded by kd_if_pos.
 template <class F>
-KD_HD F log_mixture(const Mixture& mix, F logp, F logq) {
-  return kd_logaddexp(logp + kd_splat(mix.log_wp, logp), logq + kd_splat(mix.log_wq, logq));
+KD_HD F mixture_of(F p, F q, const Mixture& mix) {
+  return kd_splat(mix.wp, p) * p + kd_splat(mix.wq, q) * q;
 }
 
 // ---- forward KL: KL(p || q) = sum p (log p - log q);  dD/du_i = q_i - p_i ------------------
@@ -111,24 +98,24 @@ struct ReverseKL {
 };
 
 // ---- generalized JSD(beta): m = beta p + (1-beta) q,
-//      D = beta KL(p||m) + (1-beta) KL(q||m);  s = log q - log m,  C = sum q s,
+//      D = beta KL(p||m) + (1-beta) KL(q||m);  s = log(q/m),  C = sum q s,
 //      dD/du_i = (1-beta) q_i (s_i - C).  D = 0 at beta in {0, 1} (continuous convention). ------
 struct JSD {
   static constexpr bool kRowSum = true;
   template <class F>
-  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
-    F logm = log_mixture(mix, logp, logq);
-    F kl_q = kd_if_pos(q, q * (logq - logm));
+  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
+    const F m = mixture_of(p, q, mix);
+    const F kl_q = kd_if_pos(q, q * kd_log(q / m));
     loss = kd_splat(0.f, p);
-    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, p * (logp - logm));
+    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, p * kd_log(p / m));
     if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
     c = kl_q;
   }
   template <class F>
-  KD_HD static F grad(F logp, F logq, F, F q, const Mixture& mix, float row_c) {
+  KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wq > 0.f) || !(mix.wp > 0.f)) return kd_splat(0.f, q);
-    F logm = log_mixture(mix, logp, logq);
-    return kd_splat(mix.wq, q) * kd_if_pos(q, q * (logq - logm - kd_splat(row_c, q)));
+    const F m = mixture_of(p, q, mix);
+    return kd_splat(mix.wq, q) * kd_if_pos(q, q * (kd_log(q / m) - kd_splat(row_c, q)));
   }
 };
 
@@ -141,36 +128,35 @@ struct SkewKL {
   static constexpr bool kRowSum = true;
   static constexpr bool kSecondRowSum = true;
   template <class F>
-  KD_HD static F mixture(F p, F q, const Mixture& mix) {
-    return kd_splat(mix.wp, p) * p + kd_splat(mix.wq, q) * q;
+  KD_HD static F q_times_w(F p, F q, const Mixture& mix) {
+    const F m = mixture_of(p, q, mix);
+    return kd_if_pos(m, q * p / m);  // m = 0 only where p = q = 0
   }
   template <class F>
-  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
-    F logm = log_mixture(mix, logp, logq);
-    loss = kd_if_pos(p, p * (logp - logm));
-    c = kd_if_pos(q, kd_if_pos(p, kd_exp(logq + logp - logm)));  // q p / m
+  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
+    const F m = mixture_of(p, q, mix);
+    loss = kd_if_pos(p, p * kd_log(p / m));
+    c = kd_if_pos(m, q * p / m);
   }
   // c2_i = q_i (w_i - 1)
   template <class F>
   KD_HD static F second_term(F p, F q, const Mixture& mix) {
-    const F m = mixture(p, q, mix);
-    return kd_if_pos(m, kd_splat(mix.wq, q) * q * (p - q) / m);  // m = 0 only where p = q = 0
+    const F m = mixture_of(p, q, mix);
+    return kd_if_pos(m, kd_splat(mix.wq, q) * q * (p - q) / m);
   }
   template <class F>
-  KD_HD static F grad(F logp, F logq, F p, F q, const Mixture& mix, float row_c) {
+  KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wq > 0.f)) return kd_splat(0.f, q);
-    F logm = log_mixture(mix, logp, logq);
-    F qw = kd_if_pos(q, kd_if_pos(p, kd_exp(logq + logp - logm)));
-    return kd_splat(mix.wq, q) * (q * kd_splat(row_c, q) - qw);
+    return kd_splat(mix.wq, q) * (q * kd_splat(row_c, q) - q_times_w(p, q, mix));
   }
   template <class F>
   KD_HD static F grad2(F, F, F p, F q, const Mixture& mix, float row_c, float row_c2) {
     if (!(mix.wq > 0.f)) return kd_splat(0.f, q);
-    const F m = mixture(p, q, mix);
+    const F m = mixture_of(p, q, mix);
     const F w = kd_if_pos(m, p / m);
     const F w_minus_1 = kd_if_pos(m, kd_splat(mix.wq, q) * (p - q) / m);
-    const F half = kd_splat(0.5f, q);
-    const F gap = kd_where_gt(w, half, kd_splat(row_c2, q) - w_minus_1, kd_splat(row_c, q) - w);
+    const F gap = kd_where_gt(w, kd_splat(0.5f, q), kd_splat(row_c2, q) - w_minus_1,
+                              kd_splat(row_c, q) - w);
     return kd_splat(mix.wq, q) * q * gap;
   }
 };
@@ -180,24 +166,20 @@ struct SkewKL {
 struct SkewReverseKL {
   static constexpr bool kRowSum = true;
   template <class F>
-  KD_HD static F h_term(F logp, F logq, const Mixture& mix, F& log_ratio) {
-    F logm = log_mixture(mix, logp, logq);
-    log_ratio = logq - logm;
-    return log_ratio - kd_splat(mix.wq, logq) * kd_exp(log_ratio);
+  KD_HD static F h_term(F ratio, const Mixture& mix) {
+    return kd_log(ratio) - kd_splat(mix.wq, ratio) * ratio;
   }
   template <class F>
-  KD_HD static void terms(F logp, F logq, F, F q, const Mixture& mix, F& loss, F& c) {
-    F log_ratio;
-    F h = h_term(logp, logq, mix, log_ratio);
-    loss = kd_if_pos(q, q * log_ratio);
-    c = kd_if_pos(q, q * h);
+  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
+    const F ratio = q / mixture_of(p, q, mix);
+    loss = kd_if_pos(q, q * kd_log(ratio));
+    c = kd_if_pos(q, q * h_term(ratio, mix));
   }
   template <class F>
-  KD_HD static F grad(F logp, F logq, F, F q, const Mixture& mix, float row_c) {
+  KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wp > 0.f)) return kd_splat(0.f, q);  // alpha = 1: m = q, D = 0 for every q
-    F log_ratio;
-    F h = h_term(logp, logq, mix, log_ratio);
-    return kd_if_pos(q, q * (h - kd_splat(row_c, q)));
+    const F ratio = q / mixture_of(p, q, mix);
+    return kd_if_pos(q, q * (h_term(ratio, mix) - kd_splat(row_c, q)));
   }
 };
 

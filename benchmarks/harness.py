@@ -1,0 +1,382 @@
+"""Shared benchmark harness: each configuration in its own process, timed and memory-measured.
+
+API (everything a benchmark needs):
+
+    measure(setup, kwargs=None, *, repeat=5, warmup=2, label="", threads=None, env=None,
+            time_budget_s=None, timeout_s=1800) -> dict
+        Runs one configuration in a fresh Python subprocess. ``setup`` is an importable
+        ``"package.module:function"`` string; the child calls ``function(**kwargs)`` (kwargs must
+        be JSON-serialisable), which builds the inputs and returns a zero-argument ``step``
+        callable doing one full iteration (e.g. forward + backward, see ``fwd_bwd_step``). The
+        child then runs ``warmup`` untimed steps (torch.compile compiles here, so compile time is
+        never timed) and ``repeat`` timed steps with ``torch.set_num_threads(threads)`` (default:
+        every CPU this process may use).
+        Returns {"median_ms", "min_ms", "times_ms", "extra_peak_mib", "warmup_extra_peak_mib",
+        "retained_mib", "rss_inputs_mib", "threads", "wall_s"}, or {"error": "reason"} when the
+        setup or a step raised (the caller prints "n/a" with the reason).
+        Memory, all from /proc/self/status:
+          rss_inputs_mib        VmRSS once setup() returned (inputs exist, imports done);
+          extra_peak_mib        peak RSS over the timed steps minus rss_inputs_mib; the
+                                high-water mark (VmHWM) is reset after the warmup by writing "5"
+                                to /proc/self/clear_refs, so neither the input build nor a
+                                compilation counts;
+          warmup_extra_peak_mib the same over the warmup steps (includes compilation);
+          retained_mib          VmRSS before the timed steps minus rss_inputs_mib (memory the
+                                warmup left behind: compiled code, caches), part of extra_peak.
+
+    run_in_child(runner, request, *, env=None, timeout_s=1800) -> dict
+        The process plumbing under measure(), for benchmarks that measure differently (e.g. on a
+        GPU): the child calls the "module:function" ``runner`` with the JSON ``request`` and
+        sends back its dict; an exception, a crash or a timeout comes back as {"error": reason}.
+
+    fwd_bwd_step(loss_fn, student, *others) -> step
+        ``loss_fn(student, *others).backward()``, then drops ``student.grad`` so that no
+        gradient survives between steps (each step allocates its own, as training would after
+        ``zero_grad(set_to_none=True)``).
+
+    copy_bandwidth_gbs(nbytes, *, repeat=10, threads=None) -> float
+        Measured memory-copy bandwidth, ``dst.copy_(src)`` between preallocated tensors of
+        ``nbytes`` each, counting read + write bytes: the yardstick for "% of copy".
+
+    bandwidth(bytes_moved, median_ms, copy_gbs) -> {"gbs", "pct_copy"}
+        GB/s of a step that moves bytes_moved, and its percentage of the measured copy.
+    add_ratios(rows, key, *, baseline, group_by)
+        row[key] = row median / the fastest median among the rows of its group that satisfy
+        ``baseline(row)`` (e.g. "x compile", "x best peer").
+
+    Column(header, key, fmt="")
+    format_table(rows, columns, *, markdown=False) -> str / print_table(...)
+        Aligned plain-text (or markdown) table of dict rows; a missing or None cell prints "n/a".
+
+    add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
+                 quick_repeat=3)
+        The flags every benchmark shares: --n, --repeat, --warmup, --time-budget, --quick, --json,
+        --markdown; then ``args = parse_run_args(parser, argv)`` fills --n and --repeat from
+        --quick when they were not given.
+    add_output_args(parser)   adds ``--json PATH`` and ``--markdown`` (part of add_run_args)
+    write_json(path, payload) writes the results (rows + run metadata) for --json
+
+    progress(message)
+        One line on stderr, flushed: the benchmarks print one per configuration.
+
+The child process is ``python -m benchmarks.harness --child`` with {"runner", "request"} as JSON on
+stdin; it prints its result as one JSON line after RESULT_MARKER.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_MARKER = "@@BENCH_RESULT "
+MIB = 1024 * 1024
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side
+
+
+def measure(setup: str, kwargs: Optional[Dict[str, Any]] = None, *, repeat: int = 5, warmup: int = 2,
+            label: str = "", threads: Optional[int] = None, env: Optional[Dict[str, str]] = None,
+            time_budget_s: Optional[float] = None, timeout_s: float = 1800) -> Dict[str, Any]:
+    """One configuration in a fresh subprocess; see the module docstring for the result keys.
+
+    time_budget_s: stop the timed steps early once they have taken this long (at least 3 steps
+    still run), so a slow peer does not dominate the run."""
+    request = {"setup": setup, "kwargs": kwargs or {}, "repeat": int(repeat), "warmup": int(warmup),
+               "threads": int(threads or available_cpus()), "time_budget_s": time_budget_s}
+    if label:
+        progress(f"  running {label} ...")
+    result = run_in_child("benchmarks.harness:measure_steps", request, env=env, timeout_s=timeout_s)
+    if label:
+        progress(f"  {label}: {_summary(result)}")
+    return result
+
+
+def run_in_child(runner: str, request: Dict[str, Any], *, env: Optional[Dict[str, str]] = None,
+                 timeout_s: float = 1800) -> Dict[str, Any]:
+    """``runner(request)`` in a fresh ``python -m benchmarks.harness --child``; returns its dict
+    (JSON-serialisable) plus "wall_s", or {"error": reason, "wall_s"} when it raised, crashed or
+    timed out. The child dies with this process."""
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, child_env.get("PYTHONPATH")) if p)
+    child_env.update(env or {})
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", "--child"],
+                              input=json.dumps({"runner": runner, "request": request}), capture_output=True,
+                              text=True, cwd=REPO_ROOT, env=child_env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        result: Dict[str, Any] = {"error": f"timed out after {timeout_s:.0f} s"}
+    else:
+        result = _parse_child_output(proc)
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _parse_child_output(proc: subprocess.CompletedProcess) -> Dict[str, Any]:
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"child exited with {proc.returncode}: " + " | ".join(tail)}
+
+
+def _summary(result: Dict[str, Any]) -> str:
+    if "error" in result:
+        return f"n/a ({result['error']})"
+    return (f"{result['median_ms']:.1f} ms median, extra peak {result['extra_peak_mib']:.0f} MiB "
+            f"({result['wall_s']:.0f} s)")
+
+
+def copy_bandwidth_gbs(nbytes: int, *, repeat: int = 10, threads: Optional[int] = None) -> float:
+    """Read + write bytes per second of ``dst.copy_(src)``, both ``nbytes`` and preallocated."""
+    result = measure("benchmarks.harness:copy_setup", {"nbytes": int(nbytes)}, repeat=repeat,
+                     warmup=2, threads=threads, label=f"memory copy of {nbytes / MIB:.0f} MiB")
+    if "error" in result:
+        raise RuntimeError(f"copy bandwidth measurement failed: {result['error']}")
+    return 2 * nbytes / (result["median_ms"] * 1e-3) / 1e9
+
+
+def copy_setup(nbytes: int) -> Callable[[], None]:
+    import torch
+
+    source = torch.ones(nbytes // 4, dtype=torch.float32)
+    destination = torch.zeros_like(source)  # zeros_like writes every page: no first-touch faults later
+    return lambda: destination.copy_(source)
+
+
+def bandwidth(bytes_moved: float, median_ms: float, copy_gbs: Optional[float]) -> Dict[str, Optional[float]]:
+    gbs = bytes_moved / (median_ms * 1e-3) / 1e9
+    return {"gbs": gbs, "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None}
+
+
+def add_ratios(rows: Sequence[Dict[str, Any]], key: str, *, baseline: Callable[[Dict[str, Any]], bool],
+               group_by: Sequence[str]) -> None:
+    def group(row: Dict[str, Any]) -> tuple:
+        return tuple(row.get(name) for name in group_by)
+
+    fastest: Dict[tuple, float] = {}
+    for row in rows:
+        if baseline(row) and row.get("median_ms") is not None:
+            fastest[group(row)] = min(fastest.get(group(row), float("inf")), row["median_ms"])
+    for row in rows:
+        reference_ms = fastest.get(group(row))
+        if row.get("median_ms") is not None and reference_ms:
+            row[key] = row["median_ms"] / reference_ms
+
+
+def fwd_bwd_step(loss_fn: Callable[..., Any], student: Any, *others: Any) -> Callable[[], None]:
+    def step() -> None:
+        loss_fn(student, *others).backward()
+        student.grad = None
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and output
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str
+    fmt: str = ""  # format spec for numbers, e.g. ".1f"
+
+
+def _cell(row: Dict[str, Any], column: Column) -> str:
+    value = row.get(column.key)
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and column.fmt:
+        return format(value, column.fmt)
+    return str(value)
+
+
+def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], *, markdown: bool = False) -> str:
+    cells = [[_cell(row, column) for column in columns] for row in rows]
+    headers = [column.header for column in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(_is_number_text(r[i]) for r in cells) and bool(cells) for i in range(len(columns))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts).rstrip()
+
+    if markdown:
+        rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                              for w, num in zip(widths, numeric)) + "|"
+    else:
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in cells])
+
+
+def _is_number_text(text: str) -> bool:
+    if text == "n/a":
+        return True
+    try:
+        float(text.rstrip("x%"))
+    except ValueError:
+        return False
+    return True
+
+
+def print_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], *, markdown: bool = False,
+                title: str = "") -> None:
+    if title:
+        print(f"\n{title}" if not markdown else f"\n### {title}\n")
+    print(format_table(rows, columns, markdown=markdown), flush=True)
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, repeat: int, time_budget_s: float,
+                 warmup: Optional[int] = 1, warmup_help: Optional[str] = None, n: int = 4096,
+                 quick_n: int = 1024, quick_repeat: int = 3) -> None:
+    parser.add_argument("--n", type=int, default=None, help=f"rows (tokens); default {n}, {quick_n} with --quick")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help=f"timed steps (default {repeat}, {quick_repeat} with --quick)")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=warmup_help or f"untimed steps before the timed ones (default {warmup})")
+    parser.add_argument("--time-budget", type=float, default=time_budget_s,
+                        help=f"stop a configuration's timed steps after this many seconds, at least 3 "
+                             f"steps still run (default {time_budget_s:g})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"N={quick_n} and {quick_repeat} timed steps, for a fast look")
+    add_output_args(parser)
+    parser.set_defaults(**{_RUN_DEFAULTS: (n, quick_n, repeat, quick_repeat)})
+
+
+_RUN_DEFAULTS = "_run_defaults"
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    n, quick_n, repeat, quick_repeat = vars(args).pop(_RUN_DEFAULTS)
+    if args.n is None:
+        args.n = quick_n if args.quick else n
+    if args.repeat is None:
+        args.repeat = quick_repeat if args.quick else repeat
+    return args
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    progress(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Child side
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM to the current VmRSS.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def _import(qualified_name: str) -> Any:
+    """The object named by "package.module:attribute"."""
+    import importlib
+
+    module_name, attribute = qualified_name.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def measure_steps(request: Dict[str, Any]) -> Dict[str, Any]:
+    """The child side of measure()."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(request["threads"])
+    torch.manual_seed(0)
+    step = _import(request["setup"])(**request["kwargs"])
+    gc.collect()
+    rss_inputs = _status_kib("VmRSS")
+
+    _reset_peak_rss()
+    for _ in range(request["warmup"]):
+        step()
+    gc.collect()
+    warmup_peak = _status_kib("VmHWM")
+    rss_before_timed = _status_kib("VmRSS")
+
+    _reset_peak_rss()
+    times_ms: List[float] = []
+    budget = request.get("time_budget_s")
+    for _ in range(request["repeat"]):
+        start = time.perf_counter()
+        step()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+        if budget is not None and len(times_ms) >= 3 and sum(times_ms) > budget * 1e3:
+            break
+    timed_peak = _status_kib("VmHWM")
+    return {
+        "median_ms": statistics.median(times_ms),
+        "min_ms": min(times_ms),
+        "times_ms": times_ms,
+        "extra_peak_mib": (timed_peak - rss_inputs) / 1024,
+        "warmup_extra_peak_mib": (warmup_peak - rss_inputs) / 1024,
+        "retained_mib": (rss_before_timed - rss_inputs) / 1024,
+        "rss_inputs_mib": rss_inputs / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _exit_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): a killed benchmark leaves no child running.
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_main() -> None:
+    _exit_with_parent()
+    message = json.loads(sys.stdin.read())
+    try:
+        result = _import(message["runner"])(message["request"])
+    except Exception as exc:  # reported to the parent, which prints "n/a" with the reason
+        message = " ".join(str(exc).split())
+        result = {"error": f"{type(exc).__name__}: {message[:300]}"}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--child"]:
+        _child_main()
+    else:
+        sys.exit("benchmarks.harness is a library; run e.g. python -m benchmarks.kd_loss")

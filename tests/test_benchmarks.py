@@ -1,0 +1,110 @@
+"""Smoke tests of the benchmark suite: the harness measures in a subprocess and formats tables,
+the eager peer formulas equal kd_loss, and `python -m benchmarks.kd_loss` produces its rows.
+Tiny shapes, no timing asserts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdkernels
+from benchmarks import harness
+from benchmarks.eager import EAGER_LOSSES
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_measure_reports_time_and_memory_of_a_child_process():
+    result = harness.measure("benchmarks.harness:copy_setup", {"nbytes": 1 << 20}, repeat=3, warmup=1)
+    assert "error" not in result, result
+    assert len(result["times_ms"]) == 3
+    assert 0 < result["min_ms"] <= result["median_ms"]
+    assert result["rss_inputs_mib"] > 0
+    assert result["threads"] == harness.available_cpus()
+    for key in ("extra_peak_mib", "warmup_extra_peak_mib", "retained_mib"):
+        assert isinstance(result[key], float)
+
+
+def test_measure_reports_a_failing_setup_as_an_error():
+    result = harness.measure("benchmarks.harness:no_such_setup", repeat=1, warmup=0)
+    assert "AttributeError" in result["error"]
+
+
+def test_reset_peak_rss_forgets_earlier_allocations():
+    # The harness relies on /proc/self/clear_refs resetting VmHWM to the current VmRSS.
+    big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    del big
+    harness._reset_peak_rss()
+    assert harness._status_kib("VmHWM") - harness._status_kib("VmRSS") < 32 * 1024
+
+
+def test_format_table_aligns_columns_and_prints_missing_cells_as_na():
+    rows = [{"impl": "eager", "ms": 12.345}, {"impl": "kdkernels", "ms": None}]
+    columns = [harness.Column("impl", "impl"), harness.Column("median ms", "ms", ".1f")]
+    lines = harness.format_table(rows, columns).splitlines()
+    assert lines[0].split() == ["impl", "median", "ms"]
+    assert lines[2].split() == ["eager", "12.3"]
+    assert lines[3].split() == ["kdkernels", "n/a"]
+    assert len({len(line) for line in lines[:3]}) == 1
+    markdown = harness.format_table(rows, columns, markdown=True).splitlines()
+    assert markdown[0].startswith("| impl") and markdown[1].endswith(":|")
+
+
+@pytest.mark.parametrize("argv, n, repeat", [([], 4096, 7), (["--quick"], 1024, 3),
+                                              (["--quick", "--n", "10", "--repeat", "2"], 10, 2)])
+def test_run_args_take_their_sizes_from_quick_unless_given(argv, n, repeat):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    harness.add_run_args(parser, repeat=7, time_budget_s=5.0)
+    args = harness.parse_run_args(parser, argv)
+    assert (args.n, args.repeat, args.warmup, args.time_budget) == (n, repeat, 1, 5.0)
+    assert not hasattr(args, "_run_defaults") and args.json is None and not args.markdown
+
+
+@pytest.mark.parametrize("divergence", sorted(EAGER_LOSSES))
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_eager_formula_equals_kd_loss_batchmean(divergence, beta):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(7, 133, dtype=torch.float64, generator=generator) * 3
+    teacher = torch.randn(7, 133, dtype=torch.float64, generator=generator) * 3
+    eager = EAGER_LOSSES[divergence](student, teacher, 2.0, beta)
+    fused = kdkernels.kd_loss(student, teacher, divergence=divergence, temperature=2.0, beta=beta,
+                              reduction="batchmean", backend="reference")
+    torch.testing.assert_close(eager, fused.to(eager.dtype), rtol=1e-6, atol=1e-9)
+
+
+def test_kd_loss_benchmark_prints_a_row_per_configuration(tmp_path):
+    json_path = tmp_path / "kd_loss.json"
+    command = [sys.executable, "-m", "benchmarks.kd_loss", "--n", "16", "--v", "96", "--repeat", "1",
+               "--warmup", "1", "--dtypes", "fp32,bf16", "--divergences", "forward_kl,tvd",
+               "--impls", "eager,kdkernels", "--json", str(json_path)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Forward KL" in proc.stdout and "Divergences at fp32" in proc.stdout
+    assert "memory copy:" in proc.stdout
+
+    rows = json.loads(json_path.read_text())["rows"]
+    expected = {("forward_kl", "fp32"), ("forward_kl", "bf16"), ("tvd", "fp32")}
+    for impl in ("eager", "kdkernels"):
+        measured = {(r["divergence"], r["dtype"]) for r in rows if r["impl"] == impl and "error" not in r}
+        assert measured == expected, rows
+    for row in rows:
+        if row["impl"] == "kdkernels":
+            assert row["median_ms"] > 0 and row["gbs"] > 0 and row["pct_copy"] > 0
+    table_rows = [line.split() for line in proc.stdout.splitlines()]
+    assert sum(1 for cells in table_rows if cells[:2] == ["fp32", "kdkernels"]) == 1
+    assert sum(1 for cells in table_rows if cells[:2] == ["tvd", "kdkernels"]) == 1
+
+
+def test_liger_peer_runs_or_says_why_not():
+    # Liger's losses are Triton kernels: without a GPU driver the row's error must name Liger (the
+    # benchmark prints it as the "n/a" reason). In a child process, so that triton is not imported
+    # into the test process.
+    kwargs = {"impl": "liger", "divergence": "forward_kl", "dtype": "fp32", "n": 4, "v": 32,
+              "temperature": 2.0, "beta": 0.5}
+    result = harness.measure("benchmarks.kd_loss:setup", kwargs, repeat=1, warmup=0)
+    assert "median_ms" in result or "Liger-Kernel" in result["error"], result
