@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from kdkernels import _dispatch
 from kdkernels._config import KDConfig
 
 
@@ -45,6 +46,12 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) ->
         return grad.mul_(grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1))).to(grad.dtype))
     if _is_one(grad_output):
         return grad
+    if grad.device.type == "cuda" and _dispatch.usable("triton", grad):
+        # On the GPU the value is not read on the host (no sync); the kernel skips the pass
+        # over grad when it is 1.
+        from kdkernels.backends.triton.kd_loss import scale_unless_one_
+
+        return scale_unless_one_(grad, grad_output)
     return grad.mul_(grad_output.to(grad.dtype))
 
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from kdkernels._config import DIVERGENCES, REDUCTIONS, KDConfig
+from kdkernels._config import (CAKD_GROUPS, DIVERGENCES, REDUCTIONS, TEACHER_MASS_WEIGHT, CAKDConfig,
+                               KDConfig)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -75,10 +76,21 @@ def check_temperature(temperature) -> float:
     return _check_number("temperature", temperature, low=0.0, low_open=True)
 
 
+def check_weight(name: str, value) -> float:
+    """A loss weight: a finite number >= 0."""
+    return _check_number(name, value, low=0.0)
+
+
 def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
 
 
 def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index,
@@ -88,8 +100,7 @@ def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by
     ce_weight = _check_number("ce_weight", ce_weight, low=0.0)
     if ce_weight > 0 and not has_labels:
         raise ValueError("ce_weight > 0 needs labels (the hard targets of the CE term)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     return KDConfig(
         divergence=divergence,
         temperature=check_temperature(temperature),
@@ -101,13 +112,230 @@ def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by
     )
 
 
+def _check_group_weight(name: str, value):
+    """A CAKD group weight: a number >= 0, or "teacher_mass". Returns (weight, from_teacher)."""
+    if isinstance(value, str):
+        if value != TEACHER_MASS_WEIGHT:
+            raise ValueError(f"{name} must be a number >= 0 or {TEACHER_MASS_WEIGHT!r}, got {value!r}")
+        return 1.0, True
+    return check_weight(name, value), False
+
+
+def make_cakd_config(*, groups, k, mass, bcd_weight, scd_weight, wcd_weight, temperature, scale_by_t2,
+                     ignore_index, has_labels: bool) -> CAKDConfig:
+    if groups not in CAKD_GROUPS:
+        raise ValueError(f"groups must be one of {tuple(CAKD_GROUPS)}, got {groups!r}")
+    if groups == "label" and not has_labels:
+        raise ValueError("groups='label' needs labels (S is each row's label class)")
+    top_k = 1
+    if groups == "teacher_topk":
+        if k is None:
+            raise ValueError("groups='teacher_topk' needs k (the size of S)")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        top_k = k
+    elif k is not None:
+        raise ValueError(f"k is only used with groups='teacher_topk', got k={k!r} with groups={groups!r}")
+    mass_value = 0.5
+    if groups == "teacher_mass":
+        if mass is None:
+            raise ValueError("groups='teacher_mass' needs mass (the teacher mass S reaches, in (0, 1))")
+        mass_value = _check_number("mass", mass, low=0.0, low_open=True)
+        if mass_value >= 1.0:
+            raise ValueError(f"mass must be < 1, got {mass_value}")
+    elif mass is not None:
+        raise ValueError(f"mass is only used with groups='teacher_mass', got mass={mass!r} with groups={groups!r}")
+    scd, scd_teacher = _check_group_weight("scd_weight", scd_weight)
+    wcd, wcd_teacher = _check_group_weight("wcd_weight", wcd_weight)
+    return CAKDConfig(
+        groups=groups,
+        top_k=top_k,
+        mass=mass_value,
+        bcd_weight=check_weight("bcd_weight", bcd_weight),
+        scd_weight=scd,
+        wcd_weight=wcd,
+        scd_teacher_mass=scd_teacher,
+        wcd_teacher_mass=wcd_teacher,
+        temperature=check_temperature(temperature),
+        scale_by_t2=bool(scale_by_t2),
+        ignore_index=check_ignore_index(ignore_index),
+    )
+
+
+def check_finite(name: str, logits: torch.Tensor) -> None:
+    """Logits may hold -inf (masked entries), never NaN or +inf."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise ValueError(f"{name} contains NaN or +inf")
+
+
 def check_values(teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], vocab: int,
                  ignore_index: int) -> None:
     """Data checks for backends whose kernels do not make them in-stream (the compiled CPU kernel
     does): NaN/+inf teacher logits and labels outside [0, V)."""
-    if bool(torch.isnan(teacher_logits).any()) or bool(torch.isposinf(teacher_logits).any()):
-        raise ValueError("teacher_logits contains NaN or +inf")
+    check_finite("teacher_logits", teacher_logits)
     if labels is not None:
         used = labels[labels != ignore_index]
         if used.numel() and (bool((used < 0).any()) or bool((used >= vocab).any())):
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index})")
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_exponent(p) -> float:
+    return _check_number("p", p, low=0.0, low_open=True)
+
+
+def check_feature_pair(student_hidden, teacher_hidden) -> None:
+    """Hidden states [..., D_s] and [..., D_t]: same leading sizes, same device."""
+    check_tensor("student_hidden", student_hidden)
+    check_tensor("teacher_hidden", teacher_hidden)
+    if student_hidden.dim() < 2:
+        raise ValueError(f"student_hidden must be [..., D] with at least 2 dims, "
+                         f"got shape {tuple(student_hidden.shape)}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden shape "
+            f"{tuple(student_hidden.shape)} in every dimension but the last")
+    if student_hidden.device != teacher_hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
+                         f"{student_hidden.device}")
+    if bool(torch.isnan(teacher_hidden).any()) or bool(torch.isinf(teacher_hidden).any()):
+        raise ValueError("teacher_hidden contains NaN or inf")
+
+
+def check_projection(weight, bias, student_hidden) -> None:
+    """A projection weight [D_t, D_s] (and bias [D_t]) applied to student_hidden [..., D_s]."""
+    check_tensor("projection", weight)
+    if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"projection must be a [D_t, D_s={student_hidden.shape[-1]}] weight, got shape "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("projection_bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"projection_bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+
+
+def check_projected(projected, teacher_hidden) -> None:
+    if not isinstance(projected, torch.Tensor) or projected.shape != teacher_hidden.shape:
+        shape = tuple(projected.shape) if isinstance(projected, torch.Tensor) else type(projected).__name__
+        raise ValueError(f"the projection must map student_hidden to teacher_hidden's shape "
+                         f"{tuple(teacher_hidden.shape)}, got {shape}")
+
+
+def check_mask(mask, batch_shape, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    check_tensor("mask", mask, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(batch_shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the feature shape without its last "
+                         f"dimension, {tuple(batch_shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the features are on {device}")
+    return mask
+
+
+def check_attention_pair(student_features, teacher_features, channel_dim) -> None:
+    """Feature maps [B, ...] pooled over channel_dim: equal sizes except along channel_dim."""
+    check_tensor("student_features", student_features)
+    check_tensor("teacher_features", teacher_features)
+    if student_features.dim() < 3:
+        raise ValueError(f"student_features must be [B, ...] with at least 3 dims (batch, channels and "
+                         f"positions), got shape {tuple(student_features.shape)}")
+    if teacher_features.dim() != student_features.dim():
+        raise ValueError(f"teacher_features must have {student_features.dim()} dims like student_features, "
+                         f"got shape {tuple(teacher_features.shape)}")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    rank = student_features.dim()
+    if not -rank <= channel_dim < rank or channel_dim % rank == 0:
+        raise ValueError(f"channel_dim must name a non-batch dimension of a rank-{rank} tensor, got {channel_dim}")
+    others = [d for d in range(rank) if d != channel_dim % rank]
+    if [student_features.shape[d] for d in others] != [teacher_features.shape[d] for d in others]:
+        raise ValueError(f"teacher_features shape {tuple(teacher_features.shape)} must match student_features "
+                         f"shape {tuple(student_features.shape)} except along channel_dim={channel_dim}")
+    if student_features.device != teacher_features.device:
+        raise ValueError(f"teacher_features is on {teacher_features.device} but student_features is on "
+                         f"{student_features.device}")
+
+
+# --- fused lm_head + KD loss (kdkernels.fused_linear) ---------------------------------------------
+
+def _check_same_device(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    if value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
+
+
+def check_linear_head(hidden_name: str, hidden, weight_name: str, weight, bias_name: str, bias) -> None:
+    """An lm_head: hidden [..., H] (at least 2 dims), weight [V, H], optional bias [V]; one dtype and
+    one device for the three."""
+    check_tensor(hidden_name, hidden)
+    check_tensor(weight_name, weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"{hidden_name} must be [N, H] or [B, S, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must be [V, H] with V >= 1 and H = {hidden_name}.shape[-1] = "
+                         f"{hidden.shape[-1]}, got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} dtype {weight.dtype} must equal {hidden_name} dtype {hidden.dtype}")
+    _check_same_device(weight_name, weight, hidden_name, hidden)
+    if bias is not None:
+        check_tensor(bias_name, bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must be [V] = [{weight.shape[0]}] like {weight_name}'s rows, "
+                             f"got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{bias_name} dtype {bias.dtype} must equal {weight_name} dtype {weight.dtype}")
+        _check_same_device(bias_name, bias, hidden_name, hidden)
+
+
+def check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                         student_hidden: torch.Tensor) -> None:
+    """The teacher of a fused lm_head KD loss: teacher_hidden + teacher_weight (+ teacher_bias), or
+    ready teacher_logits [..., V_t], with the student's leading (token) dimensions."""
+    if teacher_weight is not None and teacher_logits is not None:
+        raise ValueError("pass either teacher_weight (with teacher_hidden) or teacher_logits, not both")
+    if teacher_weight is None and teacher_logits is None:
+        raise ValueError("the teacher is missing: pass teacher_weight (with teacher_hidden) or teacher_logits")
+    tokens = tuple(student_hidden.shape[:-1])
+    if teacher_logits is not None:
+        for name, value in (("teacher_hidden", teacher_hidden), ("teacher_bias", teacher_bias)):
+            if value is not None:
+                raise ValueError(f"{name} is only used with teacher_weight; leave it None with teacher_logits")
+        check_tensor("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape[:-1]) != tokens or teacher_logits.dim() != len(tokens) + 1 \
+                or teacher_logits.shape[-1] == 0:
+            raise ValueError(f"teacher_logits must be [{', '.join(map(str, tokens))}, V_t] (student_hidden's "
+                             f"token dimensions), got shape {tuple(teacher_logits.shape)}")
+        _check_same_device("teacher_logits", teacher_logits, "student_hidden", student_hidden)
+        return
+    if teacher_hidden is None:
+        raise ValueError("teacher_weight needs teacher_hidden (the teacher's final hidden states)")
+    check_linear_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
+                      teacher_bias)
+    if tuple(teacher_hidden.shape[:-1]) != tokens:
+        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden shape "
+                         f"{tuple(student_hidden.shape)} in every dimension but the last (hidden size)")
+    _check_same_device("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
+
+
+def check_lm_head_options(chunk_size, softcap, logit_scale):
+    """(chunk_size or None, softcap or None, logit_scale): chunk_size >= 1, softcap > 0, logit_scale > 0."""
+    chunk = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+    cap = None if softcap is None else _check_number("softcap", softcap, low=0.0, low_open=True)
+    return chunk, cap, _check_number("logit_scale", logit_scale, low=0.0, low_open=True)

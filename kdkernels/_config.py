@@ -44,3 +44,48 @@ class KDConfig:
         """Factor on the divergence in the loss: kd_weight * T^2 (or kd_weight)."""
         t2 = self.temperature * self.temperature if self.scale_by_t2 else 1.0
         return self.kd_weight * t2
+
+
+# Rules that choose the strongly correlated set S of a CAKD row, and the integer ids the compiled
+# kernels use (csrc/include/kdkernels/cakd.h, enum GroupRule; teacher_top1 runs as top-k, k = 1).
+CAKD_GROUPS = {
+    "label": 0,
+    "teacher_top1": 1,
+    "teacher_topk": 1,
+    "teacher_mass": 2,
+}
+
+# A group weight given as this string is the teacher's mass on that group, per row.
+TEACHER_MASS_WEIGHT = "teacher_mass"
+
+
+@dataclass(frozen=True)
+class CAKDConfig:
+    """Options of the decomposed-KL (CAKD / DKD) row loss
+
+    ``row_loss = (T^2 if scale_by_t2 else 1) * (bcd_weight * BCD + scd_weight * SCD + wcd_weight * WCD)``
+    with BCD = KL(b_p || b_q) over {S, W}, SCD / WCD = KL of the distributions renormalised inside
+    S / W (DESIGN.md §3). ``scd_teacher_mass`` / ``wcd_teacher_mass`` replace those weights by the
+    teacher's mass P_S / P_W of the row (then the loss is forward KL).
+    """
+
+    groups: str = "teacher_topk"
+    top_k: int = 1          # size of S for teacher_top1 / teacher_topk
+    mass: float = 0.5       # cumulative teacher mass that S reaches for teacher_mass
+    bcd_weight: float = 1.0
+    scd_weight: float = 1.0
+    wcd_weight: float = 1.0
+    scd_teacher_mass: bool = False
+    wcd_teacher_mass: bool = False
+    temperature: float = 1.0
+    scale_by_t2: bool = True
+    ignore_index: int = -100
+
+    @property
+    def group_rule_id(self) -> int:
+        return CAKD_GROUPS[self.groups]
+
+    @property
+    def t2(self) -> float:
+        return self.temperature * self.temperature if self.scale_by_t2 else 1.0
+

@@ -62,3 +62,23 @@ def resolve(backend: str, tensor: torch.Tensor) -> str:
 
 def module(name: str) -> ModuleType:
     return _module(name)
+
+
+def rows_fn(name: str):
+    """The `rows` entry point of backend `name`. GPU kernels report bad input as NaN row losses
+    (no host synchronisation inside the kernel); here one look at the [N] row losses turns that
+    into the ValueError the other backends raise."""
+    impl = _module(name)
+    if not getattr(impl, "BAD_INPUT_AS_NAN", False):
+        return impl.rows
+
+    def rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad):
+        row_loss, grad = impl.rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad)
+        if bool(torch.isnan(row_loss).any()):
+            from kdkernels import _checks
+
+            _checks.check_values(teacher_logits, labels, student_logits.shape[-1], cfg.ignore_index)
+            _checks.check_finite("student_logits", student_logits)
+        return row_loss, grad
+
+    return rows

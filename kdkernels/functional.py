@@ -80,4 +80,5 @@ def kd_loss(
         scale = reduction_scale(labels_1d, ignore_index, reduction, student_2d.shape[0], batch_shape,
                                 student_2d.device, dtype=rows.dtype)
         return reduce_rows(rows, scale, reduction, batch_shape)
-    return fused_rows_loss(student_2d, teacher_2d, labels_1d, cfg, reduction, batch_shape, impl.rows)
+    return fused_rows_loss(student_2d, teacher_2d, labels_1d, cfg, reduction, batch_shape,
+                           _dispatch.rows_fn(name))

@@ -9,5 +9,6 @@ Every backend offers one entry point with the same contract, ``rows(...)``:
 ``grad`` is dL/d(student_logits) of ``grad_scale * row_loss.sum()``. Rows whose label equals
 ``cfg.ignore_index`` have loss 0 and gradient 0. Arguments arrive validated (kdkernels._checks);
 ``CHECKS_VALUES`` says whether the backend detects NaN/+inf teachers and out-of-range labels
-itself while streaming (otherwise the caller checks first).
+itself while streaming (otherwise the caller checks first); ``BAD_INPUT_AS_NAN`` (GPU backends)
+says it reports them as NaN row losses, which kdkernels._dispatch.rows_fn turns into ValueError.
 """

@@ -1,0 +1,421 @@
+"""GPU benchmark of the fused KD loss, forward + backward, beside its peers, on one CUDA device.
+
+    python -m benchmarks.gpu_bench                    # bf16; N=8192 V=128256 and N=4096 V=32000
+    python -m benchmarks.gpu_bench --shapes 8192x128256 --divergences forward_kl,jsd --out results
+    python -m benchmarks.gpu_bench --sweep            # also time the Triton kernel's launch shapes
+    python -m benchmarks.gpu_bench --dry-run          # smoke test of this script on the CPU, tiny
+
+Implementations, each in its own process per shape (an error, even one that breaks the CUDA
+context, costs only that implementation's rows):
+  kdkernels-triton, kdkernels-cuda  kd_loss(..., reduction="batchmean", backend=...), forward and
+                    backward; the backward multiplies the saved gradient by the incoming gradient,
+                    one more pass over the gradient
+  triton-kernel, cuda-kernel        the backend's rows() alone: the one kernel that writes the row
+                    losses and the gradient
+  eager, compile    the hand-written PyTorch formula (benchmarks.eager) and torch.compile of it
+  liger             Liger-Kernel's LigerKLDIVLoss / LigerJSD on eager log_softmax / softmax
+                    (benchmarks.kd_loss), where Liger has the divergence and is installed
+Times are CUDA-event medians of --repeat steps after the warmup (torch.compile compiles there).
+GB/s counts 3 passes over [N, V] in the logits' dtype (read student, read teacher, write gradient:
+6 bytes per element at bf16), the least a fused implementation moves; "% copy" relates it to a
+device-to-device copy measured in the same run. "extra MiB" is torch.cuda.max_memory_allocated
+during one step minus what was allocated before it (the inputs): exact for CUDA memory, so no
+separate process is needed for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from benchmarks import harness
+from benchmarks.kd_loss import DTYPES, LIGER_DIVERGENCES, LOGIT_STD, TENSOR_PASSES, _liger_loss, _parse_list
+
+# In the order they run: what a short time budget must not miss first, torch.compile (slow to
+# compile) last.
+IMPLS = ("kdkernels-triton", "kdkernels-cuda", "triton-kernel", "cuda-kernel", "eager", "liger", "compile")
+PEERS = ("eager", "compile", "liger")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+DEFAULT_SHAPES = ((8192, 128256), (4096, 32000))
+# Triton launch shapes (BLOCK, num_warps) timed by --sweep.
+SWEEP = ((2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32))
+MIB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Child side: one configuration
+
+
+def _inputs(device, dtype, n: int, v: int):
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    student = (torch.randn(n, v, device=device, generator=generator) * LOGIT_STD).to(dtype)
+    teacher = (torch.randn(n, v, device=device, generator=generator) * LOGIT_STD).to(dtype)
+    return student.requires_grad_(True), teacher
+
+
+def _kd_config(request: Dict[str, Any]):
+    from kdkernels import _checks
+
+    return _checks.make_config(divergence=request["divergence"], temperature=request["temperature"],
+                               beta=request["beta"], kd_weight=1.0, ce_weight=0.0, scale_by_t2=True,
+                               ignore_index=-100, has_labels=False)
+
+
+def _step(request: Dict[str, Any], student, teacher) -> Callable[[], Any]:
+    """One forward + backward of the requested implementation (the gradient is dropped after)."""
+    import torch
+
+    impl, divergence = request["impl"], request["divergence"]
+    temperature, beta = request["temperature"], request["beta"]
+    if impl == "copy":
+        destination = torch.empty_like(teacher)
+        return lambda: destination.copy_(teacher)
+    if impl.endswith("-kernel"):
+        from kdkernels import _dispatch
+
+        backend = impl.split("-")[0]
+        _dispatch.resolve(backend, student)  # raises when this backend cannot run here
+        rows = _dispatch.module(backend).rows
+        cfg = _kd_config(request)
+        scale = torch.tensor(1.0 / student.shape[0], device=student.device)
+        detached = student.detach()
+        return lambda: rows(detached, teacher, None, scale, cfg, True)
+    if impl.startswith("kdkernels-"):
+        import kdkernels
+
+        backend = impl.split("-")[1]
+
+        def loss_fn(s, t):
+            return kdkernels.kd_loss(s, t, divergence=divergence, temperature=temperature, beta=beta,
+                                     reduction="batchmean", backend=backend)
+    elif impl == "liger":
+        loss_fn = _liger_loss(divergence, temperature, beta)
+    else:
+        from benchmarks.eager import EAGER_LOSSES
+
+        eager = EAGER_LOSSES[divergence]
+
+        def loss_fn(s, t):
+            return eager(s, t, temperature, beta)
+
+        if impl == "compile":
+            loss_fn = torch.compile(loss_fn, dynamic=False)
+    return harness.fwd_bwd_step(loss_fn, student, teacher)
+
+
+class _Timer:
+    """Milliseconds of fn(): CUDA events on a GPU, the wall clock on the CPU (dry runs)."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def _extra_peak_mib(step: Callable[[], Any], timer: _Timer) -> Optional[float]:
+    torch = timer.torch
+    if not timer.cuda:
+        return None
+    timer.sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    timer.sync()
+    return (torch.cuda.max_memory_allocated() - before) / MIB
+
+
+def _time_steps(step: Callable[[], Any], timer: _Timer, warmup: int, repeat: int) -> Dict[str, Any]:
+    for _ in range(warmup):
+        step()
+    timer.sync()
+    times = [timer(step) for _ in range(repeat)]
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "steps": len(times)}
+
+
+def _run_child(request: Dict[str, Any]) -> Dict[str, Any]:
+    """{"divergences": {name: timing or {"error": ...}}} or {"sweep": [...]}"""
+    import torch
+
+    device = torch.device(request["device"])
+    dtype = getattr(torch, DTYPES[request["dtype"]][0])
+    student, teacher = _inputs(device, dtype, request["n"], request["v"])
+    timer = _Timer(device)
+    if request["impl"] == "triton-sweep":
+        return {"sweep": _sweep(dict(request, divergence="forward_kl"), student, teacher, timer)}
+    results = {}
+    for divergence in request["divergences"]:
+        try:
+            step = _step(dict(request, divergence=divergence), student, teacher)
+            result = _time_steps(step, timer, request["warmup"], request["repeat"])
+            result["extra_peak_mib"] = _extra_peak_mib(step, timer)
+        except Exception as exc:  # this divergence only
+            result = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        results[divergence] = result
+        student.grad = None
+    return {"divergences": results}
+
+
+def _sweep(request: Dict[str, Any], student, teacher, timer: _Timer) -> List[Dict[str, Any]]:
+    """The Triton kernel alone at each (BLOCK, num_warps) of SWEEP."""
+    import torch
+
+    from kdkernels.backends.triton import kd_loss as triton_kd_loss
+
+    cfg = _kd_config(request)
+    scale = torch.tensor(1.0 / student.shape[0], device=student.device)
+    detached = student.detach()
+    rows = []
+    for block, num_warps in SWEEP:
+        def step():
+            return triton_kd_loss.kd_loss_rows(detached, teacher, None, scale, cfg, True, block=block,
+                                               num_warps=num_warps)
+
+        try:
+            rows.append({"block": block, "num_warps": num_warps,
+                         **_time_steps(step, timer, request["warmup"], request["repeat"])})
+        except Exception as exc:  # e.g. too many registers for this shape: report, go on
+            rows.append({"block": block, "num_warps": num_warps, "error": f"{type(exc).__name__}: {exc}"[:200]})
+    return rows
+
+
+def _child_main() -> None:
+    request = json.loads(sys.stdin.read())
+    try:
+        result = _run_child(request)
+    except Exception as exc:  # reported to the parent, which prints "n/a" with the reason
+        message = " ".join(str(exc).split())
+        result = {"error": f"{type(exc).__name__}: {message[:300]}"}
+    print(harness.RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side
+
+
+def measure(request: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (harness.REPO_ROOT, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--child"],
+                              input=json.dumps(request), capture_output=True, text=True,
+                              cwd=harness.REPO_ROOT, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    return harness._parse_child_output(proc)
+
+
+def _parse_shapes(text: str) -> List[Tuple[int, int]]:
+    try:
+        return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are NxV[,NxV...], got {text!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
+                        help="NxV list (default 8192x128256,4096x32000)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--divergences", type=lambda s: _parse_list(s, DIVERGENCES), default=["forward_kl", "jsd"],
+                        help="divergences to time (default forward_kl,jsd)")
+    parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
+                        help=f"implementations (default: all of {', '.join(IMPLS)})")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing / skew weight (default 0.5)")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the Triton kernel's launch shapes, after the first shape")
+    parser.add_argument("--time-budget", type=float, default=360.0,
+                        help="seconds for the whole run; configurations past it are reported as skipped")
+    parser.add_argument("--child-timeout", type=float, default=180.0, help="seconds per configuration")
+    parser.add_argument("--out", default=None, help="directory for gpu_bench.md and gpu_bench.json")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, shape 4x256, 2 steps, no torch.compile: exercises this script only")
+    args = parser.parse_args(argv)
+    args.device = "cuda"
+    if args.dry_run:
+        args.device, args.shapes, args.repeat, args.warmup = "cpu", [(4, 256)], 2, 1
+        args.impls = [impl for impl in args.impls if impl != "compile"]
+    return args
+
+
+def _bytes_per_step(n: int, v: int, dtype: str) -> int:
+    return TENSOR_PASSES * n * v * DTYPES[dtype][1]
+
+
+def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] = lambda results: None
+        ) -> Dict[str, Any]:
+    """Every configuration; on_progress(results so far) after each child process (so that a run
+    cut short still leaves its tables). The launch-shape sweep runs right after the first shape."""
+    started = time.perf_counter()
+    results: Dict[str, Any] = {"rows": [], "copies": {}, "sweep": [], "wall_s": 0.0}
+
+    def request(impl: str, n: int, v: int, divergences=("forward_kl",)) -> Dict[str, Any]:
+        return {"impl": impl, "device": args.device, "dtype": args.dtype, "n": n, "v": v,
+                "divergences": list(divergences), "temperature": args.temperature, "beta": args.beta,
+                "warmup": args.warmup, "repeat": args.repeat}
+
+    def timed(req: Dict[str, Any], label: str) -> Dict[str, Any]:
+        left = args.time_budget - (time.perf_counter() - started)
+        if left <= 0:
+            result = {"error": "skipped: time budget spent"}
+        else:
+            harness.progress(f"  running {label} ...")
+            # The last child may overrun the budget by at most a minute.
+            result = measure(req, min(args.child_timeout, left + 60))
+        parts = result.get("divergences", {"": result})
+        harness.progress(f"  {label}: " + ", ".join(
+            f"{name} " * bool(name) + (f"n/a ({r['error']})" if "error" in r else f"{r['median_ms']:.3f} ms")
+            for name, r in parts.items() if "sweep" not in r))
+        return result
+
+    def finish_step() -> None:
+        _add_peer_ratios(results["rows"])
+        results["wall_s"] = time.perf_counter() - started
+        on_progress(results)
+
+    for index, (n, v) in enumerate(args.shapes):
+        shape = f"{n}x{v}"
+        harness.progress(f"shape N={n} V={v} {args.dtype}")
+        copy = timed(request("copy", n, v), f"{shape} device copy").get("divergences", {}).get("forward_kl", {})
+        copy = copy or {"error": "no result"}
+        copy_gbs = None if "error" in copy else 2 * n * v * DTYPES[args.dtype][1] / (copy["median_ms"] * 1e-3) / 1e9
+        results["copies"][shape] = {"copy_gbs": copy_gbs, **copy}
+        for impl in args.impls:
+            divergences = [d for d in args.divergences if impl != "liger" or d in LIGER_DIVERGENCES]
+            if not divergences:
+                continue
+            result = timed(request(impl, n, v, divergences), f"{shape} {impl}")
+            for divergence in divergences:
+                outcome = result.get("divergences", {}).get(divergence) or {"error": result.get("error", "no result")}
+                results["rows"].append(_row(impl, divergence, n, v, outcome, copy_gbs, args.dtype))
+            finish_step()
+        if args.sweep and index == 0:
+            result = timed(request("triton-sweep", n, v), f"{shape} Triton launch shapes")
+            results["sweep"] = result.get("sweep") or [{"error": result.get("error")}]
+            for entry in results["sweep"]:
+                if "median_ms" in entry:
+                    entry.update(_bandwidth(entry["median_ms"], n, v, copy_gbs, args.dtype))
+            finish_step()
+    finish_step()
+    return results
+
+
+def _bandwidth(median_ms: float, n: int, v: int, copy_gbs: Optional[float], dtype: str) -> Dict[str, Any]:
+    gbs = _bytes_per_step(n, v, dtype) / (median_ms * 1e-3) / 1e9
+    return {"gbs": gbs, "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None}
+
+
+def _row(impl: str, divergence: str, n: int, v: int, result: Dict[str, Any], copy_gbs: Optional[float],
+         dtype: str) -> Dict[str, Any]:
+    row: Dict[str, Any] = {"impl": impl, "divergence": divergence, "shape": f"{n}x{v}"}
+    if "error" in result:
+        row["error"] = result["error"]
+        return row
+    row.update(median_ms=result["median_ms"], min_ms=result["min_ms"], extra_peak_mib=result["extra_peak_mib"],
+               **_bandwidth(result["median_ms"], n, v, copy_gbs, dtype))
+    return row
+
+
+def _add_peer_ratios(rows: List[Dict[str, Any]]) -> None:
+    """x best peer: time over the fastest of eager / compile / liger at the same shape and divergence."""
+    best: Dict[Tuple[str, str], float] = {}
+    for row in rows:
+        if row["impl"] in PEERS and row.get("median_ms") is not None:
+            key = (row["shape"], row["divergence"])
+            best[key] = min(best.get(key, float("inf")), row["median_ms"])
+    for row in rows:
+        peer_ms = best.get((row["shape"], row["divergence"]))
+        if row.get("median_ms") is not None and peer_ms:
+            row["vs_best_peer"] = row["median_ms"] / peer_ms
+
+
+COLUMNS = [
+    harness.Column("impl", "impl"),
+    harness.Column("median ms", "median_ms", ".3f"),
+    harness.Column("min ms", "min_ms", ".3f"),
+    harness.Column("GB/s", "gbs", ".0f"),
+    harness.Column("% copy", "pct_copy", ".1f"),
+    harness.Column("x best peer", "vs_best_peer", ".2f"),
+    harness.Column("extra MiB", "extra_peak_mib", ".0f"),
+]
+SWEEP_COLUMNS = [harness.Column("BLOCK", "block"), harness.Column("warps", "num_warps"),
+                 harness.Column("median ms", "median_ms", ".3f"), harness.Column("GB/s", "gbs", ".0f"),
+                 harness.Column("% copy", "pct_copy", ".1f")]
+
+
+def report(args: argparse.Namespace, results: Dict[str, Any]) -> str:
+    """The tables as markdown (also printed)."""
+    parts = [f"# kdkernels GPU benchmark ({args.device}, {args.dtype}, T={args.temperature}, fwd+bwd)", ""]
+    for n, v in args.shapes:
+        shape = f"{n}x{v}"
+        copy_gbs = results["copies"][shape]["copy_gbs"]
+        for divergence in args.divergences:
+            rows = [r for r in results["rows"] if r["shape"] == shape and r["divergence"] == divergence]
+            parts += [f"## {divergence}, N={n}, V={v}", "", harness.format_table(rows, COLUMNS, markdown=True), ""]
+        copy_text = f"{copy_gbs:.0f} GB/s" if copy_gbs else "n/a"
+        parts += [f"Device-to-device copy at N={n}, V={v}: {copy_text} (read + write).", ""]
+    if results["sweep"]:
+        n, v = args.shapes[0]
+        parts += [f"## Triton launch shapes, forward_kl kernel alone, N={n}, V={v}", "",
+                  harness.format_table(results["sweep"], SWEEP_COLUMNS, markdown=True), ""]
+    failures = [r for r in results["rows"] if "error" in r]
+    if failures:
+        parts += ["Not measured:", ""] + [f"- {r['shape']} {r['divergence']} {r['impl']}: {r['error'][:200]}"
+                                          for r in failures] + [""]
+    parts.append(f"GB/s counts {TENSOR_PASSES} passes over [N, V] in {args.dtype}; "
+                 f"wall time {results['wall_s']:.0f} s.")
+    return "\n".join(parts)
+
+
+def write_outputs(args: argparse.Namespace, results: Dict[str, Any]) -> None:
+    if not args.out:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as handle:
+        handle.write(report(args, results) + "\n")
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as handle:
+        json.dump({"args": vars(args), **results}, handle, indent=2)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = run(args, on_progress=lambda partial: write_outputs(args, partial))
+    print(report(args, results), flush=True)
+    write_outputs(args, results)
+    if args.out:
+        harness.progress(f"wrote {args.out}/gpu_bench.md and gpu_bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--child"]:
+        _child_main()
+    else:
+        sys.exit(main())

@@ -1,0 +1,97 @@
+// Torch glue of the CUDA kernels: registers kdkernels::kd_loss_fwd for CUDA tensors (the schema is
+// declared once, in csrc/ops.cpp, which the CPU modules carry) and turns tensors into the raw
+// pointers, sizes and current stream of launch_kd_loss_fwd. Built only against a CUDA torch.
+#include "kd_loss_kernel.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace kdkernels {
+namespace {
+
+cuda::LogitsType logits_type(const at::Tensor& logits, const char* name) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return cuda::LogitsType::kFloat32;
+    case at::kBFloat16: return cuda::LogitsType::kBFloat16;
+    case at::kHalf: return cuda::LogitsType::kFloat16;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  }
+}
+
+// The kernels take any row stride but need contiguous columns.
+at::Tensor with_unit_column_stride(const at::Tensor& logits) {
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t divergence,
+    double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
+    int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK_VALUE(student_logits.dim() == 2 && teacher_logits.sizes() == student_logits.sizes(),
+                    "student_logits and teacher_logits must be [N, V] of equal shape");
+  TORCH_CHECK_VALUE(teacher_logits.device() == student_logits.device(),
+                    "teacher_logits must be on the device of student_logits");
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
+                    "unknown divergence id ", divergence);
+  const c10::cuda::CUDAGuard device_guard(student_logits.device());
+  const at::Tensor student = with_unit_column_stride(student_logits);
+  const at::Tensor teacher = with_unit_column_stride(teacher_logits);
+  const int64_t rows = student.size(0), vocab = student.size(1);
+
+  at::Tensor label_tensor;
+  if (labels.has_value()) {
+    label_tensor = labels->to(student.device(), at::kLong).contiguous();
+    TORCH_CHECK_VALUE(label_tensor.numel() == rows, "labels must have one entry per row");
+  }
+  // Stays on the device: the kernel reads it, so no host synchronisation.
+  const at::Tensor scale = grad_scale.to(student.device(), at::kFloat).contiguous();
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({rows, vocab}, student.options()) : at::empty({0}, student.options());
+  if (rows == 0) return {row_loss, grad};
+
+  cuda::KDRowsProblem problem;
+  problem.student = student.const_data_ptr();
+  problem.teacher = teacher.const_data_ptr();
+  problem.student_type = logits_type(student, "student_logits");
+  problem.teacher_type = logits_type(teacher, "teacher_logits");
+  problem.student_row_stride = student.stride(0);
+  problem.teacher_row_stride = teacher.stride(0);
+  problem.labels = labels.has_value() ? label_tensor.const_data_ptr<int64_t>() : nullptr;
+  problem.grad_scale = scale.const_data_ptr<float>();
+  problem.row_loss = row_loss.mutable_data_ptr<float>();
+  problem.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
+  problem.rows = rows;
+  problem.vocab = vocab;
+  const KDParams params = make_kd_params(divergence, static_cast<float>(temperature), static_cast<float>(beta),
+                                         static_cast<float>(kd_weight), static_cast<float>(ce_weight),
+                                         scale_by_t2, ignore_index);
+  const cudaError_t status = cuda::launch_kd_loss_fwd(problem, params, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "kdkernels: kd_loss_fwd CUDA launch failed: ", cudaGetErrorString(status));
+  return {row_loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
+}
+
+}  // namespace kdkernels
+
+// Importing kdkernels._C_cuda loads the library above. The schema it implements lives in the CPU
+// modules, so without one of them loaded first the op would not exist: refuse to import then.
+extern "C" PyMODINIT_FUNC PyInit__C_cuda(void) {
+  if (!c10::Dispatcher::singleton().findSchema({"kdkernels::kd_loss_fwd", ""}).has_value()) {
+    PyErr_SetString(PyExc_ImportError,
+                    "kdkernels._C_cuda implements ops declared by the kdkernels CPU module "
+                    "(kdkernels._C_<isa>); import that first");
+    return nullptr;
+  }
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

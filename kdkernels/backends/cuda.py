@@ -1,0 +1,18 @@
+"""The compiled CUDA kernels (csrc/cuda), through the op the CPU kernels also implement:
+torch.ops.kdkernels.kd_loss_fwd dispatches on the tensors' device, so ``rows`` is the CPU
+backend's own call. Loaded by kdkernels._extension as the module kdkernels._C_cuda.
+
+Bad values are found in-stream: a row whose logits contain NaN or +inf, or whose label is neither
+``ignore_index`` nor in [0, V), gets a NaN loss and a NaN gradient row (as on Triton);
+kdkernels._dispatch.rows_fn turns that into the ValueError (one check of the [N] row losses).
+"""
+
+from __future__ import annotations
+
+from kdkernels.backends.cpu import rows
+
+# The kernel reports bad values in-stream, as NaN row losses (module docstring).
+CHECKS_VALUES = True
+BAD_INPUT_AS_NAN = True
+
+__all__ = ["BAD_INPUT_AS_NAN", "CHECKS_VALUES", "rows"]

@@ -1,0 +1,333 @@
+"""The Triton kd_loss kernels, without a GPU: run by the Triton interpreter on tiny CPU tensors
+against the float64 reference (values and gradients), and compiled for sm_80 / sm_90 ahead of time
+(which checks what the interpreter does not: Triton's typing rules and register allocation).
+
+The interpreter must be chosen before triton is first imported (triton's own library functions
+are decorated at that moment), so a normal test run executes the interpreter cases in one child
+pytest process with TRITON_INTERPRET=1: ``test_interpreter_cases`` reports its outcome. Running
+``TRITON_INTERPRET=1 pytest tests/test_triton.py`` shows each case on its own. Vocabulary tiles
+are shrunk to 16 columns so that every shape spans several tiles, with a ragged last one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kdkernels  # noqa: E402
+from conftest import (DIVERGENCE_NAMES, check_against_reference, loss_and_grad, make_labels,  # noqa: E402
+                      make_logits, make_pair)
+
+# The interpreter evaluates both sides of tl.where with numpy, which warns about the inf - inf or
+# log(0) that the kernel then discards.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+TILE = 16
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THIS_FILE = os.path.abspath(__file__)
+
+
+def interpreter_case(test):
+    """A test that runs in the interpreter's child process (not collected in the parent)."""
+    return test if INTERPRETING else None
+
+
+def parent_case(test):
+    """A test that runs in the ordinary process (not collected in the interpreter's child)."""
+    return None if INTERPRETING else test
+
+
+def _child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+@parent_case
+def test_interpreter_cases():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", THIS_FILE],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200,
+                          env=_child_env(TRITON_INTERPRET="1"))
+    summary = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
+    print("interpreter cases:", summary[0])
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    if INTERPRETING:
+        from kdkernels.backends.triton import kd_loss
+
+        monkeypatch.setattr(kd_loss, "MAX_BLOCK", TILE)
+
+
+@pytest.fixture
+def interpreted():
+    """The Triton backend module, its kernels interpreted."""
+    from kdkernels.backends.triton import kd_loss
+
+    return kd_loss
+
+
+def check(student, teacher, labels=None, **kwargs):
+    return check_against_reference(student, teacher, labels, backend="triton", **kwargs)
+
+
+# --- values and gradients against the float64 reference -------------------------------------------
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+def test_every_divergence_matches_reference(divergence, temperature):
+    student, teacher = make_pair((4, 37), seed=1)
+    check(student, teacher, divergence=divergence, temperature=temperature, beta=0.3)
+
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+@pytest.mark.parametrize("temperature", (1.0, 2.0), ids=("ce_shares_softmax", "ce_own_softmax"))
+def test_ce_blend_and_ignored_rows_match_reference(divergence, temperature):
+    student, teacher = make_pair((5, 37), seed=2)
+    labels = make_labels((5,), 37, ignored=[1, 3])
+    result = check(student, teacher, labels, divergence=divergence, temperature=temperature,
+                   kd_weight=0.7, ce_weight=0.6, reduction="none", grad_output=torch.randn(5))
+    assert (result.loss[[1, 3]] == 0).all() and (result.grad[[1, 3]] == 0).all()
+
+
+@interpreter_case
+@pytest.mark.parametrize("reduction", ("mean", "batchmean", "sum", "none"))
+def test_reductions_and_incoming_gradient_match_reference(reduction):
+    student, teacher = make_pair((2, 3, 29), seed=3)
+    labels = make_labels((2, 3), 29, ignored=(0, 2))
+    grad_output = torch.randn(2, 3) if reduction == "none" else torch.tensor(3.7)
+    check(student, teacher, labels, grad_output=grad_output, reduction=reduction, temperature=2.0,
+          ce_weight=0.2, scale_by_t2=reduction != "sum")
+
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_masked_vocab_columns_match_reference(divergence):
+    student, teacher = make_pair((3, 40), seed=4)
+    columns = [0, 15, 16, 17, 31, 39]  # first, last, and both sides of a tile boundary
+    student[:, columns] = -math.inf
+    teacher[:, columns] = -math.inf
+    if divergence != "reverse_kl":  # KL(q || p) is +inf where only p vanishes
+        teacher[1, 20] = -math.inf  # masked for the teacher only
+    labels = torch.tensor([5, 22, 38])
+    result = check(student, teacher, labels, divergence=divergence, temperature=2.0, ce_weight=0.3)
+    assert (result.grad[:, columns] == 0).all()
+
+
+@interpreter_case
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("divergence", ("forward_kl", "jsd", "tvd"))
+def test_low_precision_inputs_match_reference(dtype, divergence):
+    student, teacher = make_pair((3, 45), dtype, seed=5)
+    labels = make_labels((3,), 45, ignored=[2])
+    result = check(student, teacher, labels, divergence=divergence, temperature=2.0, ce_weight=0.5)
+    assert result.grad.dtype == dtype
+
+
+@interpreter_case
+def test_mixed_student_and_teacher_dtypes():
+    student, teacher = make_pair((3, 33), torch.bfloat16, teacher_dtype=torch.float32, seed=6)
+    check(student, teacher, divergence="reverse_kl", temperature=2.0)
+
+
+@interpreter_case
+@pytest.mark.parametrize("shape", ((1, 1), (1, 17), (3, 2, 21)), ids=str)
+def test_odd_shapes_match_reference(shape):
+    student, teacher = make_pair(shape, seed=7)
+    labels = make_labels(shape[:-1], shape[-1])
+    check(student, teacher, labels, temperature=2.0, ce_weight=0.4)
+
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", ("jsd", "skew_kl", "skew_reverse_kl"))
+@pytest.mark.parametrize("beta", (0.0, 1.0))
+def test_mixture_endpoints_match_reference(divergence, beta):
+    # The CE term keeps the reference's graph alive where the divergence stops depending on q.
+    student, teacher = make_pair((3, 21), seed=8)
+    result = check(student, teacher, make_labels((3,), 21), divergence=divergence, beta=beta,
+                   temperature=2.0, ce_weight=0.3)
+    if divergence == "jsd":  # the convention: JSD(0) = JSD(1) = 0, with exactly zero gradient
+        kd_only = loss_and_grad(student, teacher, backend="triton", divergence="jsd", beta=beta,
+                                temperature=2.0, reduction="none")
+        assert (kd_only.loss.abs() <= 1e-6).all() and (kd_only.grad == 0).all()
+    assert result.loss.isfinite()
+
+
+@interpreter_case
+@pytest.mark.parametrize("case", ("transposed", "row_stride", "expanded_teacher"))
+def test_strided_inputs_match_reference(case):
+    student, teacher = make_pair((24, 30), seed=9)
+    if case == "transposed":
+        student, teacher = student.t(), teacher.t()
+    elif case == "row_stride":
+        student, teacher = student[::5], teacher[::5]
+    else:
+        student, teacher = student[:3, :20], teacher[:1, :20].expand(3, 20)
+    check(student, teacher, temperature=2.0, divergence="jsd")
+
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_nearly_identical_student_and_teacher_match_reference(interpreted, monkeypatch, divergence):
+    # A tiny divergence must not drown in the rounding of the much larger logits. Rows of a few
+    # dozen columns let eager PyTorch be exact by luck; rows this long (in tiles of 512) do not.
+    monkeypatch.setattr(interpreted, "MAX_BLOCK", 512)
+    student = make_logits((16, 1271), seed=37, scale=3.0)
+    teacher = student + 1e-3 * make_logits((16, 1271), seed=38, scale=1.0)
+    check(student, teacher, divergence=divergence, beta=0.3, temperature=2.0, reduction="none")
+
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl", "skew_kl", "tvd"))
+@pytest.mark.parametrize("magnitude", (30.0, 1e4))
+def test_peaked_rows_match_reference(divergence, magnitude):
+    student, teacher = make_pair((3, 33), seed=10, scale=magnitude)
+    student[0] = teacher[0]  # identical peaks; row 1: all mass on different columns
+    student[1], teacher[1] = -magnitude, -magnitude
+    student[1, 3], teacher[1, 30] = magnitude, magnitude
+    check(student, teacher, make_labels((3,), 33), divergence=divergence, ce_weight=0.5)
+
+
+# --- rows with nothing to learn, bad values ----------------------------------------------------------
+
+@interpreter_case
+def test_all_ignored_batch_gives_zero_loss_and_gradient():
+    student, teacher = make_pair((2, 19), torch.bfloat16, seed=11)
+    result = loss_and_grad(student, teacher, torch.full((2,), -100), backend="triton", ce_weight=0.5)
+    assert result.loss == 0 and (result.grad == 0).all() and result.grad.dtype == torch.bfloat16
+
+
+@interpreter_case
+def test_fully_masked_row_gives_zero_loss_and_gradient():
+    student, teacher = make_pair((3, 20), seed=12)
+    teacher[1] = -math.inf
+    result = loss_and_grad(student, teacher, backend="triton", reduction="none", temperature=2.0)
+    assert result.loss[1] == 0 and (result.grad[1] == 0).all()
+    assert torch.isfinite(result.loss).all() and (result.loss[[0, 2]] > 0).all()
+
+
+@interpreter_case
+@pytest.mark.parametrize("bad,argument", (("nan_teacher", "teacher_logits"), ("inf_teacher", "teacher_logits"),
+                                          ("nan_student", "student_logits"), ("label_too_large", "labels"),
+                                          ("negative_label", "labels")))
+def test_bad_values_make_their_row_nan_and_kd_loss_raises(bad, argument):
+    # The kernel reports a bad row as NaN (no host synchronisation inside it); kd_loss turns that
+    # into the same ValueError the CPU backend raises.
+    from kdkernels._config import KDConfig
+    from kdkernels.backends import triton as triton_backend
+
+    student, teacher = make_pair((3, 20), seed=13)
+    labels = torch.tensor([1, 2, 3])
+    if bad == "nan_teacher":
+        teacher[1, 17] = math.nan
+    elif bad == "inf_teacher":
+        teacher[1, 4] = math.inf
+    elif bad == "nan_student":
+        student[1, 0] = math.nan
+    elif bad == "label_too_large":
+        labels[1] = 20
+    else:
+        labels[1] = -3
+    cfg = KDConfig(temperature=2.0, ce_weight=0.5)
+    row_loss, grad = triton_backend.rows(student, teacher, labels, torch.tensor(1.0), cfg, True)
+    assert torch.isnan(row_loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(row_loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+    with pytest.raises(ValueError, match=argument):
+        kdkernels.kd_loss(student.requires_grad_(), teacher, labels, backend="triton", ce_weight=0.5,
+                          temperature=2.0)
+
+
+# --- the backend contract ------------------------------------------------------------------------------
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", ("forward_kl", "skew_reverse_kl"))
+def test_rows_without_gradient_gives_the_same_losses(interpreted, divergence):
+    student, teacher = make_pair((4, 37), seed=14)
+    labels = make_labels((4,), 37, ignored=[0])
+    cfg = kdkernels._checks.make_config(divergence=divergence, temperature=2.0, beta=0.4, kd_weight=1.0,
+                                        ce_weight=0.5, scale_by_t2=True, ignore_index=-100,
+                                        has_labels=True)
+    scale = torch.tensor(0.25)
+    with_grad, grad = interpreted.rows(student, teacher, labels, scale, cfg, True)
+    without_grad, none = interpreted.rows(student, teacher, labels, scale, cfg, False)
+    assert none is None and grad.shape == student.shape
+    torch.testing.assert_close(without_grad, with_grad, rtol=0, atol=0)
+
+
+@interpreter_case
+@pytest.mark.parametrize("factor", (1.0, 3.5))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_scale_unless_one_scales_in_place(interpreted, dtype, factor):
+    grad = make_logits((3, 5000), dtype, seed=17)
+    expected = (grad.float() * factor).to(dtype)
+    result = interpreted.scale_unless_one_(grad, torch.tensor(factor))
+    assert result.data_ptr() == grad.data_ptr()
+    # The interpreter truncates fp32 -> bf16 (a GPU rounds to nearest): one bf16 ulp.
+    rtol = 2.0 ** -7 if dtype == torch.bfloat16 and factor != 1.0 else 0.0
+    torch.testing.assert_close(grad, expected, rtol=rtol, atol=0)
+
+
+@interpreter_case
+def test_auto_on_cpu_tensors_still_picks_the_cpu_kernel():
+    student, _ = make_pair((2, 5))
+    assert kdkernels._dispatch.resolve("auto", student) in ("cpu", "reference")
+    assert kdkernels._dispatch.resolve("triton", student) == "triton"
+
+
+# --- ahead-of-time compilation for real GPUs -----------------------------------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kdkernels.backends.triton import kd_loss
+
+    kernel = kd_loss._kd_loss_fwd_kernel
+    pointer_types = {"labels_ptr": "*i64", "row_loss_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+    scalar_types = {"student_row_stride": "i64", "teacher_row_stride": "i64", "vocab": "i32",
+                    "ignore_index": "i32"}
+    signature = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*bf16")
+        else:
+            signature[name] = scalar_types.get(name, "fp32")
+    block, num_warps = kd_loss.launch_shape(128256)
+    # Every divergence with labels, CE and gradient for sm_90; the leanest variant, and sm_80.
+    variants = [(90, divergence, True, True) for divergence in range(6)]
+    variants += [(90, 0, False, False), (80, 0, True, True)]
+    for arch, divergence, has_labels, compute_grad in variants:
+        constexprs = {"DIVERGENCE": divergence, "HAS_LABELS": has_labels, "USE_CE": has_labels,
+                      "CE_SHARES_LSE": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        assert compiled.asm["cubin"], (arch, divergence, has_labels)
+    scale_signature = {"grad_ptr": "*bf16", "factor_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}
+    assert triton.compile(ASTSource(kd_loss._scale_unless_one_kernel, scale_signature, {"BLOCK": 4096}),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+    print("compiled")
+""")
+
+
+@parent_case
+def test_kernels_compile_for_sm80_and_sm90():
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
+                          env=_child_env(), cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
