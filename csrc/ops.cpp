@@ -23,6 +23,13 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
     int64_t ignore_index, bool compute_grad);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t group_rule,
+    int64_t top_k, double mass, double bcd_weight, double scd_weight, double wcd_weight,
+    bool scd_teacher_mass, bool wcd_teacher_mass, double temperature, bool scale_by_t2,
+    int64_t ignore_index, bool compute_grad);
+
 namespace {
 
 #define KDK_STR2(x) #x
@@ -71,12 +78,20 @@ TORCH_LIBRARY(kdkernels, m) {
       "Tensor grad_scale, int divergence, float temperature, float beta, float kd_weight, "
       "float ce_weight, bool scale_by_t2, int ignore_index, bool compute_grad) "
       "-> (Tensor, Tensor)");
+  // Decomposed KL (CAKD / DKD): -> (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)
+  m.def(
+      "cakd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor grad_scale, int group_rule, int top_k, float mass, float bcd_weight, "
+      "float scd_weight, float wcd_weight, bool scd_teacher_mass, bool wcd_teacher_mass, "
+      "float temperature, bool scale_by_t2, int ignore_index, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   m.def("parallel_threads_used(int tasks) -> int", &parallel_threads_used);
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("cakd_loss_fwd", &cakd_loss_fwd_cpu);
 }
 
 }  // namespace kdkernels

@@ -18,6 +18,16 @@ def _register_fakes() -> None:
             else student_logits.new_empty((0,))
         return row_loss, grad
 
+    @torch.library.register_fake("kdkernels::cakd_loss_fwd")
+    def _cakd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, group_rule, top_k, mass,
+                            bcd_weight, scd_weight, wcd_weight, scd_teacher_mass, wcd_teacher_mass,
+                            temperature, scale_by_t2, ignore_index, compute_grad):
+        row_loss, grad = _kd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, 0,
+                                           temperature, 0.5, 1.0, 0.0, scale_by_t2, ignore_index,
+                                           compute_grad)
+        components = student_logits.new_empty((student_logits.shape[0], 3), dtype=torch.float32)
+        return row_loss, components, grad
+
 
 if _extension.cpu_available() or _extension.cuda_available():
     _register_fakes()

@@ -8,7 +8,7 @@
 //   3. the gradient dL/dz, written once in the input dtype and scaled by grad_scale.
 // Rows whose labels equal ignore_index give loss 0 and gradient 0. Non-finite teacher/student
 // entries other than -inf (masking) and out-of-range labels are reported as ValueError.
-#include "vec_math.h"
+#include "row_ops.h"
 
 #include <kdkernels/divergence.h>
 
@@ -28,45 +28,11 @@
 namespace kdkernels {
 namespace {
 
-constexpr int64_t kW = Vec::size();
-constexpr int64_t kBlock = 2048;  // elements per online-softmax block (8 KB of fp32: stays in L1)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Loads n <= kW floats; missing lanes read as -inf, which every formula treats as masked.
-inline Vec load_masked(const float* ptr, int64_t n) {
-  if (n == kW) return Vec::loadu(ptr);
-  return Vec::set(Vec(kNegInf), Vec::loadu(ptr, n), n);
-}
-
-inline float hsum(const Vec& v) {
-  alignas(64) float lanes[kW];
-  v.store(lanes);
-  float s = 0.f;
-  for (int64_t i = 0; i < kW; ++i) s += lanes[i];
-  return s;
-}
-
-// Max that propagates NaN (so a NaN anywhere in the row is seen).
-inline float hmax(const Vec& v) {
-  alignas(64) float lanes[kW];
-  v.store(lanes);
-  float m = lanes[0];
-  for (int64_t i = 1; i < kW; ++i) m = (std::isnan(lanes[i]) || lanes[i] > m) ? lanes[i] : m;
-  return m;
-}
-
-inline float block_max(const float* x, int64_t n) {
-  Vec m(kNegInf);
-  for (int64_t i = 0; i < n; i += kW) m = at::vec::maximum(m, load_masked(x + i, std::min(kW, n - i)));
-  return hmax(m);
-}
-
 // Per-thread buffers reused across rows.
 struct RowScratch {
   std::vector<float> exp_s, exp_t;            // [V] exp((x - running max) / T)
   std::vector<float> block_max_s, block_max_t;  // [blocks] running max each block was shifted by
   std::vector<float> factor_s, factor_t;        // [blocks] turns the stored exps into probabilities
-  std::vector<float> s_buf, t_buf, g_buf;       // [V] widened bf16/fp16 rows and fp32 gradient
 };
 
 // Online softmax statistics of one row at scale 1/T (and at scale 1 for the CE blend), filled
@@ -136,18 +102,6 @@ template <class Div, class = void>
 constexpr bool kSecondRowSum = false;
 template <class Div>
 constexpr bool kSecondRowSum<Div, std::void_t<decltype(Div::kSecondRowSum)>> = Div::kSecondRowSum;
-
-enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4 };
-
-struct RowArgs {
-  const float* student;  // [V] raw student logits z
-  const float* teacher;  // [V] raw teacher logits
-  float* grad;           // [V] dL/dz out, or nullptr
-  int64_t vocab;
-  int64_t label;         // ignore_index when no label
-  float grad_scale;
-  bool stream_grad;      // args.grad is the output tensor (not per-thread scratch): bypass caches
-};
 
 // Returns the row loss; writes the gradient when args.grad != nullptr.
 template <class Div>
@@ -292,100 +246,6 @@ RowFn row_kernel_for(Divergence div) {
   return fn;
 }
 
-// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
-template <typename scalar_t>
-void widen(const scalar_t* src, float* dst, int64_t n) {
-  using LowVec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + LowVec::size() <= n; i += LowVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(LowVec::loadu(src + i));
-    lo.store(dst + i);
-    hi.store(dst + i + kW);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename scalar_t>
-void narrow(const float* src, scalar_t* dst, int64_t n) {
-  using LowVec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + LowVec::size() <= n; i += LowVec::size())
-    store_streaming(at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)),
-                    dst + i);
-  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-// Returns a pointer to the row as fp32: the row itself for float input, else `buf` filled by
-// one conversion pass (bf16/fp16 are widened once, all math is fp32).
-template <typename scalar_t>
-const float* row_as_float(const scalar_t* row, int64_t V, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return row;
-  } else {
-    buf.resize(V);
-    widen(row, buf.data(), V);
-    return buf.data();
-  }
-}
-
-template <typename student_t, typename teacher_t>
-void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
-             float grad_scale, const KDParams& prm, float* row_loss, at::Tensor* grad,
-             std::atomic<int>* errors) {
-  const int64_t N = student.size(0), V = student.size(1);
-  const student_t* s_base = student.const_data_ptr<student_t>();
-  const teacher_t* t_base = teacher.const_data_ptr<teacher_t>();
-  student_t* g_base = grad ? grad->mutable_data_ptr<student_t>() : nullptr;
-  const RowFn row_fn = row_kernel_for(prm.divergence);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
-
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    RowScratch scratch;
-    int local_errors = kRowOk;
-    for (int64_t r = begin; r < end; ++r) {
-      RowArgs args;
-      args.vocab = V;
-      args.grad_scale = grad_scale;
-      args.label = labels ? labels[r] : prm.ignore_index;
-      student_t* g_row = g_base ? g_base + r * V : nullptr;
-      if (labels && args.label != prm.ignore_index && (args.label < 0 || args.label >= V)) {
-        local_errors |= kBadLabel;
-        args.label = prm.ignore_index;
-      }
-      if (labels && args.label == prm.ignore_index) {  // ignored row: no loss, no gradient
-        row_loss[r] = 0.f;
-        if (g_row) std::fill(g_row, g_row + V, student_t(0));
-        continue;
-      }
-      args.student = row_as_float(s_base + r * V, V, scratch.s_buf);
-      args.teacher = row_as_float(t_base + r * V, V, scratch.t_buf);
-      args.stream_grad = std::is_same_v<student_t, float>;
-      if constexpr (std::is_same_v<student_t, float>) {
-        args.grad = g_row;
-      } else {
-        if (g_row) scratch.g_buf.resize(V);
-        args.grad = g_row ? scratch.g_buf.data() : nullptr;
-      }
-      row_loss[r] = row_fn(args, prm, scratch, &local_errors);
-      if constexpr (!std::is_same_v<student_t, float>) {
-        if (g_row) narrow(scratch.g_buf.data(), g_row, V);
-      }
-    }
-    stream_fence();
-    if (local_errors) errors->fetch_or(local_errors);
-  });
-}
-
-template <typename Fn>
-void dispatch_float_types(at::ScalarType type, const char* name, Fn&& fn) {
-  switch (type) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", type);
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
@@ -393,41 +253,23 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t divergence,
     double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
     int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK_VALUE(student_logits.dim() == 2 && teacher_logits.sizes() == student_logits.sizes(),
-                    "student_logits and teacher_logits must be [N, V] of equal shape");
   TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
                     "unknown divergence id ", divergence);
-  const at::Tensor student = student_logits.contiguous();
-  const at::Tensor teacher = teacher_logits.contiguous();
-  const int64_t N = student.size(0), V = student.size(1);
-  at::Tensor label_tensor;
-  const int64_t* label_ptr = nullptr;
-  if (labels.has_value()) {
-    label_tensor = labels->to(at::kLong).contiguous();
-    TORCH_CHECK_VALUE(label_tensor.numel() == N, "labels must have one entry per row");
-    label_ptr = label_tensor.const_data_ptr<int64_t>();
-  }
+  const RowInputs in = row_inputs(student_logits, teacher_logits, labels);
   const KDParams prm = make_kd_params(divergence, static_cast<float>(temperature),
                                       static_cast<float>(beta), static_cast<float>(kd_weight),
                                       static_cast<float>(ce_weight), scale_by_t2, ignore_index);
   const float scale = grad_scale.item<float>();
 
-  at::Tensor row_loss = at::empty({N}, student.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? empty_huge_pages({N, V}, student.options())
-                                 : at::empty({0}, student.options());
-  std::atomic<int> errors{kRowOk};
-  dispatch_float_types(student.scalar_type(), "student_logits", [&](auto s_tag) {
-    dispatch_float_types(teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
-      kd_rows<decltype(s_tag), decltype(t_tag)>(student, teacher, label_ptr, scale, prm,
-                                                row_loss.mutable_data_ptr<float>(),
-                                                compute_grad ? &grad : nullptr, &errors);
-    });
+  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? empty_huge_pages({in.rows, in.vocab}, in.student.options())
+                                 : at::empty({0}, in.student.options());
+  const RowFn row_fn = row_kernel_for(prm.divergence);
+  run_rows(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), compute_grad ? &grad : nullptr, [&]() {
+    return [&prm, row_fn, scratch = RowScratch{}](const RowArgs& args, int64_t, int* error) mutable {
+      return row_fn(args, prm, scratch, error);
+    };
   });
-  const int err = errors.load();
-  TORCH_CHECK_VALUE(!(err & kBadTeacher), "teacher_logits contains NaN or +inf");
-  TORCH_CHECK_VALUE(!(err & kBadStudent), "student_logits contains NaN or +inf");
-  TORCH_CHECK_VALUE(!(err & kBadLabel), "labels must lie in [0, ", V, ") or equal ignore_index (",
-                    ignore_index, ")");
   return {row_loss, grad};
 }
 

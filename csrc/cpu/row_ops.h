@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -36,6 +37,41 @@ inline float hsum(const Vec& v) {
   for (int64_t i = 0; i < kW; ++i) s += lanes[i];
   return s;
 }
+
+// A double-precision running sum of float vectors: each add widens the lanes to double, so
+// summing many partial sums adds no float rounding (accurate like torch.sum's cascade).
+struct DoubleSum {
+  using VecD = at::vec::Vectorized<double>;
+  VecD lo{0.0}, hi{0.0};
+
+  void add(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 x = v;
+    lo = lo + VecD(_mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+    hi = hi + VecD(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 x = v;
+    lo = lo + VecD(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+    hi = hi + VecD(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+#else
+    alignas(64) float lanes[kW];
+    alignas(64) double wide[kW];
+    v.store(lanes);
+    for (int64_t i = 0; i < kW; ++i) wide[i] = lanes[i];
+    lo = lo + VecD::loadu(wide);
+    hi = hi + VecD::loadu(wide + VecD::size());
+#endif
+  }
+
+  double total() const {
+    alignas(64) double lanes[2 * VecD::size()];
+    lo.store(lanes);
+    hi.store(lanes + VecD::size());
+    double s = 0.0;
+    for (int64_t i = 0; i < 2 * VecD::size(); ++i) s += lanes[i];
+    return s;
+  }
+};
 
 // Max that propagates NaN (so a NaN anywhere in the row is seen).
 inline float hmax(const Vec& v) {
@@ -69,6 +105,7 @@ struct RowArgs {
   int64_t vocab;
   int64_t label;         // ignore_index when no label
   float grad_scale;
+  bool stream_grad;      // args.grad is the output tensor (not per-thread scratch): bypass caches
 };
 
 // bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
@@ -89,7 +126,8 @@ void narrow(const float* src, scalar_t* dst, int64_t n) {
   using LowVec = at::vec::Vectorized<scalar_t>;
   int64_t i = 0;
   for (; i + LowVec::size() <= n; i += LowVec::size())
-    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)).store(dst + i);
+    store_streaming(at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)),
+                    dst + i);
   for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
@@ -153,6 +191,7 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
       }
       args.student = row_as_float(s_base + r * V, V, s_buf);
       args.teacher = row_as_float(t_base + r * V, V, t_buf);
+      args.stream_grad = std::is_same_v<student_t, float>;
       if constexpr (std::is_same_v<student_t, float>) {
         args.grad = g_row;
       } else {
@@ -164,8 +203,51 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
         if (g_row) narrow(g_buf.data(), g_row, V);
       }
     }
+    stream_fence();
     if (local_errors) errors->fetch_or(local_errors);
   });
+}
+
+// An op's inputs as the row kernels read them: contiguous [N, V] logits, int64 labels.
+struct RowInputs {
+  at::Tensor student, teacher, labels;
+  const int64_t* label_ptr = nullptr;  // nullptr when the op got no labels
+  int64_t rows = 0, vocab = 0;
+};
+
+inline RowInputs row_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                            const std::optional<at::Tensor>& labels) {
+  TORCH_CHECK_VALUE(student_logits.dim() == 2 && teacher_logits.sizes() == student_logits.sizes(),
+                    "student_logits and teacher_logits must be [N, V] of equal shape");
+  RowInputs in;
+  in.student = student_logits.contiguous();
+  in.teacher = teacher_logits.contiguous();
+  in.rows = in.student.size(0);
+  in.vocab = in.student.size(1);
+  if (labels.has_value()) {
+    in.labels = labels->to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(in.labels.numel() == in.rows, "labels must have one entry per row");
+    in.label_ptr = in.labels.const_data_ptr<int64_t>();
+  }
+  return in;
+}
+
+// for_each_row over the inputs' dtypes, then the ValueError for what the rows reported.
+template <typename MakeRowFn>
+void run_rows(const RowInputs& in, int64_t ignore_index, float grad_scale, float* row_loss, at::Tensor* grad,
+              MakeRowFn&& make_row_fn) {
+  std::atomic<int> errors{kRowOk};
+  dispatch_float_types(in.student.scalar_type(), "student_logits", [&](auto s_tag) {
+    dispatch_float_types(in.teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
+      for_each_row<decltype(s_tag), decltype(t_tag)>(in.student, in.teacher, in.label_ptr, ignore_index,
+                                                     grad_scale, row_loss, grad, &errors, make_row_fn);
+    });
+  });
+  const int err = errors.load();
+  TORCH_CHECK_VALUE(!(err & kBadTeacher), "teacher_logits contains NaN or +inf");
+  TORCH_CHECK_VALUE(!(err & kBadStudent), "student_logits contains NaN or +inf");
+  TORCH_CHECK_VALUE(!(err & kBadLabel), "labels must lie in [0, ", in.vocab, ") or equal ignore_index (",
+                    ignore_index, ")");
 }
 
 }  // namespace kdkernels

@@ -1,0 +1,354 @@
+"""Fused lm_head + KD loss: the loss and the gradients of the student's hidden states, lm_head weight
+and bias, computed over token chunks so that the [tokens, vocab] logits never exist in full.
+
+Per chunk of rows [start, end):
+
+    z_s = softcap(logit_scale * (h_s @ W_s^T + b_s))          # [n, V]   student logits
+    z_t = softcap(logit_scale * (h_t @ W_t^T + b_t))          # [n, V]   teacher logits (no grad)
+    row_loss, g = rows(z_s, z_t, labels, grad_scale)          # the backend's fused row kernel
+    g   <- g * softcap'(.) * logit_scale                      # chain rule back to h_s @ W_s^T + b_s
+    dL/dh_s[chunk] = g @ W_s,  dL/dW_s += g^T @ h_s,  dL/db_s += sum_rows g
+
+with softcap(y) = c * tanh(y / c), softcap'(y) = 1 - (softcap(y) / c)^2, and ``grad_scale`` the
+global reduction factor (1 / valid tokens for "mean"), the same tensor for every chunk. The
+gradients are computed in the forward pass; backward only scales them by the incoming gradient
+(except for reduction="none", whose per-row incoming gradient is known only then: backward
+recomputes the chunks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from kdkernels import _checks, _dispatch
+from kdkernels._autograd import _is_one, reduce_rows, reduction_scale, scale_grad_
+from kdkernels._config import KDConfig
+
+# Default memory for one chunk's [rows, vocab] tensors (student logits, teacher logits, the row
+# kernel's gradient, and the float32 copy of that gradient when the lm_head is not float32), per
+# device type; chunk_size = budget // bytes per row. CPU: ~520 rows at V=32000 fp32 (~65 at
+# V=256000). Smaller chunks cost GEMM speed (the logits GEMM re-reads the whole lm_head weight per
+# chunk: measured +12% for the four GEMMs at 350 rows, +8% at 520, +4% at 680, 2 threads), larger
+# ones memory; at this size the extra memory is under half of Liger-Kernel's. CUDA: ~1400 rows at
+# V=128256 bf16, enough to keep the GPU's GEMMs busy.
+DEFAULT_CHUNK_BYTES = {"cpu": 192 * 1024 * 1024, "cuda": 1024 * 1024 * 1024}
+
+
+def chunk_rows(n_rows: int, vocab: int, bytes_per_entry: int, device_type: str = "cpu",
+               budget_bytes: Optional[int] = None) -> int:
+    """Rows per chunk so that the chunk's [rows, vocab] tensors fit in ``budget_bytes`` (default:
+    DEFAULT_CHUNK_BYTES of the device type, the CPU's for other devices); at least one row."""
+    if budget_bytes is None:
+        budget_bytes = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
+    return max(1, min(n_rows, budget_bytes // max(1, vocab * bytes_per_entry)))
+
+
+def _apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> None:
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+
+
+class _LinearLogits:
+    """Logits of an lm_head, chunk by chunk: softcap(logit_scale * (hidden @ weight^T + bias))."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 logit_scale: float, softcap: Optional[float]) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias  # [N, H], [V_side, H], [V_side]
+        self.logit_scale, self.softcap = logit_scale, softcap
+        self.vocab = weight.shape[0]
+        self.dtype = hidden.dtype
+        self.needs_buffer = True
+
+    def chunk(self, start: int, end: int, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+        # buffer: [chunk, V]; its columns past self.vocab hold -inf (filled once, never written)
+        logits = buffer[: end - start]
+        own = logits[:, : self.vocab]
+        hidden = self.hidden[start:end]
+        if self.bias is None:  # beta=0: own's previous content is ignored, not read
+            torch.addmm(own, hidden, self.weight.t(), beta=0, alpha=self.logit_scale, out=own)
+        else:
+            torch.addmm(self.bias, hidden, self.weight.t(), beta=self.logit_scale, alpha=self.logit_scale,
+                        out=own)
+        _apply_softcap_(own, self.softcap)
+        return logits
+
+
+class _GivenLogits:
+    """Ready teacher logits [N, V_t], chunk by chunk; padded with -inf to the common vocabulary."""
+
+    def __init__(self, logits: torch.Tensor, vocab: int) -> None:
+        self.logits = logits
+        self.vocab = logits.shape[-1]
+        self.dtype = logits.dtype
+        self.needs_buffer = self.vocab < vocab
+
+    def chunk(self, start: int, end: int, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.needs_buffer:
+            return self.logits[start:end]
+        padded = buffer[: end - start]
+        padded[:, : self.vocab].copy_(self.logits[start:end])
+        return padded
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about one call that is not a tensor."""
+
+    cfg: KDConfig
+    reduction: str
+    batch_shape: Tuple[int, ...]
+    vocab: int            # common vocabulary: max of the student's and the teacher's
+    chunk_size: int
+    rows_fn: Callable
+    checks_values: bool   # whether rows_fn checks NaN teachers / label range itself
+
+
+@dataclass
+class _StudentGrads:
+    """Gradient accumulators; None where that gradient is not required."""
+
+    hidden: Optional[torch.Tensor]   # [N, H] in the hidden dtype, one chunk of rows at a time
+    weight: Optional[torch.Tensor]   # [V_s, H] float32 (float64) accumulator
+    bias: Optional[torch.Tensor]     # [V_s] float32 (float64) accumulator
+
+    @staticmethod
+    def allocate(student: _LinearLogits, needs: Tuple[bool, bool, bool]) -> "_StudentGrads":
+        hidden, weight = student.hidden, student.weight
+        accumulate = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return _StudentGrads(
+            hidden=torch.empty_like(hidden, memory_format=torch.contiguous_format) if needs[0] else None,
+            # filled by the first chunk (beta=0), so no zero-fill pass
+            weight=torch.empty(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
+            bias=torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
+        )
+
+    def add_chunk(self, student: _LinearLogits, start: int, end: int, grad: torch.Tensor,
+                  first: bool) -> None:
+        """grad: dL/d(hidden @ weight^T + bias) of rows [start, end), [n, V_s], scaled except for
+        logit_scale, which is folded into the GEMMs' alpha here."""
+        scale = student.logit_scale
+        if self.hidden is not None:
+            out = self.hidden[start:end]
+            torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
+        if self.weight is not None:
+            hidden = student.hidden[start:end]
+            if self.weight.dtype != grad.dtype:  # float32 accumulation of a low-precision lm_head
+                grad_t, hidden = grad.t().float(), hidden.float()
+            else:
+                grad_t = grad.t()
+            torch.addmm(self.weight, grad_t, hidden, beta=0 if first else 1, alpha=scale, out=self.weight)
+        if self.bias is not None:
+            self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=scale)
+
+    def results(self, student: _LinearLogits) -> List[Optional[torch.Tensor]]:
+        """[hidden, weight, bias] gradients in their parameters' dtypes (one cast at the end)."""
+        weight = None if self.weight is None else self.weight.to(student.weight.dtype)
+        bias = None if self.bias is None else self.bias.to(student.weight.dtype)
+        return [self.hidden, weight, bias]
+
+
+def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[torch.Tensor],
+                grad_scale: torch.Tensor, needs: Tuple[bool, bool, bool],
+                row_weights: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[_StudentGrads]]:
+    """Row losses [N] and, when any of `needs` (hidden, weight, bias) is set, the student's
+    gradients of sum_rows(grad_scale * row_weight * row_loss) (row_weight = 1 when None)."""
+    n_rows, vocab, chunk = student.hidden.shape[0], plan.vocab, plan.chunk_size
+    device = student.hidden.device
+    compute_grad = any(needs)
+
+    def buffer(side) -> Optional[torch.Tensor]:
+        if not side.needs_buffer:
+            return None
+        if side.vocab == vocab:
+            return torch.empty((min(chunk, n_rows), vocab), dtype=side.dtype, device=device)
+        # the shorter vocabulary's missing columns: -inf, i.e. probability 0 (never logit 0)
+        return torch.full((min(chunk, n_rows), vocab), -math.inf, dtype=side.dtype, device=device)
+
+    student_buffer, teacher_buffer = buffer(student), buffer(teacher)
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    row_loss = torch.empty(n_rows, dtype=loss_dtype, device=device)
+    grads = _StudentGrads.allocate(student, needs) if compute_grad else None
+
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        student_logits = student.chunk(start, end, student_buffer)
+        with torch.no_grad():
+            teacher_logits = teacher.chunk(start, end, teacher_buffer)
+        labels_chunk = None if labels is None else labels[start:end]
+        if not plan.checks_values:
+            _checks.check_values(teacher_logits, labels_chunk, vocab, plan.cfg.ignore_index)
+        chunk_loss, grad = plan.rows_fn(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg,
+                                        compute_grad)
+        row_loss[start:end] = chunk_loss
+        if not compute_grad:
+            continue
+        grad = grad[:, : student.vocab]
+        if row_weights is not None:
+            grad.mul_(row_weights[start:end, None].to(grad.dtype))
+        if student.softcap is not None:
+            # softcap'(y) = 1 - (z / c)^2 from the capped logits z, computed in their own buffer
+            derivative = student_logits[:, : student.vocab]
+            derivative.div_(student.softcap).square_().neg_().add_(1.0)
+            grad.mul_(derivative)
+        grads.add_chunk(student, start, end, grad, first=start == 0)
+        del grad  # freed before the next chunk's kernel allocates its own: one gradient chunk at a time
+    return row_loss, grads
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """loss = reduce(rows(student lm_head logits, teacher logits)); gradients of the student's
+    hidden states, lm_head weight and bias from the chunked forward pass."""
+
+    @staticmethod
+    def forward(ctx, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                student_bias: Optional[torch.Tensor], student: _LinearLogits, teacher,
+                labels: Optional[torch.Tensor], grad_scale: torch.Tensor, plan: _Plan,
+                needs: Tuple[bool, bool, bool]) -> torch.Tensor:
+        ctx.per_row = plan.reduction == "none"
+        if ctx.per_row:  # each row's incoming gradient is known only in backward: recompute there
+            row_loss, _ = _run_chunks(plan, student, teacher, labels, grad_scale, (False, False, False))
+            ctx.save_for_backward(student_hidden, student_weight, student_bias)
+            ctx.recompute = (plan, student.logit_scale, student.softcap, teacher, labels, grad_scale, needs)
+        else:
+            row_loss, grads = _run_chunks(plan, student, teacher, labels, grad_scale, needs)
+            ctx.save_for_backward(*grads.results(student))
+            ctx.scaled = False
+        return reduce_rows(row_loss, grad_scale, plan.reduction, plan.batch_shape)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        none = (None,) * 6
+        if ctx.per_row:
+            plan, logit_scale, softcap, teacher, labels, grad_scale, needs = ctx.recompute
+            student = _LinearLogits(*ctx.saved_tensors, logit_scale, softcap)
+            with torch.no_grad():
+                _, grads = _run_chunks(plan, student, teacher, labels, grad_scale, needs,
+                                       row_weights=grad_output.reshape(-1))
+            return (*grads.results(student), *none)
+        if ctx.scaled:
+            raise RuntimeError("kdkernels: the gradients of fused_linear_kd_loss are scaled in place by "
+                               "grad_output, so a second backward is not supported; compute the loss again")
+        ctx.scaled = not _is_one(grad_output)
+        grads = [None if g is None else scale_grad_(g, grad_output, per_row=False) for g in ctx.saved_tensors]
+        return (*grads, *none)
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """KD loss of a student lm_head against a teacher, without materialising [tokens, vocab] logits.
+
+    Equal to ``kd_loss(student_logits, teacher_logits, labels, ...)`` with
+    ``student_logits = softcap(logit_scale * (student_hidden @ student_weight.T + student_bias))``
+    and the teacher's logits built the same way from ``teacher_hidden`` / ``teacher_weight`` /
+    ``teacher_bias`` (or given as ``teacher_logits``), where ``softcap(y) = softcap * tanh(y /
+    softcap)`` (Gemma's final-logit soft-capping; none when ``softcap`` is None). The tokens are
+    processed ``chunk_size`` rows at a time: per chunk the logits GEMMs, the fused KD row kernel
+    of ``backend`` (the one ``kd_loss`` uses), then the gradient GEMMs, so memory beyond the
+    inputs and gradients is one chunk's logits. Gradients are computed in the forward pass, only
+    for the tensors that require grad, and not at all under ``torch.no_grad()``.
+
+    Args:
+        student_hidden: ``[N, H_s]`` or ``[B, S, H_s]`` final hidden states, float32 / bfloat16 /
+            float16 (float64 runs on the reference backend).
+        student_weight: lm_head weight ``[V_s, H_s]``, the same dtype (as ``nn.Linear.weight``).
+        teacher_hidden: ``[N, H_t]`` / ``[B, S, H_t]``; ``H_t`` may differ from ``H_s``. Its dtype
+            may differ from the student's. Never receives a gradient.
+        teacher_weight: teacher lm_head weight ``[V_t, H_t]``. ``V_t`` may differ from ``V_s``
+            (padded lm_heads): the shorter side's missing vocabulary columns are ``-inf`` logits,
+            i.e. probability 0. If the *teacher* puts mass on ids the student lacks, forward KL is
+            infinite; pass ``teacher_weight[:V_s]`` to drop the teacher's padding instead.
+        labels: integer ``[N]`` / ``[B, S]`` in ``[0, max(V_s, V_t))`` or ``ignore_index``;
+            required when ``ce_weight > 0``. Ignored rows count nowhere and get zero gradient.
+        teacher_logits: ready teacher logits ``[N, V_t]`` / ``[B, S, V_t]`` instead of
+            ``teacher_hidden`` + ``teacher_weight`` (exactly one of the two must be given). Used
+            as they are: ``softcap`` and ``logit_scale`` do not apply to them.
+        student_bias, teacher_bias: optional lm_head biases ``[V_s]`` / ``[V_t]``.
+        chunk_size: rows per chunk. Default: as many as fit in ``DEFAULT_CHUNK_BYTES`` of
+            per-chunk logits and gradient (192 MiB on CPU, 1 GiB on CUDA).
+        softcap: ``c > 0`` caps both lm_heads' logits to ``(-c, c)`` via ``c * tanh(y / c)``.
+        logit_scale: ``> 0``, multiplies both lm_heads' logits before the soft cap.
+        divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index,
+        reduction, backend: as in :func:`kdkernels.kd_loss`; "mean" divides by the number of
+            non-ignored tokens of the whole call, not per chunk. With "none" the gradients are
+            computed in backward (they depend on each row's incoming gradient), which runs the
+            logits GEMMs a second time.
+
+    Returns:
+        The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
+        float64 input).
+    """
+    _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
+                              "student_bias", student_bias)
+    _checks.check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)
+    batch_shape = tuple(student_hidden.shape[:-1])
+    labels = _checks.check_labels(labels, batch_shape, student_hidden.device)
+    reduction = _checks.check_reduction(reduction)
+    chunk_size, softcap, logit_scale = _checks.check_lm_head_options(chunk_size, softcap, logit_scale)
+    cfg = _checks.make_config(divergence=divergence, temperature=temperature, beta=beta,
+                              kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
+                              ignore_index=ignore_index, has_labels=labels is not None)
+    name = _dispatch.resolve(backend, student_hidden)
+    impl = _dispatch.module(name)
+
+    student = _LinearLogits(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
+                            logit_scale, softcap)
+    if teacher_logits is not None:
+        teacher = _GivenLogits(teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
+                               max(student.vocab, teacher_logits.shape[-1]))
+    else:
+        teacher = _LinearLogits(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+                                teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                logit_scale, softcap)
+    vocab = max(student.vocab, teacher.vocab)
+    labels_1d = None if labels is None else labels.reshape(-1)
+    n_rows = student.hidden.shape[0]
+
+    needs = (student_hidden.requires_grad, student_weight.requires_grad,
+             student_bias is not None and student_bias.requires_grad)
+    needs = needs if torch.is_grad_enabled() else (False, False, False)
+    if chunk_size is None:
+        student_bytes = student.dtype.itemsize
+        # student logits + teacher logits (+ the kernel's gradient, + its float32 copy for a
+        # low-precision lm_head's weight gradient) per vocabulary entry of a row
+        per_entry = student_bytes + (teacher.dtype.itemsize if teacher.needs_buffer else 0)
+        if any(needs):
+            per_entry += student_bytes + (4 if needs[1] and student_bytes < 4 else 0)
+        chunk_size = chunk_rows(n_rows, vocab, per_entry, student_hidden.device.type)
+    plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab, chunk_size=chunk_size,
+                 rows_fn=_dispatch.rows_fn(name), checks_values=impl.CHECKS_VALUES)
+    # float64 only for the reference rows of float64 input; the kernels take float32
+    scale_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    grad_scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, n_rows, batch_shape,
+                                 student_hidden.device, dtype=scale_dtype)
+
+    if any(needs):
+        return FusedLinearKDFunction.apply(student.hidden, student_weight, student_bias, student, teacher,
+                                           labels_1d, grad_scale, plan, needs)
+    row_loss, _ = _run_chunks(plan, student, teacher, labels_1d, grad_scale, needs)
+    return reduce_rows(row_loss, grad_scale, reduction, batch_shape)
