@@ -36,8 +36,12 @@ TENSOR_PASSES = 3  # read student, read teacher, write gradient: the bandwidth f
 
 
 def _liger_loss(divergence: str, temperature: float, beta: float) -> Callable[..., Any]:
+    import importlib.util
+
     import torch.nn.functional as F
 
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise RuntimeError("Liger-Kernel is not installed (pip install liger-kernel)")
     T = temperature
     if divergence == "forward_kl":
         from liger_kernel.transformers.kl_div import LigerKLDIVLoss
