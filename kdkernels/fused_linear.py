@@ -30,21 +30,26 @@ from kdkernels._config import KDConfig
 
 # Default memory for one chunk's [rows, vocab] tensors (student logits, teacher logits, the row
 # kernel's gradient, and the float32 copy of that gradient when the lm_head is not float32), per
-# device type; chunk_size = budget // bytes per row. CPU: ~520 rows at V=32000 fp32 (~65 at
-# V=256000). Smaller chunks cost GEMM speed (the logits GEMM re-reads the whole lm_head weight per
-# chunk: measured +12% for the four GEMMs at 350 rows, +8% at 520, +4% at 680, 2 threads), larger
-# ones memory; at this size the extra memory is under half of Liger-Kernel's. CUDA: ~1400 rows at
-# V=128256 bf16, enough to keep the GPU's GEMMs busy.
-DEFAULT_CHUNK_BYTES = {"cpu": 192 * 1024 * 1024, "cuda": 1024 * 1024 * 1024}
+# device type; chunk_size = budget // bytes per row, but at least MIN_CHUNK_ROWS. Each GEMM call
+# re-reads (and the BLAS re-packs) the whole lm_head weight, a cost per chunk rather than per row,
+# so small chunks cost GEMM speed (CPU time of the four GEMMs at V=32000, H=1024 on 2 cores against
+# unchunked GEMMs: +12% at 350 rows, +8% at 520, +4% at 680) while large ones cost memory.
+# CPU: ~430 rows at V=32000 fp32, where the extra memory stays under half of Liger-Kernel's;
+# CUDA: ~1400 rows at V=128256 bf16.
+DEFAULT_CHUNK_BYTES = {"cpu": 160 * 1024 * 1024, "cuda": 1024 * 1024 * 1024}
+# Below this many rows that per-chunk cost (growing as 1 / rows) dominates, so huge vocabularies
+# exceed the budget instead: at V=256000 fp32, 128 rows hold 375 MiB.
+MIN_CHUNK_ROWS = 128
 
 
 def chunk_rows(n_rows: int, vocab: int, bytes_per_entry: int, device_type: str = "cpu",
                budget_bytes: Optional[int] = None) -> int:
-    """Rows per chunk so that the chunk's [rows, vocab] tensors fit in ``budget_bytes`` (default:
-    DEFAULT_CHUNK_BYTES of the device type, the CPU's for other devices); at least one row."""
+    """Rows per chunk: as many as fit the chunk's [rows, vocab] tensors in ``budget_bytes``
+    (default: DEFAULT_CHUNK_BYTES of the device type, the CPU's for other devices), at least
+    MIN_CHUNK_ROWS, at most ``n_rows``."""
     if budget_bytes is None:
         budget_bytes = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
-    return max(1, min(n_rows, budget_bytes // max(1, vocab * bytes_per_entry)))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, budget_bytes // max(1, vocab * bytes_per_entry))))
 
 
 def _apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> None:
@@ -290,7 +295,8 @@ def fused_linear_kd_loss(
             as they are: ``softcap`` and ``logit_scale`` do not apply to them.
         student_bias, teacher_bias: optional lm_head biases ``[V_s]`` / ``[V_t]``.
         chunk_size: rows per chunk. Default: as many as fit in ``DEFAULT_CHUNK_BYTES`` of
-            per-chunk logits and gradient (192 MiB on CPU, 1 GiB on CUDA).
+            per-chunk logits and gradient (160 MiB on CPU, 1 GiB on CUDA), but at least
+            ``MIN_CHUNK_ROWS`` (128) rows.
         softcap: ``c > 0`` caps both lm_heads' logits to ``(-c, c)`` via ``c * tanh(y / c)``.
         logit_scale: ``> 0``, multiplies both lm_heads' logits before the soft cap.
         divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index,

@@ -384,6 +384,7 @@ def test_teacher_tensors_get_no_gradient():
 def test_default_chunk_fits_the_memory_budget(monkeypatch):
     budget = 16 * 1024
     monkeypatch.setitem(fused_linear.DEFAULT_CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setattr(fused_linear, "MIN_CHUNK_ROWS", 1)
     spy = RowsSpy(monkeypatch)
     case = make_case(batch=(50,), vocab=(67, 67))
     check_against_reference(case)
@@ -392,8 +393,9 @@ def test_default_chunk_fits_the_memory_budget(monkeypatch):
     assert [shape[0] for shape, _, _ in spy.calls] == [rows] * (50 // rows) + [50 % rows]
 
 
-def test_chunk_rows_is_at_least_one_and_at_most_the_row_count():
-    assert fused_linear.chunk_rows(10, 256_000, 12, budget_bytes=100) == 1
+def test_chunk_rows_between_the_gemm_minimum_and_the_row_count():
+    assert fused_linear.chunk_rows(1000, 256_000, 12, budget_bytes=100) == fused_linear.MIN_CHUNK_ROWS
+    assert fused_linear.chunk_rows(10, 256_000, 12, budget_bytes=100) == 10
     assert fused_linear.chunk_rows(10, 32, 12, budget_bytes=1 << 30) == 10
     assert fused_linear.chunk_rows(4096, 32_000, 12) == fused_linear.DEFAULT_CHUNK_BYTES["cpu"] // (32_000 * 12)
     assert fused_linear.chunk_rows(8192, 128_256, 6, "cuda") == fused_linear.DEFAULT_CHUNK_BYTES["cuda"] // (128_256 * 6)

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kdkernels-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_argument_group("what and where")
     where.add_argument("--quick", action="store_true", help="tiny models and few steps (tests, CI: < 2 min)")
-    where.add_argument("--out", default="kd-results", help="folder for results.json and curves.png (%(default)s)")
+    where.add_argument("--out", default=os.path.join("runs", "train"),
+                       help="folder for results.json and curves.png (%(default)s)")
     where.add_argument("--data", metavar="FILE", help="a UTF-8 text file instead of CPython's help texts")
     where.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where trained teachers are kept (%(default)s; env KDKERNELS_CACHE)")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=int, help="sequences per step")
     training.add_argument("--lr", type=float, help="student peak learning rate")
     training.add_argument("--seed", type=int, default=0, help="same seed, same numbers (%(default)s)")
-    training.add_argument("--threads", type=int, help="torch threads (default: torch's choice; --quick: 1)")
+    training.add_argument("--threads", type=int, help="torch threads (default 1: the models are small)")
     training.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     loss = parser.add_argument_group(
