@@ -53,8 +53,9 @@ def verdict(runs: Sequence[dict]) -> str:
         if run["kind"] == "ce" or run["student"] != baseline["student"]:
             continue
         gain = baseline["val_loss"] - run["val_loss"]
-        lines.append(f"{run['name']}: validation loss {'below' if gain > 0 else 'NOT below'} the baseline's by "
-                     f"{gain:+.4f} nats/token (perplexity {run['perplexity']:.3f} vs {baseline['perplexity']:.3f})")
+        lines.append(f"{run['name']}: validation loss {run['val_loss']:.4f} vs baseline {baseline['val_loss']:.4f}, "
+                     f"{abs(gain):.4f} nats/token {'lower' if gain > 0 else 'HIGHER'} "
+                     f"(perplexity {run['perplexity']:.3f} vs {baseline['perplexity']:.3f})")
     return "\n".join(lines)
 
 
