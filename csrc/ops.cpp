@@ -23,6 +23,11 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
     int64_t ignore_index, bool compute_grad);
 
+at::Tensor kd_loss_fwd_inplace_cpu(
+    at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_scale, int64_t divergence, double temperature, double beta, double kd_weight,
+    double ce_weight, bool scale_by_t2, int64_t ignore_index);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t group_rule,
@@ -78,6 +83,11 @@ TORCH_LIBRARY(kdkernels, m) {
       "Tensor grad_scale, int divergence, float temperature, float beta, float kd_weight, "
       "float ce_weight, bool scale_by_t2, int ignore_index, bool compute_grad) "
       "-> (Tensor, Tensor)");
+  // The same, with the gradient written over student_logits (contiguous): -> row_loss [N]
+  m.def(
+      "kd_loss_fwd_inplace_(Tensor(a!) student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor grad_scale, int divergence, float temperature, float beta, float kd_weight, "
+      "float ce_weight, bool scale_by_t2, int ignore_index) -> Tensor");
   // Decomposed KL (CAKD / DKD): -> (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)
   m.def(
       "cakd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
@@ -91,6 +101,7 @@ TORCH_LIBRARY(kdkernels, m) {
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_cpu);
   m.impl("cakd_loss_fwd", &cakd_loss_fwd_cpu);
 }
 

@@ -18,6 +18,11 @@ def _register_fakes() -> None:
             else student_logits.new_empty((0,))
         return row_loss, grad
 
+    @torch.library.register_fake("kdkernels::kd_loss_fwd_inplace_")
+    def _kd_loss_fwd_inplace_fake(student_logits, teacher_logits, labels, grad_scale, divergence, temperature,
+                                  beta, kd_weight, ce_weight, scale_by_t2, ignore_index):
+        return student_logits.new_empty((student_logits.shape[0],), dtype=torch.float32)
+
     @torch.library.register_fake("kdkernels::cakd_loss_fwd")
     def _cakd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, group_rule, top_k, mass,
                             bcd_weight, scd_weight, wcd_weight, scd_teacher_mass, wcd_teacher_mass,

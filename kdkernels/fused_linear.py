@@ -29,13 +29,14 @@ from kdkernels._autograd import _is_one, reduce_rows, reduction_scale, scale_gra
 from kdkernels._config import KDConfig
 
 # Default memory for one chunk's [rows, vocab] tensors (student logits, teacher logits, the row
-# kernel's gradient, and the float32 copy of that gradient when the lm_head is not float32), per
-# device type; chunk_size = budget // bytes per row, but at least MIN_CHUNK_ROWS. Each GEMM call
-# re-reads (and the BLAS re-packs) the whole lm_head weight, a cost per chunk rather than per row,
-# so small chunks cost GEMM speed (CPU time of the four GEMMs at V=32000, H=1024 on 2 cores against
-# unchunked GEMMs: +12% at 350 rows, +8% at 520, +4% at 680) while large ones cost memory.
-# CPU: ~430 rows at V=32000 fp32, where the extra memory stays under half of Liger-Kernel's;
-# CUDA: ~1400 rows at V=128256 bf16.
+# kernel's gradient unless the backend writes it over the student logits (rows_inplace), and the
+# float32 copy of that gradient when the lm_head is not float32), per device type; chunk_size =
+# budget // bytes per row, but at least MIN_CHUNK_ROWS. Each GEMM call re-reads (and the BLAS
+# re-packs) the whole lm_head weight, a cost per chunk rather than per row, so small chunks cost
+# GEMM speed (CPU time of the four GEMMs at V=32000, H=1024 on an idle 2-core machine against
+# unchunked GEMMs: +2.7% at 436 rows, +1% at 655) while large ones cost memory.
+# CPU: ~655 rows at V=32000 fp32 (gradient in place), where the extra memory stays under half of
+# Liger-Kernel's; CUDA: ~1400 rows at V=128256 bf16.
 DEFAULT_CHUNK_BYTES = {"cpu": 160 * 1024 * 1024, "cuda": 1024 * 1024 * 1024}
 # Below this many rows that per-chunk cost (growing as 1 / rows) dominates, so huge vocabularies
 # exceed the budget instead: at V=256000 fp32, 128 rows hold 375 MiB.
@@ -110,6 +111,9 @@ class _Plan:
     chunk_size: int
     rows_fn: Callable
     checks_values: bool   # whether rows_fn checks NaN teachers / label range itself
+    # the backend's rows_inplace when the gradient may overwrite the student logits buffer
+    # (not with softcap, whose derivative needs the capped logits after the row kernel)
+    rows_inplace: Optional[Callable]
 
 
 @dataclass
@@ -187,11 +191,18 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
         labels_chunk = None if labels is None else labels[start:end]
         if not plan.checks_values:
             _checks.check_values(teacher_logits, labels_chunk, vocab, plan.cfg.ignore_index)
-        chunk_loss, grad = plan.rows_fn(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg,
-                                        compute_grad)
+        if compute_grad and plan.rows_inplace is not None:
+            # the gradient replaces the student logits in their reused buffer: no allocation
+            chunk_loss = plan.rows_inplace(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg)
+            grad = student_logits
+        else:
+            chunk_loss, grad = plan.rows_fn(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg,
+                                            compute_grad)
         row_loss[start:end] = chunk_loss
         if not compute_grad:
             continue
+        if plan.rows_inplace is not None and student.vocab < vocab:
+            student_buffer[: end - start, student.vocab:].fill_(-math.inf)  # padding the kernel overwrote
         grad = grad[:, : student.vocab]
         if row_weights is not None:
             grad.mul_(row_weights[start:end, None].to(grad.dtype))
@@ -295,7 +306,8 @@ def fused_linear_kd_loss(
             as they are: ``softcap`` and ``logit_scale`` do not apply to them.
         student_bias, teacher_bias: optional lm_head biases ``[V_s]`` / ``[V_t]``.
         chunk_size: rows per chunk. Default: as many as fit in ``DEFAULT_CHUNK_BYTES`` of
-            per-chunk logits and gradient (160 MiB on CPU, 1 GiB on CUDA), but at least
+            per-chunk logits and gradient (160 MiB on CPU, 1 GiB on CUDA; on CPU the gradient
+            overwrites the student logits chunk, unless ``softcap`` is set), but at least
             ``MIN_CHUNK_ROWS`` (128) rows.
         softcap: ``c > 0`` caps both lm_heads' logits to ``(-c, c)`` via ``c * tanh(y / c)``.
         logit_scale: ``> 0``, multiplies both lm_heads' logits before the soft cap.
@@ -338,16 +350,17 @@ def fused_linear_kd_loss(
     needs = (student_hidden.requires_grad, student_weight.requires_grad,
              student_bias is not None and student_bias.requires_grad)
     needs = needs if torch.is_grad_enabled() else (False, False, False)
+    rows_inplace = getattr(impl, "rows_inplace", None) if softcap is None else None
     if chunk_size is None:
         student_bytes = student.dtype.itemsize
         # student logits + teacher logits (+ the kernel's gradient, + its float32 copy for a
         # low-precision lm_head's weight gradient) per vocabulary entry of a row
         per_entry = student_bytes + (teacher.dtype.itemsize if teacher.needs_buffer else 0)
         if any(needs):
-            per_entry += student_bytes + (4 if needs[1] and student_bytes < 4 else 0)
+            per_entry += (0 if rows_inplace else student_bytes) + (4 if needs[1] and student_bytes < 4 else 0)
         chunk_size = chunk_rows(n_rows, vocab, per_entry, student_hidden.device.type)
     plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab, chunk_size=chunk_size,
-                 rows_fn=_dispatch.rows_fn(name), checks_values=impl.CHECKS_VALUES)
+                 rows_fn=_dispatch.rows_fn(name), checks_values=impl.CHECKS_VALUES, rows_inplace=rows_inplace)
     # float64 only for the reference rows of float64 input; the kernels take float32
     scale_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     grad_scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, n_rows, batch_shape,

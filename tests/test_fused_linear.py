@@ -324,13 +324,21 @@ class RowsSpy:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        original = cpu_backend.rows
+        self.inplace = []  # per call: whether the gradient overwrote the student logits buffer
+        original, original_inplace = cpu_backend.rows, cpu_backend.rows_inplace
 
         def rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad):
             self.calls.append((tuple(student_logits.shape), grad_scale, compute_grad))
+            self.inplace.append(False)
             return original(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad)
 
+        def rows_inplace(student_logits, teacher_logits, labels, grad_scale, cfg):
+            self.calls.append((tuple(student_logits.shape), grad_scale, True))
+            self.inplace.append(True)
+            return original_inplace(student_logits, teacher_logits, labels, grad_scale, cfg)
+
         monkeypatch.setattr(cpu_backend, "rows", rows)
+        monkeypatch.setattr(cpu_backend, "rows_inplace", rows_inplace)
 
 
 def test_every_chunk_runs_the_cpu_row_kernel_with_one_global_grad_scale(monkeypatch):
@@ -341,6 +349,13 @@ def test_every_chunk_runs_the_cpu_row_kernel_with_one_global_grad_scale(monkeypa
     assert len(scales) == 1
     assert float(spy.calls[0][1]) == pytest.approx(1 / 27)
     assert all(compute_grad for _, _, compute_grad in spy.calls)
+    assert all(spy.inplace)  # the gradient reuses the student logits buffer, chunk after chunk
+
+
+def test_softcap_keeps_the_capped_logits_and_takes_a_separate_gradient(monkeypatch):
+    spy = RowsSpy(monkeypatch)
+    check_against_reference(make_case(chunk_size=8, softcap=3.0))
+    assert spy.calls and not any(spy.inplace)
 
 
 def test_no_grad_computes_no_gradient(monkeypatch):
@@ -388,8 +403,9 @@ def test_default_chunk_fits_the_memory_budget(monkeypatch):
     spy = RowsSpy(monkeypatch)
     case = make_case(batch=(50,), vocab=(67, 67))
     check_against_reference(case)
-    # fp32: student logits + teacher logits + gradient = 12 bytes per vocabulary entry
-    rows = budget // (67 * 12)
+    # fp32: student logits + teacher logits = 8 bytes per vocabulary entry (the gradient
+    # overwrites the student logits)
+    rows = budget // (67 * 8)
     assert [shape[0] for shape, _, _ in spy.calls] == [rows] * (50 // rows) + [50 % rows]
 
 

@@ -418,6 +418,33 @@ def test_opcheck_kd_loss_fwd(args):
     torch.library.opcheck(torch.ops.kdkernels.kd_loss_fwd, args)
 
 
+@pytest.mark.parametrize("args", [
+    _op_args(torch.float32, None, True),
+    _op_args(torch.float32, torch.tensor([0, 3, -100, 36, 2]), True, divergence_id=2),
+    _op_args(torch.bfloat16, torch.tensor([1, -100, 3, 4, 5]), True, divergence_id=5),
+], ids=["fp32", "fp32_labels_jsd", "bf16_labels_tvd"])
+def test_opcheck_kd_loss_fwd_inplace(args):
+    torch.library.opcheck(torch.ops.kdkernels.kd_loss_fwd_inplace_, args[:-1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("divergence_id", range(6))
+def test_inplace_op_writes_the_same_gradient_over_the_student_logits(divergence_id, dtype):
+    # labels with the CE blend: the label's logit must be read before the row is overwritten
+    args = _op_args(dtype, torch.tensor([0, 3, -100, 36, 2]), True, divergence_id=divergence_id)
+    expected_loss, expected_grad = torch.ops.kdkernels.kd_loss_fwd(*args)
+    student = args[0].clone()
+    row_loss = torch.ops.kdkernels.kd_loss_fwd_inplace_(student, *args[1:-1])
+    torch.testing.assert_close(row_loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(student, expected_grad, rtol=0, atol=0)
+
+
+def test_inplace_op_needs_contiguous_student_logits():
+    args = _op_args(torch.float32, None, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.kdkernels.kd_loss_fwd_inplace_(args[0].t().contiguous().t(), *args[1:-1])
+
+
 def test_op_outputs_shapes_and_dtypes():
     args = _op_args(torch.bfloat16, None, True)
     row_loss, grad = torch.ops.kdkernels.kd_loss_fwd(*args)

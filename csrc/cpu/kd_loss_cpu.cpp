@@ -196,6 +196,8 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
 
   // Pass 3: the gradient dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y), times the
   // reduction factor; divergences without a row constant add up their value here.
+  // z_y is read before pass 3: in the in-place op the gradient overwrites the student row.
+  const float z_label = use_ce ? args.student[args.label] : 0.f;
   const float scale = args.grad_scale;
   const bool write_grad = args.grad != nullptr;
   if (write_grad || !Div::kRowSum) {
@@ -233,7 +235,7 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
   double loss = prm.kd_scale * divergence.value();
   if (use_ce) {  // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
     const double log_sum = std::log(ce_separate ? st.sum_1 : st.sum_t);
-    loss += prm.ce_weight * (static_cast<double>(st.max - args.student[args.label]) + log_sum);
+    loss += prm.ce_weight * (static_cast<double>(st.max - z_label) + log_sum);
   }
   return static_cast<float>(loss);
 }
@@ -248,29 +250,55 @@ RowFn row_kernel_for(Divergence div) {
 
 }  // namespace
 
+namespace {
+
+// The forward of both ops: row losses, and the gradient into `grad` when it is given.
+at::Tensor kd_rows_cpu(const RowInputs& in, at::Tensor* grad, const at::Tensor& grad_scale,
+                       int64_t divergence, double temperature, double beta, double kd_weight,
+                       double ce_weight, bool scale_by_t2, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
+                    "unknown divergence id ", divergence);
+  const KDParams prm = make_kd_params(divergence, static_cast<float>(temperature),
+                                      static_cast<float>(beta), static_cast<float>(kd_weight),
+                                      static_cast<float>(ce_weight), scale_by_t2, ignore_index);
+  const float scale = grad_scale.item<float>();
+  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(at::kFloat));
+  const RowFn row_fn = row_kernel_for(prm.divergence);
+  run_rows(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), grad, [&]() {
+    return [&prm, row_fn, scratch = RowScratch{}](const RowArgs& args, int64_t, int* error) mutable {
+      return row_fn(args, prm, scratch, error);
+    };
+  });
+  return row_loss;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t divergence,
     double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
     int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
-                    "unknown divergence id ", divergence);
   const RowInputs in = row_inputs(student_logits, teacher_logits, labels);
-  const KDParams prm = make_kd_params(divergence, static_cast<float>(temperature),
-                                      static_cast<float>(beta), static_cast<float>(kd_weight),
-                                      static_cast<float>(ce_weight), scale_by_t2, ignore_index);
-  const float scale = grad_scale.item<float>();
-
-  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? empty_huge_pages({in.rows, in.vocab}, in.student.options())
                                  : at::empty({0}, in.student.options());
-  const RowFn row_fn = row_kernel_for(prm.divergence);
-  run_rows(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), compute_grad ? &grad : nullptr, [&]() {
-    return [&prm, row_fn, scratch = RowScratch{}](const RowArgs& args, int64_t, int* error) mutable {
-      return row_fn(args, prm, scratch, error);
-    };
-  });
+  at::Tensor row_loss = kd_rows_cpu(in, compute_grad ? &grad : nullptr, grad_scale, divergence, temperature,
+                                    beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
   return {row_loss, grad};
+}
+
+// Each row is read before its gradient is written over it (every pass works row by row, the
+// label's logit is read first), so the student logits' own storage can hold the gradient: no
+// [N, V] allocation and no first-touch page faults for callers that reuse a logits buffer.
+at::Tensor kd_loss_fwd_inplace_cpu(
+    at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_scale, int64_t divergence, double temperature, double beta, double kd_weight,
+    double ce_weight, bool scale_by_t2, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(student_logits.is_contiguous(), "student_logits must be contiguous to take the gradient in place");
+  const RowInputs in = row_inputs(student_logits, teacher_logits, labels);
+  at::Tensor grad = student_logits;
+  return kd_rows_cpu(in, &grad, grad_scale, divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2,
+                     ignore_index);
 }
 
 }  // namespace kdkernels

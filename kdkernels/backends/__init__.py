@@ -11,4 +11,9 @@ Every backend offers one entry point with the same contract, ``rows(...)``:
 ``CHECKS_VALUES`` says whether the backend detects NaN/+inf teachers and out-of-range labels
 itself while streaming (otherwise the caller checks first); ``BAD_INPUT_AS_NAN`` (GPU backends)
 says it reports them as NaN row losses, which kdkernels._dispatch.rows_fn turns into ValueError.
+
+A backend may also offer ``rows_inplace(student_logits, teacher_logits, labels, grad_scale, cfg)
+-> row_loss``: the same, with the gradient written over ``student_logits`` (contiguous), for
+callers that own a reusable logits buffer (kdkernels.fused_linear); it saves the [N, V]
+allocation and its first-touch page faults.
 """

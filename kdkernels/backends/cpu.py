@@ -21,6 +21,14 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
     return row_loss, (grad if compute_grad else None)
 
 
+def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                 grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    """`rows` with the gradient written over the (contiguous) student logits; returns row_loss."""
+    return torch.ops.kdkernels.kd_loss_fwd_inplace_(
+        student_logits, teacher_logits, labels, grad_scale, cfg.divergence_id, cfg.temperature,
+        cfg.beta, cfg.kd_weight, cfg.ce_weight, cfg.scale_by_t2, cfg.ignore_index)
+
+
 def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
               grad_scale: torch.Tensor, cfg, compute_grad: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -104,3 +104,11 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
         loss = row_losses(student, teacher_logits, labels, cfg)
         (grad,) = torch.autograd.grad(loss, student, grad_outputs=grad_scale.to(loss.dtype).expand_as(loss))
     return loss.detach(), grad
+
+
+def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                 grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    """`rows` with the gradient written over the student logits; returns row_loss."""
+    row_loss, grad = rows(student_logits, teacher_logits, labels, grad_scale, cfg, True)
+    student_logits.copy_(grad)
+    return row_loss
