@@ -35,6 +35,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
     bool scd_teacher_mass, bool wcd_teacher_mass, double temperature, bool scale_by_t2,
     int64_t ignore_index, bool compute_grad);
 
+int64_t release_cached_buffers();
+int64_t cached_buffer_bytes();
+
 namespace {
 
 #define KDK_STR2(x) #x
@@ -97,6 +100,9 @@ TORCH_LIBRARY(kdkernels, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   m.def("parallel_threads_used(int tasks) -> int", &parallel_threads_used);
+  // The CPU gradient buffers kept for reuse (csrc/cpu/cpu_alloc.h): release them / their size.
+  m.def("release_cached_buffers() -> int", &release_cached_buffers);
+  m.def("cached_buffer_bytes() -> int", &cached_buffer_bytes);
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {

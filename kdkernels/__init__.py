@@ -1,5 +1,7 @@
 """kdkernels: fused knowledge-distillation losses for PyTorch."""
 
+import torch
+
 from kdkernels import _extension, _ops  # noqa: F401  (loads the compiled kernels)
 from kdkernels import nn
 from kdkernels.functional import kd_loss
@@ -16,4 +18,14 @@ def backend_info() -> dict:
     return _extension.info()
 
 
-__all__ = ["kd_loss", "feature_alignment_loss", "attention_transfer_loss", "cakd_loss", "dkd_loss", "fused_linear_kd_loss", "nn", "backend_info", "__version__"]
+def empty_cpu_cache() -> int:
+    """Unmaps the CPU gradient buffers kept for reuse and returns how many bytes that freed.
+
+    The compiled CPU kernels keep the mappings of up to two freed ``[N, V]`` gradients and hand
+    them to the next call that needs one of (nearly) that size: its pages are already resident,
+    which spares the page faults and zeroing of fresh memory every training step. Set
+    ``KDKERNELS_CPU_BUFFER_CACHE=0`` before the first call to unmap on free instead."""
+    return torch.ops.kdkernels.release_cached_buffers() if _extension.cpu_available() else 0
+
+
+__all__ = ["kd_loss", "feature_alignment_loss", "attention_transfer_loss", "cakd_loss", "dkd_loss", "fused_linear_kd_loss", "nn", "backend_info", "empty_cpu_cache", "__version__"]

@@ -75,10 +75,39 @@ def rows_fn(name: str):
     def rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad):
         row_loss, grad = impl.rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad)
         if bool(torch.isnan(row_loss).any()):
-            from kdkernels import _checks
-
-            _checks.check_values(teacher_logits, labels, student_logits.shape[-1], cfg.ignore_index)
-            _checks.check_finite("student_logits", student_logits)
+            _raise_bad_input(student_logits, teacher_logits, labels, cfg)
         return row_loss, grad
 
     return rows
+
+
+def rows_inplace_fn(name: str):
+    """The `rows_inplace` entry point of backend `name` (gradient written over the student
+    logits), with the same bad-input check as rows_fn; None when the backend has none."""
+    impl = _module(name)
+    inplace = getattr(impl, "rows_inplace", None)
+    if inplace is None or not getattr(impl, "BAD_INPUT_AS_NAN", False):
+        return inplace
+
+    def rows_inplace(student_logits, teacher_logits, labels, grad_scale, cfg):
+        row_loss = inplace(student_logits, teacher_logits, labels, grad_scale, cfg)
+        if bool(torch.isnan(row_loss).any()):
+            # the student logits now hold the gradient: what is not the teacher's or the
+            # labels' fault was the student's
+            _raise_bad_input(None, teacher_logits, labels, cfg, vocab=student_logits.shape[-1])
+        return row_loss
+
+    return rows_inplace
+
+
+def _raise_bad_input(student_logits, teacher_logits, labels, cfg, vocab=None) -> None:
+    """The ValueError for a NaN row loss from a GPU kernel: bad teacher values or labels first,
+    else the student's."""
+    from kdkernels import _checks
+
+    vocab = student_logits.shape[-1] if vocab is None else vocab
+    _checks.check_values(teacher_logits, labels, vocab, cfg.ignore_index)
+    if student_logits is not None:
+        _checks.check_finite("student_logits", student_logits)
+    else:
+        raise ValueError("student_logits contains NaN or +inf")

@@ -80,6 +80,7 @@ def info() -> Dict[str, object]:
         for item in raw.split(";"):
             key, _, value = item.partition("=")
             result[key] = int(value) if value.isdigit() else value
+        result["cpu_cached_buffer_bytes"] = int(torch.ops.kdkernels.cached_buffer_bytes())
     else:
         result["cpu_error"] = _cpu_error
     try:

@@ -350,7 +350,7 @@ def fused_linear_kd_loss(
     needs = (student_hidden.requires_grad, student_weight.requires_grad,
              student_bias is not None and student_bias.requires_grad)
     needs = needs if torch.is_grad_enabled() else (False, False, False)
-    rows_inplace = getattr(impl, "rows_inplace", None) if softcap is None else None
+    rows_inplace = _dispatch.rows_inplace_fn(name) if softcap is None else None
     if chunk_size is None:
         student_bytes = student.dtype.itemsize
         # student logits + teacher logits (+ the kernel's gradient, + its float32 copy for a

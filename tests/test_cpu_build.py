@@ -94,3 +94,58 @@ def test_import_without_compiled_modules_warns_once_and_falls_back():
     assert abs(report["loss"] - report["reference"]) <= 1e-6 * max(1.0, abs(report["reference"]))
     assert report["grad_finite"]
     assert report["cpu_error"] is not None and "backend" in report["cpu_error"]
+
+
+# --- the gradient buffers kept for reuse ------------------------------------------------------------
+
+def _fresh_gradient_pointer(shape, dtype):
+    student = torch.randn(shape).to(dtype).requires_grad_(True)
+    teacher = torch.randn(shape).to(dtype)
+    kdkernels.kd_loss(student, teacher, temperature=2.0).backward()
+    pointer = student.grad.data_ptr()
+    assert torch.isfinite(student.grad).all()
+    del student  # frees the gradient: its mapping goes back to the cache
+    return pointer
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_a_freed_gradient_buffer_serves_the_next_call_of_its_size(dtype):
+    shape = (256, 16384)  # 16 MiB fp32: above the huge-page threshold
+    kdkernels.empty_cpu_cache()
+    first = _fresh_gradient_pointer(shape, dtype)
+    assert kdkernels.backend_info()["cpu_cached_buffer_bytes"] >= shape[0] * shape[1] * dtype.itemsize
+    assert _fresh_gradient_pointer(shape, dtype) == first
+    released = kdkernels.empty_cpu_cache()
+    assert released >= shape[0] * shape[1] * dtype.itemsize
+    assert kdkernels.backend_info()["cpu_cached_buffer_bytes"] == 0
+
+
+def test_a_reused_buffer_gives_the_same_gradient_as_a_fresh_one():
+    # stale contents of a reused mapping never leak: ignored rows included, every entry is written
+    student = torch.randn(300, 16384).requires_grad_(True)
+    teacher = torch.randn(300, 16384)
+    labels = torch.randint(0, 16384, (300,))
+    labels[::7] = -100
+    kdkernels.empty_cpu_cache()
+    grads = []
+    for _ in range(2):
+        kdkernels.kd_loss(student, teacher, labels, ce_weight=0.5, divergence="jsd").backward()
+        grads.append(student.grad.clone())
+        student.grad = None
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert (grads[0][::7] == 0).all()
+
+
+def test_buffer_cache_can_be_switched_off():
+    script = textwrap.dedent("""
+        import torch, kdkernels
+        s = torch.randn(256, 16384, requires_grad=True)
+        kdkernels.kd_loss(s, torch.randn(256, 16384)).backward()
+        s.grad = None
+        print(kdkernels.backend_info()["cpu_cached_buffer_bytes"])
+    """)
+    env = {**os.environ, "KDKERNELS_CPU_BUFFER_CACHE": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0"

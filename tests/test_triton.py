@@ -269,6 +269,25 @@ def test_rows_without_gradient_gives_the_same_losses(interpreted, divergence):
 
 
 @interpreter_case
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl", "jsd"))
+def test_rows_inplace_writes_the_same_gradient_over_the_student_logits(interpreted, divergence, dtype):
+    # CE blend at T != 1: the label's logit and the T = 1 softmax are read from the student row
+    # the gradient overwrites
+    student, teacher = make_pair((4, 37), dtype, seed=15)
+    labels = make_labels((4,), 37, ignored=[2])
+    cfg = kdkernels._checks.make_config(divergence=divergence, temperature=2.0, beta=0.4, kd_weight=0.5,
+                                        ce_weight=0.5, scale_by_t2=True, ignore_index=-100,
+                                        has_labels=True)
+    scale = torch.tensor(0.25)
+    expected_loss, expected_grad = interpreted.rows(student, teacher, labels, scale, cfg, True)
+    buffer = student.clone()
+    row_loss = interpreted.rows_inplace(buffer, teacher, labels, scale, cfg)
+    torch.testing.assert_close(row_loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(buffer, expected_grad, rtol=0, atol=0)
+
+
+@interpreter_case
 @pytest.mark.parametrize("factor", (1.0, 3.5))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_scale_unless_one_scales_in_place(interpreted, dtype, factor):

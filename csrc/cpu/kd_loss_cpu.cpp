@@ -103,6 +103,12 @@ constexpr bool kSecondRowSum = false;
 template <class Div>
 constexpr bool kSecondRowSum<Div, std::void_t<decltype(Div::kSecondRowSum)>> = Div::kSecondRowSum;
 
+// Divergences whose gradient comes from a per-element quantity kept by pass 2 (see divergence.h).
+template <class Div, class = void>
+constexpr bool kCachedGrad = false;
+template <class Div>
+constexpr bool kCachedGrad<Div, std::void_t<decltype(Div::kCachedGrad)>> = Div::kCachedGrad;
+
 // Returns the row loss; writes the gradient when args.grad != nullptr.
 template <class Div>
 float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int* error) {
@@ -178,14 +184,23 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
     }
   };
 
-  // Pass 2: the divergence value and its row constant C (kRowSum divergences).
+  // Pass 2: the divergence value and its row constant C (kRowSum divergences). kCachedGrad
+  // divergences keep their gradient's per-element quantity in place of the teacher's exps,
+  // which pass 3 then no longer needs.
+  const bool write_grad = args.grad != nullptr;
   RowSum divergence, row_c_sum, row_c2_sum;
   float row_c = 0.f, row_c2 = 0.f;
   if constexpr (Div::kRowSum) {
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
       Vec logp, logq, loss, c;
       logs(i, n, z, logp, logq);
-      Div::terms(logp, logq, p, q, prm.mix, loss, c);
+      if constexpr (kCachedGrad<Div>) {
+        Vec cached;
+        Div::terms(logp, logq, p, q, prm.mix, loss, c, cached);
+        if (write_grad) cached.store(scratch.exp_t.data() + i, n);
+      } else {
+        Div::terms(logp, logq, p, q, prm.mix, loss, c);
+      }
       divergence.add(loss);
       row_c_sum.add(c);
       if constexpr (kSecondRowSum<Div>) row_c2_sum.add(Div::second_term(p, q, prm.mix));
@@ -199,10 +214,36 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
   // z_y is read before pass 3: in the in-place op the gradient overwrites the student row.
   const float z_label = use_ce ? args.student[args.label] : 0.f;
   const float scale = args.grad_scale;
-  const bool write_grad = args.grad != nullptr;
-  if (write_grad || !Div::kRowSum) {
-    const Vec v_kd(prm.kd_coef * scale), v_ce(prm.ce_weight * scale);
-    const Vec v_log_sum_1(ce_separate ? st.log_sum_1() : 0.f);
+  const Vec v_kd(prm.kd_coef * scale), v_ce(prm.ce_weight * scale);
+  const Vec v_log_sum_1(ce_separate ? st.log_sum_1() : 0.f);
+  auto store_grad = [&](int64_t i, int64_t n, const Vec& g) {
+    if (n == kW && args.stream_grad) {
+      store_streaming(g, args.grad + i);
+    } else {
+      g.store(args.grad + i, n);
+    }
+  };
+  // softmax(z) at T = 1 for the CE blend: q itself when T = 1
+  auto ce_softmax = [&](int64_t i, int64_t n, const Vec& q) {
+    return ce_separate ? exp_nonpositive(load_masked(args.student + i, n) - v_max_s - v_log_sum_1) : q;
+  };
+  if (kCachedGrad<Div> && write_grad) {
+    // From L2: q and the cached quantity only, no logs or mixtures recomputed.
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
+      const Vec fq(scratch.factor_s[b]);
+      for (int64_t i = off; i < bend; i += kW) {
+        const int64_t n = std::min(kW, bend - i);
+        const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
+        Vec g;
+        if constexpr (kCachedGrad<Div>) {
+          g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), prm.mix, row_c);
+        }
+        if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
+        store_grad(i, n, g);
+      }
+    }
+  } else if (write_grad || !Div::kRowSum) {
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
       Vec logp, logq;
       if constexpr (!Div::kRowSum) {
@@ -219,17 +260,13 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
       } else {
         g = v_kd * Div::grad(logp, logq, p, q, prm.mix, row_c);
       }
-      if (use_ce) g = g + v_ce * (ce_separate ? exp_nonpositive(z - v_max_s - v_log_sum_1) : q);
-      if (n == kW && args.stream_grad) {
-        store_streaming(g, args.grad + i);
-      } else {
-        g.store(args.grad + i, n);
-      }
+      if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
+      store_grad(i, n, g);
     });
-    if (write_grad && use_ce) {
-      stream_fence();
-      args.grad[args.label] -= prm.ce_weight * scale;
-    }
+  }
+  if (write_grad && use_ce) {
+    stream_fence();
+    args.grad[args.label] -= prm.ce_weight * scale;
   }
 
   double loss = prm.kd_scale * divergence.value();

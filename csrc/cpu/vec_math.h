@@ -24,10 +24,10 @@ inline Vec kd_splat(float v, Vec) { return Vec(v); }
 
 // exp(x) for x <= 0: the softmax exps after max subtraction. Cody-Waite range reduction
 // x = n ln2 + r and a degree-5 polynomial for e^r (the Cephes expf scheme, ~1 ulp like Sleef's
-// u10 variant) but inlined, which makes the statistics pass cheaper. Arguments below the float
-// range (x < -87.3, and -inf for masked entries) give exactly 0.
+// u10 variant) but inlined, which makes the statistics pass cheaper. Arguments whose exp is
+// below the normal float range (x < -87.3, and -inf for masked entries) give exactly 0: no
+// denormal probabilities, whose mixtures (0.5 * p) would round to 0 beside a nonzero p.
 inline Vec exp_nonpositive(Vec x) {
-  using IVec = at::vec::Vectorized<int32_t>;
   const Vec lowest(-87.33654f);
   const Vec xc = at::vec::maximum(x, lowest);
   const Vec n = (xc * Vec(1.44269504088896341f)).round();
@@ -40,9 +40,14 @@ inline Vec exp_nonpositive(Vec x) {
   poly = at::vec::fmadd(poly, r, Vec(1.6666665459e-1f));
   poly = at::vec::fmadd(poly, r, Vec(5.0000001201e-1f));
   const Vec e_r = at::vec::fmadd(poly, r * r, r + Vec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec scaled(_mm512_scalef_ps(e_r, n));  // e_r * 2^n in one instruction, exact
+#else
+  using IVec = at::vec::Vectorized<int32_t>;
   const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
-  const Vec two_n = at::vec::cast<float>(biased * IVec(1 << 23));
-  return Vec::blendv(e_r * two_n, Vec(0.f), x < lowest);
+  const Vec scaled = e_r * at::vec::cast<float>(biased * IVec(1 << 23));
+#endif
+  return Vec::blendv(scaled, Vec(0.f), x < lowest);
 }
 
 // Stores a full vector to `dst` bypassing the caches when the address allows it. The gradient is

@@ -11,6 +11,11 @@
 //                            computed in a pass of its own before the gradient pass;
 //   terms(..., loss, c)    : the per-element loss term and the element's share c_i of C;
 //   grad(..., C)           : dD/du_i (the derivative with respect to the tempered student logit).
+// Divergences with kCachedGrad also give, from the same terms call, the per-element quantity x_i
+// their gradient needs besides q and C (`cached`, 0 where q = 0), and
+//   grad_cached(q, x, C)   : the same dD/du_i from it,
+// so a kernel that keeps x_i from the row-constant pass (the CPU kernel stores it in its L2
+// scratch) computes the gradient without the logs and mixtures a second time.
 // The kernels sum `loss` over the row for the divergence value. Everything is written for a
 // generic arithmetic type F: `float` (scalar CPU and CUDA code) or `at::vec::Vectorized<float>`
 // (CPU SIMD); the elementary functions below are overloaded for each.
@@ -86,10 +91,21 @@ struct ForwardKL {
 // ---- reverse KL: KL(q || p);  r = log q - log p,  C = sum q r,  dD/du_i = q_i (r_i - C) -------
 struct ReverseKL {
   static constexpr bool kRowSum = true;
+  static constexpr bool kCachedGrad = true;
   template <class F>
-  KD_HD static void terms(F logp, F logq, F, F q, const Mixture&, F& loss, F& c) {
-    loss = kd_if_pos(q, q * (logq - logp));
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
+    cached = kd_if_pos(q, logq - logp);  // r
+    loss = q * cached;
     c = loss;
+  }
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F cached;
+    terms(logp, logq, p, q, mix, loss, c, cached);
+  }
+  template <class F>
+  KD_HD static F grad_cached(F q, F r, const Mixture&, float row_c) {
+    return q * (r - kd_splat(row_c, q));
   }
   template <class F>
   KD_HD static F grad(F logp, F logq, F, F q, const Mixture&, float row_c) {
@@ -102,14 +118,26 @@ struct ReverseKL {
 //      dD/du_i = (1-beta) q_i (s_i - C).  D = 0 at beta in {0, 1} (continuous convention). ------
 struct JSD {
   static constexpr bool kRowSum = true;
+  static constexpr bool kCachedGrad = true;
   template <class F>
-  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
+  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     const F m = mixture_of(p, q, mix);
-    const F kl_q = kd_if_pos(q, q * kd_log(q / m));
+    cached = kd_if_pos(q, kd_log(q / m));  // s
+    const F kl_q = q * cached;
     loss = kd_splat(0.f, p);
     if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, p * kd_log(p / m));
     if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
     c = kl_q;
+  }
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F cached;
+    terms(logp, logq, p, q, mix, loss, c, cached);
+  }
+  template <class F>
+  KD_HD static F grad_cached(F q, F s, const Mixture& mix, float row_c) {
+    if (!(mix.wq > 0.f) || !(mix.wp > 0.f)) return kd_splat(0.f, q);
+    return kd_splat(mix.wq, q) * q * (s - kd_splat(row_c, q));
   }
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
@@ -166,14 +194,31 @@ struct SkewKL {
 struct SkewReverseKL {
   static constexpr bool kRowSum = true;
   template <class F>
-  KD_HD static F h_term(F ratio, const Mixture& mix) {
-    return kd_log(ratio) - kd_splat(mix.wq, ratio) * ratio;
+  KD_HD static F h_from(F log_ratio, F ratio, const Mixture& mix) {
+    return log_ratio - kd_splat(mix.wq, ratio) * ratio;
   }
   template <class F>
-  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
+  KD_HD static F h_term(F ratio, const Mixture& mix) {
+    return h_from(kd_log(ratio), ratio, mix);
+  }
+  static constexpr bool kCachedGrad = true;
+  template <class F>
+  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     const F ratio = q / mixture_of(p, q, mix);
-    loss = kd_if_pos(q, q * kd_log(ratio));
-    c = kd_if_pos(q, q * h_term(ratio, mix));
+    const F log_ratio = kd_log(ratio);
+    loss = kd_if_pos(q, q * log_ratio);
+    cached = kd_if_pos(q, h_from(log_ratio, ratio, mix));
+    c = q * cached;
+  }
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F cached;
+    terms(logp, logq, p, q, mix, loss, c, cached);
+  }
+  template <class F>
+  KD_HD static F grad_cached(F q, F h, const Mixture& mix, float row_c) {
+    if (!(mix.wp > 0.f)) return kd_splat(0.f, q);
+    return q * (h - kd_splat(row_c, q));
   }
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
@@ -193,10 +238,21 @@ struct TVD {
     const F zero = kd_splat(0.f, p);
     return kd_where_gt(q, p, half, kd_where_gt(p, q, zero - half, zero));
   }
+  static constexpr bool kCachedGrad = true;
   template <class F>
-  KD_HD static void terms(F, F, F p, F q, const Mixture&, F& loss, F& c) {
+  KD_HD static void terms(F, F, F p, F q, const Mixture&, F& loss, F& c, F& cached) {
     loss = kd_splat(0.5f, p) * kd_abs(p - q);
-    c = q * sigma(p, q);
+    cached = sigma(p, q);
+    c = q * cached;
+  }
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F cached;
+    terms(logp, logq, p, q, mix, loss, c, cached);
+  }
+  template <class F>
+  KD_HD static F grad_cached(F q, F sigma_i, const Mixture&, float row_c) {
+    return q * (sigma_i - kd_splat(row_c, q));
   }
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture&, float row_c) {

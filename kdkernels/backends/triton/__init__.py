@@ -1,6 +1,6 @@
 """Triton GPU kernels, one module per loss family. On CPU tensors they run only under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which the tests use."""
 
-from kdkernels.backends.triton.kd_loss import BAD_INPUT_AS_NAN, CHECKS_VALUES, rows
+from kdkernels.backends.triton.kd_loss import BAD_INPUT_AS_NAN, CHECKS_VALUES, rows, rows_inplace
 
-__all__ = ["BAD_INPUT_AS_NAN", "CHECKS_VALUES", "rows"]
+__all__ = ["BAD_INPUT_AS_NAN", "CHECKS_VALUES", "rows", "rows_inplace"]

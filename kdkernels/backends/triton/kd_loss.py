@@ -244,6 +244,10 @@ def _kd_loss_fwd_kernel(
             row_c = tl.sum(c_sum) / q_total
             row_c2 = tl.sum(c2_sum) / q_total
 
+        if USE_CE:  # read before pass 3, which may write the gradient over the student row (in place)
+            z_label = tl.load(student_row + label, mask=(label >= 0) & (label < vocab),
+                              other=0.0).to(tl.float32)
+
         # ---- 3. gradient (and forward KL's value), tiles in the opposite order of the pass before ----
         if COMPUTE_GRAD or DIVERGENCE == _FORWARD_KL:
             grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
@@ -278,8 +282,6 @@ def _kd_loss_fwd_kernel(
 
         row_loss = kd_scale * tl.sum(divergence)
         if USE_CE:  # CE(z, y) = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
-            z_label = tl.load(student_row + label, mask=(label >= 0) & (label < vocab),
-                              other=0.0).to(tl.float32)
             row_loss += ce_weight * ((max_z - z_label) + log_sum_z)
         row_loss = tl.where(live, row_loss, 0.0)
         row_loss = tl.where(poisoned, float("nan"), row_loss)
@@ -374,6 +376,24 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return row_loss, grad
 
 
+def kd_loss_rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         labels: Optional[torch.Tensor], grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    """``kd_loss_rows`` with the gradient written over the contiguous student logits: every
+    program reads a tile of its row before it writes that tile's gradient, and the label's logit
+    before the gradient pass."""
+    if not student_logits.is_contiguous():
+        raise ValueError("student_logits must be contiguous to take the gradient in place")
+    n_rows, vocab = student_logits.shape
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
+    if n_rows == 0:
+        return row_loss
+    block, num_warps = launch_shape(vocab)
+    with _on_device(student_logits.device):
+        _launch(student_logits, _unit_column_stride(teacher_logits), labels, student_logits, row_loss, grad_scale,
+                cfg, block, num_warps)
+    return row_loss
+
+
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -407,3 +427,9 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The backend contract (kdkernels.backends)."""
     return kd_loss_rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad)
+
+
+def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                 grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    """The in-place variant of the backend contract (kdkernels.backends)."""
+    return kd_loss_rows_inplace(student_logits, teacher_logits, labels, grad_scale, cfg)
