@@ -37,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
 
 int64_t release_cached_buffers();
 int64_t cached_buffer_bytes();
+at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype);
 
 namespace {
 
@@ -103,7 +104,12 @@ TORCH_LIBRARY(kdkernels, m) {
   // The CPU gradient buffers kept for reuse (csrc/cpu/cpu_alloc.h): release them / their size.
   m.def("release_cached_buffers() -> int", &release_cached_buffers);
   m.def("cached_buffer_bytes() -> int", &cached_buffer_bytes);
+  // An uninitialised CPU tensor from those buffers (huge pages, reused after free).
+  m.def("empty_cached(int[] size, ScalarType dtype) -> Tensor");
 }
+
+// A factory without tensor arguments: one kernel for every dispatch key (it only makes CPU tensors).
+TORCH_LIBRARY_IMPL(kdkernels, CompositeExplicitAutograd, m) { m.impl("empty_cached", &empty_cached); }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);

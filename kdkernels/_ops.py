@@ -23,6 +23,10 @@ def _register_fakes() -> None:
                                   beta, kd_weight, ce_weight, scale_by_t2, ignore_index):
         return student_logits.new_empty((student_logits.shape[0],), dtype=torch.float32)
 
+    @torch.library.register_fake("kdkernels::empty_cached")
+    def _empty_cached_fake(size, dtype):
+        return torch.empty(size, dtype=dtype)
+
     @torch.library.register_fake("kdkernels::cakd_loss_fwd")
     def _cakd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, group_rule, top_k, mass,
                             bcd_weight, scd_weight, wcd_weight, scd_teacher_mass, wcd_teacher_mass,

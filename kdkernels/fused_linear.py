@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from kdkernels import _checks, _dispatch
+from kdkernels import _checks, _dispatch, _extension
 from kdkernels._autograd import _is_one, reduce_rows, reduction_scale, scale_grad_
 from kdkernels._config import KDConfig
 
@@ -45,12 +45,28 @@ MIN_CHUNK_ROWS = 128
 
 def chunk_rows(n_rows: int, vocab: int, bytes_per_entry: int, device_type: str = "cpu",
                budget_bytes: Optional[int] = None) -> int:
-    """Rows per chunk: as many as fit the chunk's [rows, vocab] tensors in ``budget_bytes``
-    (default: DEFAULT_CHUNK_BYTES of the device type, the CPU's for other devices), at least
-    MIN_CHUNK_ROWS, at most ``n_rows``."""
+    """Rows per chunk: at most as many as fit the chunk's [rows, vocab] tensors in ``budget_bytes``
+    (default: DEFAULT_CHUNK_BYTES of the device type, the CPU's for other devices), but at least
+    MIN_CHUNK_ROWS, and balanced: the fewest chunks of that size, made equal, so no short last
+    chunk pays a whole GEMM's per-call cost for a few rows (at N=4096, 655 rows would leave 166)."""
     if budget_bytes is None:
         budget_bytes = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
-    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, budget_bytes // max(1, vocab * bytes_per_entry))))
+    fit = budget_bytes // max(1, vocab * bytes_per_entry)
+    if fit <= MIN_CHUNK_ROWS:  # the floor decides; chunks below it would cost more than they save
+        return max(1, min(n_rows, MIN_CHUNK_ROWS))
+    most = min(n_rows, fit)
+    n_chunks = -(-n_rows // most)
+    return -(-n_rows // n_chunks)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer; on CPU from the compiled kernels' reusable huge-page mappings
+    (kdkernels.backends.cpu.empty), so the buffers of every step after the first are resident."""
+    if device.type == "cpu" and _extension.cpu_available():
+        from kdkernels.backends import cpu
+
+        return cpu.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> None:
@@ -129,9 +145,9 @@ class _StudentGrads:
         hidden, weight = student.hidden, student.weight
         accumulate = torch.float64 if weight.dtype == torch.float64 else torch.float32
         return _StudentGrads(
-            hidden=torch.empty_like(hidden, memory_format=torch.contiguous_format) if needs[0] else None,
+            hidden=_empty(hidden.shape, hidden.dtype, hidden.device) if needs[0] else None,
             # filled by the first chunk (beta=0), so no zero-fill pass
-            weight=torch.empty(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
+            weight=_empty(weight.shape, accumulate, weight.device) if needs[1] else None,
             bias=torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
         )
 
@@ -173,10 +189,11 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
     def buffer(side) -> Optional[torch.Tensor]:
         if not side.needs_buffer:
             return None
-        if side.vocab == vocab:
-            return torch.empty((min(chunk, n_rows), vocab), dtype=side.dtype, device=device)
-        # the shorter vocabulary's missing columns: -inf, i.e. probability 0 (never logit 0)
-        return torch.full((min(chunk, n_rows), vocab), -math.inf, dtype=side.dtype, device=device)
+        logits = _empty((min(chunk, n_rows), vocab), side.dtype, device)
+        if side.vocab < vocab:
+            # the shorter vocabulary's missing columns: -inf, i.e. probability 0 (never logit 0)
+            logits[:, side.vocab:].fill_(-math.inf)
+        return logits
 
     student_buffer, teacher_buffer = buffer(student), buffer(teacher)
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32

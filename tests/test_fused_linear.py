@@ -405,16 +405,27 @@ def test_default_chunk_fits_the_memory_budget(monkeypatch):
     check_against_reference(case)
     # fp32: student logits + teacher logits = 8 bytes per vocabulary entry (the gradient
     # overwrites the student logits)
-    rows = budget // (67 * 8)
-    assert [shape[0] for shape, _, _ in spy.calls] == [rows] * (50 // rows) + [50 % rows]
+    most = budget // (67 * 8)  # 30 rows: 50 rows take two chunks, balanced as 25 + 25
+    assert most == 30
+    assert [shape[0] for shape, _, _ in spy.calls] == [25, 25]
 
 
 def test_chunk_rows_between_the_gemm_minimum_and_the_row_count():
     assert fused_linear.chunk_rows(1000, 256_000, 12, budget_bytes=100) == fused_linear.MIN_CHUNK_ROWS
     assert fused_linear.chunk_rows(10, 256_000, 12, budget_bytes=100) == 10
     assert fused_linear.chunk_rows(10, 32, 12, budget_bytes=1 << 30) == 10
-    assert fused_linear.chunk_rows(4096, 32_000, 12) == fused_linear.DEFAULT_CHUNK_BYTES["cpu"] // (32_000 * 12)
-    assert fused_linear.chunk_rows(8192, 128_256, 6, "cuda") == fused_linear.DEFAULT_CHUNK_BYTES["cuda"] // (128_256 * 6)
+    # 655 rows fit the CPU budget at V=32000 (8 bytes per entry): 7 chunks, balanced to 586 rows
+    assert fused_linear.DEFAULT_CHUNK_BYTES["cpu"] // (32_000 * 8) == 655
+    assert fused_linear.chunk_rows(4096, 32_000, 8) == 586
+
+
+def test_chunks_are_balanced_within_the_budget():
+    assert fused_linear.chunk_rows(1000, 10, 4, budget_bytes=40 * 300) == 250  # 300 fit: 4 x 250
+    assert fused_linear.chunk_rows(1000, 10, 4, budget_bytes=40 * 500) == 500
+    assert fused_linear.chunk_rows(1001, 10, 4, budget_bytes=40 * 500) == 334  # not 500 + 500 + 1
+    # CUDA, V=128256 bf16: 1395 rows fit 1 GiB, so 8192 rows take 6 chunks of 1366
+    assert fused_linear.DEFAULT_CHUNK_BYTES["cuda"] // (128_256 * 6) == 1395
+    assert fused_linear.chunk_rows(8192, 128_256, 6, "cuda") == 1366
 
 
 # --- bad input ---------------------------------------------------------------------------------------

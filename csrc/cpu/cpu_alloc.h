@@ -12,8 +12,11 @@
 namespace kdkernels {
 
 // An uninitialised tensor; from 8 MB up, mapped with MADV_HUGEPAGE, and on free its mapping is
-// kept (up to two, KDKERNELS_CPU_BUFFER_CACHE=0 disables it) for the next call of the same size.
+// kept (up to four, KDKERNELS_CPU_BUFFER_CACHE=0 disables it) for the next call of the same size.
 at::Tensor empty_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The op kdkernels::empty_cached: empty_huge_pages for Python callers (fused-linear buffers).
+at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Unmaps the kept mappings; returns their bytes.
 int64_t release_cached_buffers();

@@ -88,20 +88,27 @@ struct ForwardKL {
   }
 };
 
-// ---- reverse KL: KL(q || p);  r = log q - log p,  C = sum q r,  dD/du_i = q_i (r_i - C) -------
-struct ReverseKL {
-  static constexpr bool kRowSum = true;
+// Base of the kCachedGrad divergences: their seven-argument terms, for kernels that do not keep
+// the cached quantity, from the eight-argument one each defines.
+template <class Div>
+struct CachedGrad {
   static constexpr bool kCachedGrad = true;
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
+    F cached;
+    Div::terms(logp, logq, p, q, mix, loss, c, cached);
+  }
+};
+
+// ---- reverse KL: KL(q || p);  r = log q - log p,  C = sum q r,  dD/du_i = q_i (r_i - C) -------
+struct ReverseKL : CachedGrad<ReverseKL> {
+  using CachedGrad<ReverseKL>::terms;
+  static constexpr bool kRowSum = true;
   template <class F>
   KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     cached = kd_if_pos(q, logq - logp);  // r
     loss = q * cached;
     c = loss;
-  }
-  template <class F>
-  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
-    F cached;
-    terms(logp, logq, p, q, mix, loss, c, cached);
   }
   template <class F>
   KD_HD static F grad_cached(F q, F r, const Mixture&, float row_c) {
@@ -116,9 +123,9 @@ struct ReverseKL {
 // ---- generalized JSD(beta): m = beta p + (1-beta) q,
 //      D = beta KL(p||m) + (1-beta) KL(q||m);  s = log(q/m),  C = sum q s,
 //      dD/du_i = (1-beta) q_i (s_i - C).  D = 0 at beta in {0, 1} (continuous convention). ------
-struct JSD {
+struct JSD : CachedGrad<JSD> {
+  using CachedGrad<JSD>::terms;
   static constexpr bool kRowSum = true;
-  static constexpr bool kCachedGrad = true;
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     const F m = mixture_of(p, q, mix);
@@ -128,11 +135,6 @@ struct JSD {
     if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, p * kd_log(p / m));
     if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
     c = kl_q;
-  }
-  template <class F>
-  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
-    F cached;
-    terms(logp, logq, p, q, mix, loss, c, cached);
   }
   template <class F>
   KD_HD static F grad_cached(F q, F s, const Mixture& mix, float row_c) {
@@ -191,7 +193,8 @@ struct SkewKL {
 
 // ---- skew reverse KL(alpha): m = (1-alpha) p + alpha q,  D = KL(q || m);
 //      h = log(q/m) - alpha q/m,  C = sum q h,  dD/du_i = q_i (h_i - C). -------------------------
-struct SkewReverseKL {
+struct SkewReverseKL : CachedGrad<SkewReverseKL> {
+  using CachedGrad<SkewReverseKL>::terms;
   static constexpr bool kRowSum = true;
   template <class F>
   KD_HD static F h_from(F log_ratio, F ratio, const Mixture& mix) {
@@ -201,7 +204,6 @@ struct SkewReverseKL {
   KD_HD static F h_term(F ratio, const Mixture& mix) {
     return h_from(kd_log(ratio), ratio, mix);
   }
-  static constexpr bool kCachedGrad = true;
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     const F ratio = q / mixture_of(p, q, mix);
@@ -209,11 +211,6 @@ struct SkewReverseKL {
     loss = kd_if_pos(q, q * log_ratio);
     cached = kd_if_pos(q, h_from(log_ratio, ratio, mix));
     c = q * cached;
-  }
-  template <class F>
-  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
-    F cached;
-    terms(logp, logq, p, q, mix, loss, c, cached);
   }
   template <class F>
   KD_HD static F grad_cached(F q, F h, const Mixture& mix, float row_c) {
@@ -230,7 +227,8 @@ struct SkewReverseKL {
 
 // ---- total variation: D = 1/2 sum |p - q|;  sigma = 1/2 sign(q - p),  C = sum q sigma,
 //      dD/du_i = q_i (sigma_i - C). ----------------------------------------------------------
-struct TVD {
+struct TVD : CachedGrad<TVD> {
+  using CachedGrad<TVD>::terms;
   static constexpr bool kRowSum = true;
   template <class F>
   KD_HD static F sigma(F p, F q) {
@@ -238,17 +236,11 @@ struct TVD {
     const F zero = kd_splat(0.f, p);
     return kd_where_gt(q, p, half, kd_where_gt(p, q, zero - half, zero));
   }
-  static constexpr bool kCachedGrad = true;
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture&, F& loss, F& c, F& cached) {
     loss = kd_splat(0.5f, p) * kd_abs(p - q);
     cached = sigma(p, q);
     c = q * cached;
-  }
-  template <class F>
-  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c) {
-    F cached;
-    terms(logp, logq, p, q, mix, loss, c, cached);
   }
   template <class F>
   KD_HD static F grad_cached(F q, F sigma_i, const Mixture&, float row_c) {
