@@ -253,14 +253,17 @@ def test_bad_values_make_their_row_nan_and_kd_loss_raises(bad, argument):
 
 # --- the backend contract ------------------------------------------------------------------------------
 
+def _ce_blend_config(divergence, kd_weight):
+    return kdkernels._checks.make_config(divergence=divergence, temperature=2.0, beta=0.4, kd_weight=kd_weight,
+                                         ce_weight=0.5, scale_by_t2=True, ignore_index=-100, has_labels=True)
+
+
 @interpreter_case
 @pytest.mark.parametrize("divergence", ("forward_kl", "skew_reverse_kl"))
 def test_rows_without_gradient_gives_the_same_losses(interpreted, divergence):
     student, teacher = make_pair((4, 37), seed=14)
     labels = make_labels((4,), 37, ignored=[0])
-    cfg = kdkernels._checks.make_config(divergence=divergence, temperature=2.0, beta=0.4, kd_weight=1.0,
-                                        ce_weight=0.5, scale_by_t2=True, ignore_index=-100,
-                                        has_labels=True)
+    cfg = _ce_blend_config(divergence, kd_weight=1.0)
     scale = torch.tensor(0.25)
     with_grad, grad = interpreted.rows(student, teacher, labels, scale, cfg, True)
     without_grad, none = interpreted.rows(student, teacher, labels, scale, cfg, False)
@@ -276,9 +279,7 @@ def test_rows_inplace_writes_the_same_gradient_over_the_student_logits(interpret
     # the gradient overwrites
     student, teacher = make_pair((4, 37), dtype, seed=15)
     labels = make_labels((4,), 37, ignored=[2])
-    cfg = kdkernels._checks.make_config(divergence=divergence, temperature=2.0, beta=0.4, kd_weight=0.5,
-                                        ce_weight=0.5, scale_by_t2=True, ignore_index=-100,
-                                        has_labels=True)
+    cfg = _ce_blend_config(divergence, kd_weight=0.5)
     scale = torch.tensor(0.25)
     expected_loss, expected_grad = interpreted.rows(student, teacher, labels, scale, cfg, True)
     buffer = student.clone()
