@@ -21,9 +21,10 @@ def backend_info() -> dict:
 def empty_cpu_cache() -> int:
     """Unmaps the CPU gradient buffers kept for reuse and returns how many bytes that freed.
 
-    The compiled CPU kernels keep the mappings of up to two freed ``[N, V]`` gradients and hand
-    them to the next call that needs one of (nearly) that size: its pages are already resident,
-    which spares the page faults and zeroing of fresh memory every training step. Set
+    The compiled CPU kernels keep the mappings of up to four freed buffers (``[N, V]``
+    gradients, fused-linear chunks and accumulators) and hand them to the next call that needs
+    one of (nearly) that size: its pages are already resident, which spares the page faults and
+    zeroing of fresh memory every training step. Set
     ``KDKERNELS_CPU_BUFFER_CACHE=0`` before the first call to unmap on free instead."""
     return torch.ops.kdkernels.release_cached_buffers() if _extension.cpu_available() else 0
 
