@@ -227,18 +227,16 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
   auto ce_softmax = [&](int64_t i, int64_t n, const Vec& q) {
     return ce_separate ? exp_nonpositive(load_masked(args.student + i, n) - v_max_s - v_log_sum_1) : q;
   };
-  if (kCachedGrad<Div> && write_grad) {
-    // From L2: q and the cached quantity only, no logs or mixtures recomputed.
-    for (int64_t b = 0; b < blocks; ++b) {
+  if constexpr (kCachedGrad<Div>) {
+    // From L2: q and the cached quantity only, no logs or mixtures recomputed (the value and C
+    // came from pass 2, so without a gradient there is nothing left to do).
+    for (int64_t b = 0; write_grad && b < blocks; ++b) {
       const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
       const Vec fq(scratch.factor_s[b]);
       for (int64_t i = off; i < bend; i += kW) {
         const int64_t n = std::min(kW, bend - i);
         const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-        Vec g;
-        if constexpr (kCachedGrad<Div>) {
-          g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), prm.mix, row_c);
-        }
+        Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), prm.mix, row_c);
         if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
         store_grad(i, n, g);
       }
