@@ -167,7 +167,11 @@ def make_cakd_config(*, groups, k, mass, bcd_weight, scd_weight, wcd_weight, tem
 def check_finite(name: str, logits: torch.Tensor) -> None:
     """Logits may hold -inf (masked entries), never NaN or +inf."""
     if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise ValueError(f"{name} contains NaN or +inf")
+        raise not_finite_error(name)
+
+
+def not_finite_error(name: str) -> ValueError:
+    return ValueError(f"{name} contains NaN or +inf")
 
 
 def check_values(teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], vocab: int,

@@ -75,7 +75,7 @@ def rows_fn(name: str):
     def rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad):
         row_loss, grad = impl.rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad)
         if bool(torch.isnan(row_loss).any()):
-            _raise_bad_input(student_logits, teacher_logits, labels, cfg)
+            _raise_bad_input(teacher_logits, labels, student_logits.shape[-1], cfg, student_logits)
         return row_loss, grad
 
     return rows
@@ -94,20 +94,18 @@ def rows_inplace_fn(name: str):
         if bool(torch.isnan(row_loss).any()):
             # the student logits now hold the gradient: what is not the teacher's or the
             # labels' fault was the student's
-            _raise_bad_input(None, teacher_logits, labels, cfg, vocab=student_logits.shape[-1])
+            _raise_bad_input(teacher_logits, labels, student_logits.shape[-1], cfg, student_logits=None)
         return row_loss
 
     return rows_inplace
 
 
-def _raise_bad_input(student_logits, teacher_logits, labels, cfg, vocab=None) -> None:
+def _raise_bad_input(teacher_logits, labels, vocab: int, cfg, student_logits) -> None:
     """The ValueError for a NaN row loss from a GPU kernel: bad teacher values or labels first,
-    else the student's."""
+    else the student's (`student_logits` None: they were overwritten, so it can only be them)."""
     from kdkernels import _checks
 
-    vocab = student_logits.shape[-1] if vocab is None else vocab
     _checks.check_values(teacher_logits, labels, vocab, cfg.ignore_index)
-    if student_logits is not None:
-        _checks.check_finite("student_logits", student_logits)
-    else:
-        raise ValueError("student_logits contains NaN or +inf")
+    if student_logits is None:
+        raise _checks.not_finite_error("student_logits")
+    _checks.check_finite("student_logits", student_logits)

@@ -196,6 +196,8 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
         return logits
 
     student_buffer, teacher_buffer = buffer(student), buffer(teacher)
+    # the gradient replaces the student logits in their reused buffer: no allocation per chunk
+    inplace = compute_grad and plan.rows_inplace is not None
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(n_rows, dtype=loss_dtype, device=device)
     grads = _StudentGrads.allocate(student, needs) if compute_grad else None
@@ -208,8 +210,7 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
         labels_chunk = None if labels is None else labels[start:end]
         if not plan.checks_values:
             _checks.check_values(teacher_logits, labels_chunk, vocab, plan.cfg.ignore_index)
-        if compute_grad and plan.rows_inplace is not None:
-            # the gradient replaces the student logits in their reused buffer: no allocation
+        if inplace:
             chunk_loss = plan.rows_inplace(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg)
             grad = student_logits
         else:
@@ -218,7 +219,7 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
         row_loss[start:end] = chunk_loss
         if not compute_grad:
             continue
-        if plan.rows_inplace is not None and student.vocab < vocab:
+        if inplace and student.vocab < vocab:
             student_buffer[: end - start, student.vocab:].fill_(-math.inf)  # padding the kernel overwrote
         grad = grad[:, : student.vocab]
         if row_weights is not None:

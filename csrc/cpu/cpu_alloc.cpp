@@ -20,9 +20,9 @@ struct Mapping {
   size_t mapped;
 };
 
-// Freed gradient (and fused-linear chunk) mappings kept for the next call. A training loop asks for the same [N, V]
-// gradient every step; a mapping whose pages are already resident costs no page faults and no
-// kernel zeroing (~10-20 ms per 512 MB here), which is a sixth of the fused kernel's time.
+// Freed gradient (and fused-linear chunk) mappings kept for the next call. A training loop asks
+// for the same [N, V] gradient every step; a mapping whose pages are already resident costs no
+// page faults and no kernel zeroing (~10-20 ms per 512 MB here), a sixth of the fused kernel's time.
 class BufferCache {
  public:
   BufferCache() {

@@ -283,10 +283,6 @@ RowFn row_kernel_for(Divergence div) {
   return fn;
 }
 
-}  // namespace
-
-namespace {
-
 // The forward of both ops: row losses, and the gradient into `grad` when it is given.
 at::Tensor kd_rows_cpu(const RowInputs& in, at::Tensor* grad, const at::Tensor& grad_scale,
                        int64_t divergence, double temperature, double beta, double kd_weight,

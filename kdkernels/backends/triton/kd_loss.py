@@ -361,19 +361,9 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
                  block: Optional[int] = None, num_warps: Optional[int] = None
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``rows`` with an optional launch shape (block: a power of two; tests use small tiles)."""
-    n_rows, vocab = student_logits.shape
     student = _unit_column_stride(student_logits)
-    teacher = _unit_column_stride(teacher_logits)
-    device = student.device
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((n_rows, vocab), dtype=student.dtype, device=device) if compute_grad else None
-    if n_rows == 0:
-        return row_loss, grad
-    default_block, default_warps = launch_shape(vocab)
-    with _on_device(device):
-        _launch(student, teacher, labels, grad, row_loss, grad_scale, cfg, block or default_block,
-                num_warps or default_warps)
-    return row_loss, grad
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    return _row_losses(student, teacher_logits, labels, grad, grad_scale, cfg, block, num_warps), grad
 
 
 def kd_loss_rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -383,14 +373,20 @@ def kd_loss_rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Ten
     before the gradient pass."""
     if not student_logits.is_contiguous():
         raise ValueError("student_logits must be contiguous to take the gradient in place")
-    n_rows, vocab = student_logits.shape
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
+    return _row_losses(student_logits, teacher_logits, labels, student_logits, grad_scale, cfg)
+
+
+def _row_losses(student, teacher_logits, labels, grad, grad_scale, cfg: KDConfig, block: Optional[int] = None,
+                num_warps: Optional[int] = None) -> torch.Tensor:
+    """Launches the kernel over every row (gradient into `grad` when given); returns row_loss."""
+    n_rows, vocab = student.shape
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return row_loss
-    block, num_warps = launch_shape(vocab)
-    with _on_device(student_logits.device):
-        _launch(student_logits, _unit_column_stride(teacher_logits), labels, student_logits, row_loss, grad_scale,
-                cfg, block, num_warps)
+    default_block, default_warps = launch_shape(vocab)
+    with _on_device(student.device):
+        _launch(student, _unit_column_stride(teacher_logits), labels, grad, row_loss, grad_scale, cfg,
+                block or default_block, num_warps or default_warps)
     return row_loss
 
 
