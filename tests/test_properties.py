@@ -322,6 +322,8 @@ def check_call(call, expected: Expected, oracle_fn, leaves: List[torch.Tensor], 
 
 def oracle_grads(loss, leaves, grad_output):
     """Gradients by autograd; zeros where the loss does not depend on a leaf (e.g. jsd at beta = 1)."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(leaf) for leaf in leaves]
     return list(torch.autograd.grad(loss, leaves, grad_output.to(loss.dtype), allow_unused=True,
                                     materialize_grads=True))
 
@@ -472,3 +474,298 @@ def test_kd_loss_is_right_or_refused(case, options, data):
                             *kd_scales(s.detach().double(), t.double(), options, valid, case.batch_shape, grad_output))
 
     check_call(call, kd_expected(case, options), oracle, [student], grad_output_of)
+
+
+# --- cakd_loss / dkd_loss ---------------------------------------------------------------------------------
+
+@dataclass
+class CAKDOptions:
+    groups: str  # a cakd_loss rule, or "dkd" (dkd_loss: S = {label}, weights alpha, 0, beta)
+    k: Optional[int]
+    mass: Optional[float]
+    bcd_weight: float
+    scd_weight: object  # a number, or "teacher_mass"
+    wcd_weight: object
+    temperature: float
+    scale_by_t2: bool
+    reduction: str
+
+    def call(self, case: "Logits", student):
+        common = dict(temperature=self.temperature, scale_by_t2=self.scale_by_t2, ignore_index=case.ignore_index,
+                      reduction=self.reduction, backend="cpu")
+        if self.groups == "dkd":
+            return kdkernels.dkd_loss(student, case.teacher, case.labels, alpha=self.bcd_weight, beta=self.wcd_weight,
+                                      **common)
+        return kdkernels.cakd_loss(student, case.teacher, case.labels, groups=self.groups, k=self.k, mass=self.mass,
+                                   bcd_weight=self.bcd_weight, scd_weight=self.scd_weight,
+                                   wcd_weight=self.wcd_weight, **common)
+
+
+def correlated_set(teacher, labels, o: CAKDOptions, ignore_index: int) -> torch.Tensor:
+    """[N, V] membership of S: the label, or the teacher's top-k / top mass (ties: lower index first)."""
+    n, vocab = teacher.shape
+    if o.groups in ("label", "dkd"):
+        safe = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
+        return F.one_hot(safe.long(), vocab).bool()
+    order = torch.sort(teacher.double(), dim=-1, descending=True, stable=True).indices
+    if o.groups == "teacher_mass":
+        probs = torch.softmax(_zero_where(teacher.double(), torch.isneginf(teacher).all(-1, keepdim=True))
+                              / o.temperature, -1).gather(-1, order)
+        in_sorted = probs.cumsum(-1) - probs < o.mass
+    else:
+        in_sorted = torch.arange(vocab).expand(n, vocab) < (1 if o.groups == "teacher_top1" else o.k)
+    return torch.zeros_like(in_sorted).scatter(-1, order, in_sorted)
+
+
+def group_log_mass(log_x: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """log of the mass of each row's group: logsumexp over the members; -inf for an empty group."""
+    values = torch.where(member, log_x, torch.full_like(log_x, -INF))
+    dead = torch.isneginf(values).all(-1)
+    mass = torch.logsumexp(_zero_where(values, dead.unsqueeze(-1).expand_as(values)), dim=-1)
+    return torch.where(dead, torch.full_like(mass, -INF), mass)
+
+
+def group_kl(log_p, log_q, member, log_pg, log_qg) -> torch.Tensor:
+    """KL of teacher and student renormalised inside the group, per row; 0 without teacher mass."""
+    log_p_hat = torch.where(member, log_p - _zero_where(log_pg, torch.isneginf(log_pg)).unsqueeze(-1), -INF)
+    log_q_hat = torch.where(member, log_q - _zero_where(log_qg, torch.isneginf(log_qg)).unsqueeze(-1), -INF)
+    kl = x_log_ratio(log_p_hat, log_q_hat).sum(-1)
+    return torch.where(torch.isneginf(log_pg), torch.zeros_like(kl), kl)
+
+
+def cakd_rows(student, teacher, labels, o: CAKDOptions, ignore_index: int, in_s: torch.Tensor) -> torch.Tensor:
+    """The oracle's row losses [N] for [N, V] logits already in the math dtype."""
+    T = o.temperature
+    log_q, log_p = log_softmax_rows(student / T), log_softmax_rows(teacher / T)
+    groups = (in_s, ~in_s)
+    log_pg = [group_log_mass(log_p, g) for g in groups]
+    log_qg = [group_log_mass(log_q, g) for g in groups]
+    bcd = (x_log_ratio(torch.stack(log_pg, -1), torch.stack(log_qg, -1))).sum(-1)
+    rows = o.bcd_weight * bcd
+    scd_weight = 0.0 if o.groups == "dkd" else o.scd_weight
+    for weight, group, lp, lq in zip((scd_weight, o.wcd_weight), groups, log_pg, log_qg):
+        if weight == "teacher_mass":
+            weight = lp.detach().exp()
+        if isinstance(weight, torch.Tensor) or weight > 0:  # a term of weight 0 is absent, not 0 * inf
+            rows = rows + weight * group_kl(log_p, log_q, group, lp, lq)
+    rows = (T * T if o.scale_by_t2 else 1.0) * rows
+    dead = torch.isneginf(teacher).all(-1) | torch.isneginf(student).all(-1)
+    if labels is not None:
+        dead |= labels == ignore_index
+    return torch.where(dead, torch.zeros_like(rows), rows)
+
+
+def cakd_expected(case: Logits, o: CAKDOptions) -> Expected:
+    faults = []
+    if not (T_MIN <= o.temperature <= T_MAX):
+        faults.append("temperature")
+    student, teacher, labels = case.flat()
+    s_inf, t_inf = torch.isneginf(student), torch.isneginf(teacher)
+    valid = case.valid_rows()
+    teacher_dead = t_inf.all(-1)
+    T = o.temperature if not faults else 1.0
+    log_p = log_softmax_rows(teacher.double() / T)
+    assume(not ((log_p < UNDERFLOW) & ~t_inf & s_inf).any(-1)[valid & ~teacher_dead].any())
+    if not faults and o.groups == "teacher_mass":  # S must not hinge on a rounding of the cumulative mass
+        probs = torch.sort(log_p.exp(), -1, descending=True).values.cumsum(-1)
+        assume(not ((probs - o.mass).abs() < 1e-4)[valid & ~teacher_dead].any())
+    if o.groups in ("teacher_top1", "teacher_topk") and teacher.shape[-1] > 1:  # nor on a near tie
+        ranked = torch.sort(teacher.double(), -1, descending=True).values
+        k = 1 if o.groups == "teacher_top1" else min(o.k, teacher.shape[-1] - 1)
+        gap = (ranked[:, k - 1] - ranked[:, k]).abs()
+        assume(not ((gap > 0) & (gap < 1e-4 * ranked[:, k - 1].abs().clamp(min=1)))[valid].any())
+    # forward-KL-type: teacher mass on a student -inf entry makes the row +inf; a whole student
+    # row -inf has no distribution
+    student_inf = ((s_inf & ~t_inf).any(-1) | (s_inf.all(-1) & ~teacher_dead)) & ~teacher_dead & valid
+    if student_inf.any():
+        faults.append("student_logits")
+    if faults:
+        return Expected(refuse="|".join(faults))
+    if (s_inf.all(-1) & valid).any():
+        return Expected(may_refuse="student_logits")
+    return Expected()
+
+
+@st.composite
+def cakd_options(draw, vocab: int) -> CAKDOptions:
+    groups = draw(st.sampled_from(["label", "teacher_top1", "teacher_topk", "teacher_mass", "dkd"]))
+    group_weight = st.one_of(st.sampled_from([0.5, 1.0, 8.0]), st.just("teacher_mass"))
+    return CAKDOptions(
+        groups=groups, k=draw(st.integers(1, vocab + 2)) if groups == "teacher_topk" else None,
+        mass=draw(st.floats(0.05, 0.95)) if groups == "teacher_mass" else None,
+        bcd_weight=draw(st.sampled_from([0.5, 1.0, 2.0])),
+        scd_weight=draw(group_weight) if groups != "dkd" else 0.0,
+        wcd_weight=draw(group_weight) if groups != "dkd" else draw(st.sampled_from([0.5, 1.0, 8.0])),
+        temperature=draw(temperatures()), scale_by_t2=draw(st.booleans()), reduction=draw(st.sampled_from(REDUCTIONS)))
+
+
+@given(data=st.data())
+def test_cakd_and_dkd_losses_are_right_or_refused(data):
+    case = data.draw(logits_pairs())
+    options = data.draw(cakd_options(case.student.shape[-1]))
+    if options.groups in ("label", "dkd") and case.labels is None:
+        case.labels = torch.zeros(case.batch_shape, dtype=torch.int64)
+    grad_output_of = grad_outputs(data.draw)
+    note(f"{case.description}\n{options}")
+    student = case.student.requires_grad_(True)
+    _, teacher_2d, labels_1d = case.flat()
+    in_s = correlated_set(teacher_2d, labels_1d, options, case.ignore_index)
+
+    def oracle(math_dtype):
+        leaf = case.student.detach().to(math_dtype if math_dtype == torch.float64 else case.student.dtype)
+        leaf.requires_grad_(True)
+        s, t, labels = Logits(leaf, case.teacher, case.labels, case.ignore_index).flat()
+        rows = cakd_rows(s.to(math_dtype), t.to(math_dtype), labels, options, case.ignore_index, in_s)
+        valid = case.valid_rows()
+        loss = reduce(rows, options.reduction, case.batch_shape, valid)
+        grad_output = grad_output_of(loss)
+        weights = sum(w for w in (options.bcd_weight, options.scd_weight, options.wcd_weight)
+                      if not isinstance(w, str)) + 2.0 * ("teacher_mass" in (options.scd_weight, options.wcd_weight))
+        as_kd = KDOptions("forward_kl", options.temperature, 0.0, weights, 0.0, options.scale_by_t2, options.reduction)
+        return OracleResult(loss.detach(), oracle_grads(loss, [leaf], grad_output),
+                            *kd_scales(s.detach().double(), t.double(), as_kd, valid, case.batch_shape, grad_output))
+
+    check_call(lambda: options.call(case, student), cakd_expected(case, options), oracle, [student], grad_output_of)
+
+
+# --- fused_linear_kd_loss -----------------------------------------------------------------------------------
+
+@dataclass
+class LinearCase:
+    """A drawn fused-linear call: the student lm_head (leaves), the teacher's, and the options."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    teacher: Dict[str, Optional[torch.Tensor]]
+    labels: Optional[torch.Tensor]
+    ignore_index: int
+    lm_options: Dict[str, object]
+    description: Dict[str, object] = field(default_factory=dict)
+
+    def leaves(self) -> List[torch.Tensor]:
+        return [t for t in (self.hidden, self.weight, self.bias) if t is not None]
+
+
+def lm_logits(hidden, weight, bias, lm_options, vocab: int, math_dtype) -> torch.Tensor:
+    """softcap(logit_scale * (hidden @ weight^T + bias)) in full, [N, vocab] with -inf padding, in
+    the tensors' own dtype as a model computes it (eager PyTorch) or in float64 (the oracle)."""
+    lm_dtype = torch.float64 if math_dtype == torch.float64 else hidden.dtype
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).to(lm_dtype), weight.to(lm_dtype),
+                      None if bias is None else bias.to(lm_dtype)) * lm_options["logit_scale"]
+    if lm_options["softcap"] is not None:
+        logits = lm_options["softcap"] * torch.tanh(logits / lm_options["softcap"])
+    logits = logits.to(math_dtype)
+    pad = logits.new_full((logits.shape[0], vocab - logits.shape[1]), -INF)
+    return torch.cat([logits, pad], dim=-1)
+
+
+@st.composite
+def linear_cases(draw) -> LinearCase:
+    batch = draw(batch_shapes())
+    tokens = math.prod(batch)
+    dtype = draw(st.sampled_from(DTYPES))
+    hidden_size, teacher_hidden_size = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    student_vocab = draw(st.integers(1, 24))
+    teacher_vocab = draw(st.one_of(st.just(student_vocab), st.integers(1, 24)))
+    vocab = max(student_vocab, teacher_vocab)
+    seed = draw(st.integers(0, 2 ** 16))
+    std = draw(st.sampled_from([0.1, 1.0, 3.0]))
+    requires = draw(st.tuples(st.booleans(), st.booleans(), st.booleans()))
+
+    def param(shape, offset, scale=1.0, requires_grad=False, layout="contiguous"):
+        values = in_layout(_values(shape, seed + offset, scale, 0.0).to(dtype), layout)
+        return values.requires_grad_(requires_grad)
+
+    hidden = param((*batch, hidden_size), 0, 1.0, requires[0], draw(st.sampled_from(["contiguous", "sliced"])))
+    weight = param((student_vocab, hidden_size), 1, std / math.sqrt(hidden_size), requires[1])
+    bias = param((student_vocab,), 2, std, requires[2]) if draw(st.booleans()) else None
+    lm_options = dict(softcap=draw(st.sampled_from([None, 5.0, 30.0])), logit_scale=draw(st.sampled_from([1.0, 0.5, 2.0])))
+    if draw(st.booleans()):  # the teacher's lm_head
+        teacher = dict(teacher_hidden=param((*batch, teacher_hidden_size), 3),
+                       teacher_weight=param((teacher_vocab, teacher_hidden_size), 4, std / math.sqrt(teacher_hidden_size)),
+                       teacher_bias=param((teacher_vocab,), 5, std) if draw(st.booleans()) else None)
+    else:  # ready teacher logits, with -inf columns or rows
+        logits = _values((*batch, teacher_vocab), seed + 6, std * 3, 0.0).to(dtype)
+        if tokens:
+            flat = logits.view(-1, teacher_vocab)
+            flat[:, draw(st.lists(st.integers(0, teacher_vocab - 1), max_size=2))] = -INF
+            flat[draw(st.lists(st.integers(0, tokens - 1), max_size=1))] = -INF
+        teacher = dict(teacher_logits=logits)
+    ignore_index = draw(st.sampled_from([-100, 0]))
+    labels = None
+    if draw(st.booleans()):
+        labels = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=tokens, max_size=tokens)),
+                              dtype=torch.int64).reshape(batch)
+        if tokens:
+            labels.view(-1)[draw(st.lists(st.integers(0, tokens - 1), max_size=2))] = ignore_index
+    chunk_size = draw(st.one_of(st.none(), st.integers(1, tokens + 2)))
+    description = dict(batch=batch, dtype=dtype, hidden=(hidden_size, teacher_hidden_size),
+                       vocab=(student_vocab, teacher_vocab), seed=seed, std=std, requires=requires,
+                       bias=bias is not None, teacher=sorted(k for k, v in teacher.items() if v is not None),
+                       labels=None if labels is None else labels.tolist(), chunk_size=chunk_size, **lm_options)
+    return LinearCase(hidden, weight, bias, teacher, labels, ignore_index,
+                      dict(lm_options, chunk_size=chunk_size), description)
+
+
+def linear_teacher_logits(case: LinearCase, vocab: int, math_dtype) -> torch.Tensor:
+    if case.teacher.get("teacher_logits") is not None:
+        logits = case.teacher["teacher_logits"].reshape(-1, case.teacher["teacher_logits"].shape[-1]).to(math_dtype)
+        return torch.cat([logits, logits.new_full((logits.shape[0], vocab - logits.shape[1]), -INF)], -1)
+    return lm_logits(case.teacher["teacher_hidden"], case.teacher["teacher_weight"], case.teacher["teacher_bias"],
+                     case.lm_options, vocab, math_dtype)
+
+
+@given(case=linear_cases(), options=kd_options(), data=st.data())
+def test_fused_linear_kd_loss_is_right_or_refused(case, options, data):
+    grad_output_of = grad_outputs(data.draw)
+    note(f"{case.description}\n{options}")
+    teacher_vocab = (case.teacher["teacher_logits"] if case.teacher.get("teacher_logits") is not None
+                     else case.teacher["teacher_weight"]).shape[-1 if "teacher_logits" in case.teacher else 0]
+    vocab = max(case.weight.shape[0], teacher_vocab)
+    batch = tuple(case.hidden.shape[:-1])
+
+    def call():
+        return kdkernels.fused_linear_kd_loss(
+            case.hidden, case.weight, labels=case.labels, student_bias=case.bias, **case.teacher, **case.lm_options,
+            divergence=options.divergence, temperature=options.temperature, beta=options.beta,
+            kd_weight=options.kd_weight, ce_weight=options.ce_weight, scale_by_t2=options.scale_by_t2,
+            ignore_index=case.ignore_index, reduction=options.reduction, backend="cpu")
+
+    def logits_case(math_dtype, leaves=None) -> Logits:
+        hidden, weight, bias = leaves or (case.hidden.detach(), case.weight.detach(),
+                                          None if case.bias is None else case.bias.detach())
+        student = lm_logits(hidden, weight, bias, case.lm_options, vocab, math_dtype).reshape(*batch, vocab)
+        teacher = linear_teacher_logits(case, vocab, math_dtype).reshape(*batch, vocab)
+        return Logits(student, teacher, case.labels, case.ignore_index)
+
+    def oracle(math_dtype):
+        leaves = [None if t is None else t.detach().to(math_dtype if math_dtype == torch.float64 else t.dtype)
+                  .requires_grad_(t.requires_grad) for t in (case.hidden, case.weight, case.bias)]
+        logits = logits_case(math_dtype, leaves)
+        s, t, labels = logits.flat()
+        rows = kd_rows(s, t, labels, options, case.ignore_index)
+        valid = logits.valid_rows()
+        loss = reduce(rows, options.reduction, batch, valid)
+        grad_output = grad_output_of(loss)
+        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        grads = oracle_grads(loss, wanted, grad_output) if wanted else []
+        loss_scale, (logit_scale,) = kd_scales(s.detach().double(), t.detach().double(), options, valid, batch,
+                                               grad_output)
+        logit_scale *= case.lm_options["logit_scale"]
+        # d/dhidden = g @ W, d/dweight = g^T @ hidden, d/dbias = sum_rows g
+        hidden_2d = case.hidden.detach().double().reshape(-1, case.hidden.shape[-1])
+        row_sums = {"hidden": float(case.weight.detach().double().abs().sum(0).max()),
+                    "weight": float(hidden_2d.abs().sum(0).max()) if hidden_2d.numel() else 0.0,
+                    "bias": float(hidden_2d.shape[0])}
+        names = [n for n, leaf in zip(("hidden", "weight", "bias"), leaves) if leaf is not None and leaf.requires_grad]
+        # the logits' gradient is rounded to the lm_head's dtype before its GEMMs (in eager PyTorch
+        # too): one ulp of that dtype, not of float32, of the terms
+        rounding = torch.finfo(case.hidden.dtype).eps / EPS32
+        return OracleResult(loss.detach(), grads, loss_scale, [rounding * logit_scale * row_sums[n] for n in names])
+
+    expected = kd_expected(logits_case(torch.float64), options)
+    # the fused loss has no student_logits / teacher_logits argument to name: its lm_head's
+    expected = Expected(*(None if e is None else e.replace("student_logits", "student").replace("teacher_logits", "teacher")
+                          for e in (expected.refuse, expected.may_refuse)))
+    check_call(call, expected, oracle, case.leaves(), grad_output_of)
