@@ -122,7 +122,7 @@ except ImportError:  # the property tests skip themselves without hypothesis
     pass
 else:
     _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-    settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+    settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
                               suppress_health_check=_SLOW_OK, print_blob=True)
     settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK,
                               print_blob=True)
