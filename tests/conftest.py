@@ -111,3 +111,19 @@ def check_against_reference(student, teacher, labels=None, *, backend="cpu", gra
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(0)
+
+
+# hypothesis profiles of tests/test_properties.py: "ci" (the default; derandomized, so a run is
+# reproducible, and sized to finish in under three minutes on two cores) and "long"
+# (`pytest tests/test_properties.py --hypothesis-profile=long`).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
+                              suppress_health_check=_SLOW_OK, print_blob=True)
+    settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK,
+                              print_blob=True)
+    settings.load_profile("ci")
