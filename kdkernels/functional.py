@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from kdkernels import _checks, _dispatch
+from kdkernels import _checks, _dispatch, distributed
 from kdkernels._autograd import fused_rows_loss, reduce_rows, reduction_scale
 from kdkernels.backends import reference
 
@@ -58,6 +58,11 @@ def kd_loss(
         The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
         float64 input).
     """
+    if distributed.is_dtensor(student_logits):  # vocabulary-sharded (tensor-parallel) or replicated logits
+        return distributed.dtensor_kd_loss(
+            student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, beta=beta,
+            kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+            reduction=reduction, backend=backend)
     _checks.check_logits_pair(student_logits, teacher_logits)
     batch_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from kdkernels import _checks, _dispatch, _extension
+from kdkernels import _checks, _dispatch, _extension, distributed
 from kdkernels._autograd import _is_one, reduce_rows, reduction_scale, scale_grad_
 from kdkernels._config import KDConfig
 
@@ -339,6 +339,9 @@ def fused_linear_kd_loss(
         The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
         float64 input).
     """
+    # FSDP2-sharded (DTensor) lm_heads: gathered once for the call, freed when it returns
+    student_weight, student_bias, teacher_weight, teacher_bias = distributed.gather_sharded_weights(
+        student_weight, student_bias, teacher_weight, teacher_bias)
     _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
                               "student_bias", student_bias)
     _checks.check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)
