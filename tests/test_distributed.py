@@ -381,6 +381,74 @@ def _check_fused_linear(rank, split):
         assert len(backward) == 1 + (2 * n_chunks if case.get("reduction") == "none" else 0), backward
 
 
+# --- FSDP2: a fully_shard student whose lm_head weight reaches the loss as a sharded DTensor -----
+
+def _fsdp_student(vocab, hidden, features):
+    torch.manual_seed(21)
+    body = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.Tanh())
+    model = torch.nn.Module()
+    model.body, model.lm_head = body, torch.nn.Linear(hidden, vocab, bias=False)
+    return model
+
+
+def _check_fsdp_training(rank, world):
+    """5 SGD steps of a 2-rank fully_shard student on its half of each batch end with the
+    parameters of the single-process run on the whole batch; the lm_head is gathered once per
+    step and the gathered weight is freed when the loss returns."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    vocab, hidden, features, rows, steps = VOCAB, 6, 4, 8, 5
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(rows, features, generator=gen), torch.randn(rows, hidden + 1, generator=gen),
+                torch.randint(0, vocab, (rows,), generator=gen)) for _ in range(steps)]
+    teacher_weight = torch.randn(vocab, hidden + 1, generator=gen)
+    options = dict(divergence="jsd", beta=0.4, temperature=2.0, ce_weight=0.5, chunk_size=3)
+
+    def step(model, optimizer, inputs, teacher_hidden, labels):
+        loss = kdkernels.fused_linear_kd_loss(model.body(inputs), model.lm_head.weight, teacher_hidden,
+                                              teacher_weight, labels, **options)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    single = _fsdp_student(vocab, hidden, features)
+    optimizer = torch.optim.SGD(single.parameters(), lr=0.5)
+    for inputs, teacher_hidden, labels in batches:
+        step(single, optimizer, inputs, teacher_hidden, labels)
+
+    sharded = _fsdp_student(vocab, hidden, features)
+    fully_shard(sharded.body)
+    fully_shard(sharded.lm_head)  # never called: its weight stays a Shard(0) DTensor
+    fully_shard(sharded)
+    optimizer = torch.optim.SGD(sharded.parameters(), lr=0.5)
+    gathered = []
+    original = DTensor.full_tensor
+
+    def counting_full_tensor(self, **kwargs):
+        result = original(self, **kwargs)
+        gathered.append(weakref.ref(result))
+        return result
+
+    DTensor.full_tensor = counting_full_tensor
+    try:
+        half = slice(rank * rows // world, (rank + 1) * rows // world)
+        for number, (inputs, teacher_hidden, labels) in enumerate(batches, start=1):
+            assert isinstance(sharded.lm_head.weight, DTensor)
+            loss = kdkernels.fused_linear_kd_loss(sharded.body(inputs[half]), sharded.lm_head.weight,
+                                                  teacher_hidden[half], teacher_weight, labels[half], **options)
+            assert len(gathered) == number, f"step {number}: lm_head gathered {len(gathered)} times"
+            assert gathered[-1]() is None, "the gathered lm_head weight outlived the loss call"
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        DTensor.full_tensor = original
+    for (name, expected), actual in zip(single.named_parameters(), sharded.parameters()):
+        _assert_close(actual.full_tensor().detach(), expected.detach(), f"FSDP2 parameter {name} after {steps} steps")
+
+
 # --- the groups ------------------------------------------------------------------------------------
 
 def _two_rank_worker(rank, world):
@@ -390,6 +458,7 @@ def _two_rank_worker(rank, world):
     _check_collective_counts(rank, split)
     _check_fused_linear(rank, split)
     _check_dtensor(rank, world)
+    _check_fsdp_training(rank, world)
 
 
 def _three_rank_worker(rank, world):
