@@ -38,9 +38,10 @@ from kdkernels._autograd import reduce_rows, reduction_scale
 from kdkernels._config import KDConfig
 
 # Elements of one float32 [rows, V_r] temporary of the local phases: rows per chunk =
-# CHUNK_ELEMENTS // V_r (at least 1). A phase holds about six such temporaries at once, so the
-# phases add ~100 MiB to the [N, V_r] gradient whatever N is.
-CHUNK_ELEMENTS = 4 * 1024 * 1024
+# CHUNK_ELEMENTS // V_r (at least 1). A phase holds up to about ten such temporaries at once, so
+# the phases add ~40 MiB to the [N, V_r] gradient whatever N is; at V_r = 32000 a chunk is still
+# 32 rows, long enough that the per-operation overhead does not show.
+CHUNK_ELEMENTS = 1024 * 1024
 
 # Row constants (C, and C2 for skew_kl) each divergence's gradient needs: divergence.h's kRowSum /
 # kSecondRowSum.
