@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import kdkernels
-from kdkernels.train import data, loop, models
+from kdkernels.train import data, loop, models, parallel
 from kdkernels.train.memory import PeakMemory
 
 # Bump when a change to the model or the teacher's training makes cached teachers stale.
@@ -226,7 +226,7 @@ def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.Opti
     # The same seed before every student: all runs start from the same weights and see the
     # same batches, so they differ only in the loss.
     torch.manual_seed(session.seed)
-    student = build_student(plan.student, vocab)
+    student = parallel.prepare_student(build_student(plan.student, vocab))
     align = None
     if spec.feature_align != "off":
         align = kdkernels.nn.FeatureAlignmentLoss(student.hidden_size, session.teacher.hidden_size,
@@ -236,8 +236,9 @@ def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.Opti
     def batch_loss(inputs, targets):
         return loop.student_objective(spec, student, teacher, inputs, targets, align)
 
-    batches = data.train_batches(session.corpus.train, batch_size=optim.batch_size, context=session.context,
-                                 steps=optim.steps, seed=session.seed + 1)
+    batches = parallel.local_batches(data.train_batches(session.corpus.train, batch_size=optim.batch_size,
+                                                        context=session.context, steps=optim.steps,
+                                                        seed=session.seed + 1))
     fitted = loop.fit(student, align.parameters() if align is not None else [], batch_loss, batches, optim,
                       lambda: loop.evaluate(student, session.eval_windows, session.teacher_top1),
                       desc=plan.name, progress=progress)
