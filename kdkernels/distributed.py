@@ -27,14 +27,13 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from kdkernels import _checks
-from kdkernels._autograd import reduce_rows, reduction_scale
+from kdkernels.ops.reduction import counted_rows, reduce_rows, reduction_scale
 from kdkernels._config import KDConfig
 
 # Elements of one float32 [rows, V_r] temporary of the local phases: rows per chunk =
@@ -111,15 +110,6 @@ def _agree(group, device: torch.device, names: Sequence[str], values, local_erro
 
 
 # --- the row math of one chunk of a shard (divergence.h, in float32 PyTorch) ---------------------
-
-def _mixture(cfg: KDConfig) -> Tuple[float, float]:
-    """(w_p, w_q) of m = w_p p + w_q q, formed in float64 on the host (divergence.h mixture_for)."""
-    if cfg.divergence in ("jsd", "skew_kl"):
-        return cfg.beta, 1.0 - cfg.beta
-    if cfg.divergence == "skew_reverse_kl":
-        return 1.0 - cfg.beta, cfg.beta
-    return 0.0, 0.0
-
 
 def _if_pos(prob: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """prob > 0 ? value : 0 (kd_if_pos): a zero probability contributes 0, never NaN."""
@@ -224,7 +214,7 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
     logits, labels outside the global vocabulary, and student rows the loss cannot be defined on."""
     n_rows, vocab = student_logits.shape
     inv_t = 1.0 / cfg.temperature
-    wp, wq = _mixture(cfg)
+    wp, wq = cfg.mixture_weights
     with_ce = cfg.ce_weight > 0 and labels is not None
     ce_stats = with_ce and cfg.temperature != 1.0  # at T = 1 the CE softmax is the student's q
     device = student_logits.device
@@ -307,7 +297,7 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
 
     # 5. the gradient, written once: dL/dz = kd_scale / T * dD/du + ce_weight * (softmax(z) - e_y)
     consts = [partials[i] for i in range(1, 1 + n_consts)]
-    kd_coef = torch.where(teacher_alive & valid, grad_scale * (cfg.kd_scale * inv_t), 0.0)
+    kd_coef = torch.where(teacher_alive & valid, grad_scale * cfg.kd_grad_scale, 0.0)
     ce_coef = torch.where(valid, grad_scale * cfg.ce_weight, 0.0) if with_ce else None
     grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
     for start, end in _row_chunks(n_rows, vocab):
@@ -423,8 +413,8 @@ def vocab_parallel_kd_loss(
     student_2d = student_logits.reshape(-1, vocab)
     teacher_2d = teacher_logits.detach().reshape(-1, vocab)
     labels_1d = None if labels is None else labels.reshape(-1)
-    scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, student_2d.shape[0], batch_shape,
-                            student_2d.device)
+    scale = reduction_scale(counted_rows(labels_1d, cfg.ignore_index), reduction, student_2d.shape[0],
+                            batch_shape, student_2d.device)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss = _VocabParallelKDFunction.apply(student_2d, teacher_2d, labels_1d, scale, cfg, reduction,
                                               batch_shape, group)
@@ -435,6 +425,26 @@ def vocab_parallel_kd_loss(
 
 
 # --- tensor-parallel fused lm_head + KD --------------------------------------------------------
+
+class VocabParallelRoute:
+    """The part of kdkernels.ops.route.Route that the fused lm_head loss uses, running the
+    vocab-parallel rows over `group`: float32 rows, values checked by the rows themselves (on the
+    whole vocabulary), no in-place kernel."""
+
+    dtype = torch.float32
+    has_inplace = False
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def check_values(self, teacher_logits, labels, vocab, ignore_index) -> None:
+        """Nothing here: `rows` checks values and labels against every rank's shard."""
+
+    def rows(self, student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad):
+        row_loss, grad = rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad,
+                              group=self.group)
+        return row_loss, None, grad
+
 
 class _SumGradOverRanks(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the ranks of `group` (the input side of a
@@ -505,7 +515,7 @@ def vocab_parallel_fused_linear_kd_loss(
         chunk_size, softcap, logit_scale, divergence, temperature, beta, kd_weight, ce_weight,
         scale_by_t2, ignore_index, reduction: as in :func:`kdkernels.fused_linear_kd_loss`.
     """
-    from kdkernels import fused_linear
+    from kdkernels.ops import fused_linear
 
     error = None
     try:
@@ -529,10 +539,10 @@ def vocab_parallel_fused_linear_kd_loss(
                              "chunk size comes from the metadata all-gather")
     except (TypeError, ValueError) as exc:
         error = exc
-    needs = (False, False, False)
+    wanted = fused_linear.Wanted.none()
     if error is None and torch.is_grad_enabled():
-        needs = (student_hidden.requires_grad, student_weight.requires_grad,
-                 student_bias is not None and student_bias.requires_grad)
+        wanted = fused_linear.Wanted(student_hidden.requires_grad, student_weight.requires_grad,
+                                     student_bias is not None and student_bias.requires_grad)
     if check_consistency:
         table = _agree(group, _group_device(group, student_hidden),
                        ("the number of rows", "the hidden dtype", "the labels", "the loss options",
@@ -541,11 +551,11 @@ def vocab_parallel_fused_linear_kd_loss(
                                 _labels_fingerprint(labels),
                                 _options_code(cfg, reduction, chunk_size, softcap, logit_scale, batch_shape,
                                               teacher_logits is None, student_bias is None,
-                                              teacher_bias is None, needs),
+                                              teacher_bias is None, tuple(wanted)),
                                 vocab),
                        error, differ=("the vocabulary shard",))
         if chunk_size is None:
-            per_entry = student_hidden.dtype.itemsize * (2 if any(needs) else 1) + (
+            per_entry = student_hidden.dtype.itemsize * (2 if any(wanted) else 1) + (
                 teacher_logits.dtype.itemsize if teacher_logits is not None else teacher_hidden.dtype.itemsize)
             chunk_size = fused_linear.chunk_rows(math.prod(batch_shape), max(row[-1] for row in table),
                                                  per_entry, student_hidden.device.type)
@@ -553,7 +563,7 @@ def vocab_parallel_fused_linear_kd_loss(
         raise error
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if needs[0]:
+    if wanted.hidden:
         hidden = _SumGradOverRanks.apply(hidden, group)
     student = fused_linear._LinearLogits(hidden, student_weight, student_bias, logit_scale, softcap)
     if teacher_logits is not None:
@@ -565,15 +575,13 @@ def vocab_parallel_fused_linear_kd_loss(
                                              logit_scale, softcap)
     labels_1d = None if labels is None else labels.reshape(-1)
     plan = fused_linear._Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab,
-                              chunk_size=chunk_size, rows_fn=partial(rows, group=group), checks_values=True,
-                              rows_inplace=None)
-    scale_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    grad_scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, hidden.shape[0], batch_shape,
-                                 hidden.device, dtype=scale_dtype)
-    if any(needs):
+                              chunk_size=chunk_size, route=VocabParallelRoute(group), inplace=False)
+    grad_scale = reduction_scale(counted_rows(labels_1d, cfg.ignore_index), reduction, hidden.shape[0],
+                                 batch_shape, hidden.device)
+    if any(wanted):
         return fused_linear.FusedLinearKDFunction.apply(hidden, student_weight, student_bias, student, teacher,
-                                                        labels_1d, grad_scale, plan, needs)
-    row_loss, _ = fused_linear._run_chunks(plan, student, teacher, labels_1d, grad_scale, needs)
+                                                        labels_1d, grad_scale, plan, wanted)
+    row_loss, _ = fused_linear._run_chunks(plan, student, teacher, labels_1d, grad_scale, wanted)
     return reduce_rows(row_loss, grad_scale, reduction, batch_shape)
 
 
