@@ -121,18 +121,34 @@ class _Probs:
     global log-sum-exps [n] (finite: dead rows arrive with 0 and are masked by the caller)."""
 
     def __init__(self, student: torch.Tensor, teacher: torch.Tensor, inv_t: float,
-                 lse_student: torch.Tensor, lse_teacher: torch.Tensor) -> None:
-        self.logq = student.float() * inv_t - lse_student[:, None]
-        self.logp = teacher.float() * inv_t - lse_teacher[:, None]
-        self.q = self.logq.exp()
-        self.p = self.logp.exp()
+                 lse_student: torch.Tensor, lse_teacher: torch.Tensor, *, logs: bool = True) -> None:
+        # -lse + z / T in one pass, in float32 whatever the logits' dtype
+        self.logq = torch.add(-lse_student[:, None], student, alpha=inv_t)
+        self.logp = torch.add(-lse_teacher[:, None], teacher, alpha=inv_t)
+        if logs:
+            self.q, self.p = self.logq.exp(), self.logp.exp()
+        else:  # only the probabilities are needed: exponentiate in place
+            self.q, self.p = self.logq.exp_(), self.logp.exp_()
+            self.logq = self.logp = None
+
+
+def _lse(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """log-sum-exp of logits / T over the last dimension, in float32."""
+    tempered = logits.float()
+    return torch.logsumexp(tempered if inv_t == 1.0 else tempered * inv_t, -1)
+
+
+# divergence.h's grad of each divergence reads the log-probabilities too, except forward KL's
+GRAD_NEEDS_LOGS = {"forward_kl": False}
 
 
 def _terms(div: str, x: _Probs, wp: float, wq: float) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """This shard's share of the divergence [n] and of its row constants (divergence.h `terms`)."""
     logp, logq, p, q = x.logp, x.logq, x.p, x.q
     if div == "forward_kl":
-        return _if_pos(p, p * (logp - logq)).sum(-1), ()
+        # p (log p - log q) with 0 where p = 0 (the NaN of 0 * inf), +inf kept where q = 0 < p
+        terms = (logp - logq).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        return terms.sum(-1), ()
     if div == "reverse_kl":
         kl = (q * _if_pos(q, logq - logp)).sum(-1)
         return kl, (kl,)
@@ -224,11 +240,10 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
     local = torch.empty(n_stats * n_rows + 1, dtype=torch.float32, device=device)
     stats = local[:-1].view(n_stats, n_rows)
     for start, end in _row_chunks(n_rows, vocab):
-        student = student_logits[start:end].float()
-        stats[0, start:end] = torch.logsumexp(student * inv_t, -1)
-        stats[1, start:end] = torch.logsumexp(teacher_logits[start:end].float() * inv_t, -1)
+        stats[0, start:end] = _lse(student_logits[start:end], inv_t)
+        stats[1, start:end] = _lse(teacher_logits[start:end], inv_t)
         if ce_stats:
-            stats[2, start:end] = torch.logsumexp(student, -1)
+            stats[2, start:end] = _lse(student_logits[start:end], 1.0)
     local[-1] = float(vocab)  # exact in float32 below 2**24
 
     # 2. collective 1: every rank's statistics; the global log-sum-exps and this shard's offset
@@ -297,18 +312,23 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
 
     # 5. the gradient, written once: dL/dz = kd_scale / T * dD/du + ce_weight * (softmax(z) - e_y)
     consts = [partials[i] for i in range(1, 1 + n_consts)]
-    kd_coef = torch.where(teacher_alive & valid, grad_scale * cfg.kd_grad_scale, 0.0)
+    kd_rows = teacher_alive & valid
+    kd_coef = torch.where(kd_rows, grad_scale * cfg.kd_grad_scale, 0.0)
+    # rows without a KD term may hold inf / NaN terms (no teacher, ignored): zeroed, not scaled
+    kd_dead = ~kd_rows if not bool(kd_rows.all()) else None
     ce_coef = torch.where(valid, grad_scale * cfg.ce_weight, 0.0) if with_ce else None
+    logs = GRAD_NEEDS_LOGS.get(cfg.divergence, True)
     grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
     for start, end in _row_chunks(n_rows, vocab):
         x = _Probs(student_logits[start:end], teacher_logits[start:end], inv_t, lse_student[start:end],
-                   lse_teacher[start:end])
-        chunk = _divergence_grad(cfg.divergence, x, wp, wq, [c[start:end] for c in consts])
-        # where, not a product: a masked row's terms may be inf
-        chunk = torch.where(kd_coef[start:end, None] != 0, chunk * kd_coef[start:end, None], 0.0)
+                   lse_teacher[start:end], logs=logs)
+        chunk = _divergence_grad(cfg.divergence, x, wp, wq, [c[start:end] for c in consts])  # a new tensor
+        chunk.mul_(kd_coef[start:end, None])
+        if kd_dead is not None:
+            chunk.masked_fill_(kd_dead[start:end, None], 0.0)
         if with_ce:
-            softmax = x.q if not ce_stats else (student_logits[start:end].float() - lse_ce[start:end, None]).exp()
-            chunk = chunk + ce_coef[start:end, None] * softmax
+            softmax = x.q if not ce_stats else torch.add(-lse_ce[start:end, None], student_logits[start:end]).exp_()
+            chunk.addcmul_(softmax, ce_coef[start:end, None])
             rows_here = torch.arange(end - start, device=device)
             hit = owned[start:end]
             chunk[rows_here[hit], local_label[start:end][hit]] -= ce_coef[start:end][hit]

@@ -25,9 +25,10 @@ from kdkernels import distributed as kdd
 
 from conftest import DIVERGENCE_NAMES, assert_within_eager_error, make_labels, make_pair
 
-GROUP_TIMEOUT_S = 120
+GROUP_TIMEOUT_S = 300
 # gloo's own timeout: a collective that a rank never joins fails there instead of waiting forever
-COLLECTIVE_TIMEOUT_S = 30
+# (generous: a loaded CI machine can delay one rank by tens of seconds)
+COLLECTIVE_TIMEOUT_S = 120
 FP32_RTOL = 1e-5
 
 
@@ -242,6 +243,13 @@ def _check_no_grad_and_inputs(rank, split):
     shard.grad = None
     (loss * 3.0).backward()
     _assert_close(shard.grad, 3.0 * first, "a second backward with grad_output 3")
+    for reduction in ("mean", "batchmean", "sum", "none"):  # no rows: loss 0 (empty), no gradient
+        empty = torch.zeros(0, hi - lo, requires_grad=True)
+        loss = kdd.vocab_parallel_kd_loss(empty, torch.zeros(0, hi - lo), torch.zeros(0, dtype=torch.long),
+                                          ce_weight=0.5, divergence="jsd", reduction=reduction)
+        loss.sum().backward()
+        assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
+        assert empty.grad.shape == (0, hi - lo)
     shape = (1, N_ROWS, VOCAB)
     _check_logits_cases(rank, split, cases=[dict(divergence="skew_kl", beta=0.1, ce_weight=0.2)], shape=shape)
 
@@ -313,6 +321,23 @@ def _check_dtensor(rank, world):
         _assert_close(loss.to_local().detach(), expected_loss, f"DTensor {placement} loss")
         assert isinstance(student_d.grad, DTensor) and student_d.grad.placements == student_d.placements
         _assert_close(student_d.grad.full_tensor(), expected_grad, f"DTensor {placement} gradient")
+    # the README's recipe: ColwiseParallel lm_heads whose outputs stay DTensors placed Shard(-1)
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(3)
+    head, teacher_head = torch.nn.Linear(HIDDEN, VOCAB), torch.nn.Linear(HIDDEN, VOCAB)
+    hidden, head_labels = _linear_inputs()[0], _linear_inputs()[-1]
+    case = dict(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5)
+    expected = kdkernels.kd_loss(head(hidden), teacher_head(hidden).detach(), head_labels, **case)
+    expected.backward()
+    expected_grad = head.weight.grad.clone()
+    head.weight.grad = None
+    for module in (head, teacher_head):
+        parallelize_module(module, mesh, ColwiseParallel(use_local_output=False))
+    loss = kdkernels.kd_loss(head(hidden), teacher_head(hidden).detach(), head_labels, **case)
+    loss.backward()
+    _assert_close(loss.to_local().detach(), expected.detach(), "ColwiseParallel lm_head loss")
+    _assert_close(head.weight.grad.full_tensor(), expected_grad, "ColwiseParallel lm_head weight gradient")
     with pytest.raises(TypeError, match="teacher_logits must be one too"):
         kdkernels.kd_loss(distribute_tensor(student, mesh, [Shard(1)]), teacher, labels)
     with pytest.raises(ValueError, match="Shard\\(-1\\) .* or Replicate"):
