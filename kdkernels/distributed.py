@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from kdkernels import _checks
 from kdkernels.ops.reduction import counted_rows, reduce_rows, reduction_scale
@@ -358,6 +359,7 @@ class _VocabParallelKDFunction(torch.autograd.Function):
         return reduce_rows(row_loss, scale, reduction, batch_shape)
 
     @staticmethod
+    @once_differentiable  # first-order, like the fused kernels: backend="reference" for higher orders
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         return (_scaled(grad, grad_output, ctx.per_row),) + (None,) * 7
@@ -476,6 +478,7 @@ class _SumGradOverRanks(torch.autograd.Function):
         return hidden.view_as(hidden)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         # a new buffer: the incoming gradient may be one a later backward reads again
         total = grad.contiguous().clone()

@@ -243,6 +243,11 @@ def _check_no_grad_and_inputs(rank, split):
     shard.grad = None
     (loss * 3.0).backward()
     _assert_close(shard.grad, 3.0 * first, "a second backward with grad_output 3")
+    shard.grad = None
+    loss = kdd.vocab_parallel_kd_loss(shard, teacher[:, lo:hi], labels, divergence="tvd")
+    (grad,) = torch.autograd.grad(loss, shard, create_graph=True)
+    with pytest.raises(RuntimeError):  # first-order, like the fused kernels: no silent wrong second derivative
+        grad.sum().backward()
     for reduction in ("mean", "batchmean", "sum", "none"):  # no rows: loss 0 (empty), no gradient
         empty = torch.zeros(0, hi - lo, requires_grad=True)
         loss = kdd.vocab_parallel_kd_loss(empty, torch.zeros(0, hi - lo), torch.zeros(0, dtype=torch.long),
