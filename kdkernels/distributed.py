@@ -15,7 +15,9 @@ two points where a sum over the whole vocabulary is needed:
                          gradient needs (C = sum_i c_i; a second one, C2, for skew_kl) and the
                          label's logit (only the rank that holds the label has it);
   4. collective 2        one SUM all-reduce of those [k2, N] values;
-  5. gradient (local)    written once, in the forward pass; backward only scales it.
+  5. gradient (local)    written once, in the forward pass, from the row constants of step 4;
+                         backward only scales it. Forward KL's gradient needs no row constant,
+                         so it is written in step 3 from the same probabilities (one pass fewer).
 
 Both collectives move O(N) values per rank (never O(N * V)); backward moves nothing. An optional
 third, tiny all-gather of call metadata (``check_consistency``) makes ranks that disagree on N,
@@ -122,25 +124,17 @@ class _Probs:
     global log-sum-exps [n] (finite: dead rows arrive with 0 and are masked by the caller)."""
 
     def __init__(self, student: torch.Tensor, teacher: torch.Tensor, inv_t: float,
-                 lse_student: torch.Tensor, lse_teacher: torch.Tensor, *, logs: bool = True) -> None:
+                 lse_student: torch.Tensor, lse_teacher: torch.Tensor) -> None:
         # -lse + z / T in one pass, in float32 whatever the logits' dtype
         self.logq = torch.add(-lse_student[:, None], student, alpha=inv_t)
         self.logp = torch.add(-lse_teacher[:, None], teacher, alpha=inv_t)
-        if logs:
-            self.q, self.p = self.logq.exp(), self.logp.exp()
-        else:  # only the probabilities are needed: exponentiate in place
-            self.q, self.p = self.logq.exp_(), self.logp.exp_()
-            self.logq = self.logp = None
+        self.q, self.p = self.logq.exp(), self.logp.exp()
 
 
 def _lse(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
     """log-sum-exp of logits / T over the last dimension, in float32."""
     tempered = logits.float()
     return torch.logsumexp(tempered if inv_t == 1.0 else tempered * inv_t, -1)
-
-
-# divergence.h's grad of each divergence reads the log-probabilities too, except forward KL's
-GRAD_NEEDS_LOGS = {"forward_kl": False}
 
 
 def _terms(div: str, x: _Probs, wp: float, wq: float) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
@@ -279,8 +273,34 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
         owned = valid & (local_label >= 0) & (local_label < vocab)
         local_label = local_label.clamp(0, vocab - 1)
 
-    # 3. local partials [k2, N]: divergence, row constants, label logit
+    # dL/dz = kd_scale / T * dD/du + ce_weight * (softmax(z) - e_y), per chunk of rows
     n_consts = ROW_CONSTANTS[cfg.divergence]
+    grad = None
+    if compute_grad:
+        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+        kd_rows = teacher_alive & valid
+        kd_coef = torch.where(kd_rows, grad_scale * cfg.kd_grad_scale, 0.0)
+        # rows without a KD term may hold inf / NaN terms (no teacher, ignored): zeroed, not scaled
+        kd_dead = ~kd_rows if not bool(kd_rows.all()) else None
+        ce_coef = torch.where(valid, grad_scale * cfg.ce_weight, 0.0) if with_ce else None
+
+    def write_grad(start: int, end: int, x: _Probs, consts: Sequence[torch.Tensor]) -> None:
+        chunk = _divergence_grad(cfg.divergence, x, wp, wq, consts)  # a new tensor
+        chunk.mul_(kd_coef[start:end, None])
+        if kd_dead is not None:
+            chunk.masked_fill_(kd_dead[start:end, None], 0.0)
+        if with_ce:
+            softmax = x.q if not ce_stats else torch.add(-lse_ce[start:end, None], student_logits[start:end]).exp_()
+            chunk.addcmul_(softmax, ce_coef[start:end, None])
+            rows_here = torch.arange(end - start, device=device)
+            hit = owned[start:end]
+            chunk[rows_here[hit], local_label[start:end][hit]] -= ce_coef[start:end][hit]
+        grad[start:end] = chunk
+
+    # 3. local partials [k2, N]: divergence, row constants, label logit. A divergence whose
+    # gradient needs no row constant (forward KL) has its gradient written here, from the same
+    # probabilities, instead of in a pass of its own after collective 2.
+    early_grad = compute_grad and n_consts == 0
     partials = torch.zeros(1 + n_consts + with_ce, n_rows, dtype=torch.float32, device=device)
     for start, end in _row_chunks(n_rows, vocab):
         x = _Probs(student_logits[start:end], teacher_logits[start:end], inv_t, lse_student[start:end],
@@ -289,6 +309,8 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
         partials[0, start:end] = divergence
         for i, const in enumerate(consts, start=1):
             partials[i, start:end] = const
+        if early_grad:
+            write_grad(start, end, x, ())
         del x
     if with_ce:
         label_logit = student_logits.gather(1, local_label[:, None]).squeeze(1).float()
@@ -308,33 +330,16 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
     if cfg.divergence in ("forward_kl", "skew_kl") and bool((valid & torch.isposinf(kd_term)).any()):
         raise ValueError(f"student_logits is -inf where the teacher has probability ({cfg.divergence} "
                          f"would be infinite); mask an entry with -inf in both logits")
-    if not compute_grad:
-        return row_loss, None
+    if not compute_grad or early_grad:
+        return row_loss, grad
 
-    # 5. the gradient, written once: dL/dz = kd_scale / T * dD/du + ce_weight * (softmax(z) - e_y)
+    # 5. the gradient, written once, with the row constants of the whole vocabulary
     consts = [partials[i] for i in range(1, 1 + n_consts)]
-    kd_rows = teacher_alive & valid
-    kd_coef = torch.where(kd_rows, grad_scale * cfg.kd_grad_scale, 0.0)
-    # rows without a KD term may hold inf / NaN terms (no teacher, ignored): zeroed, not scaled
-    kd_dead = ~kd_rows if not bool(kd_rows.all()) else None
-    ce_coef = torch.where(valid, grad_scale * cfg.ce_weight, 0.0) if with_ce else None
-    logs = GRAD_NEEDS_LOGS.get(cfg.divergence, True)
-    grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
     for start, end in _row_chunks(n_rows, vocab):
         x = _Probs(student_logits[start:end], teacher_logits[start:end], inv_t, lse_student[start:end],
-                   lse_teacher[start:end], logs=logs)
-        chunk = _divergence_grad(cfg.divergence, x, wp, wq, [c[start:end] for c in consts])  # a new tensor
-        chunk.mul_(kd_coef[start:end, None])
-        if kd_dead is not None:
-            chunk.masked_fill_(kd_dead[start:end, None], 0.0)
-        if with_ce:
-            softmax = x.q if not ce_stats else torch.add(-lse_ce[start:end, None], student_logits[start:end]).exp_()
-            chunk.addcmul_(softmax, ce_coef[start:end, None])
-            rows_here = torch.arange(end - start, device=device)
-            hit = owned[start:end]
-            chunk[rows_here[hit], local_label[start:end][hit]] -= ce_coef[start:end][hit]
-        grad[start:end] = chunk
-        del x, chunk
+                   lse_teacher[start:end])
+        write_grad(start, end, x, [c[start:end] for c in consts])
+        del x
     return row_loss, grad
 
 
