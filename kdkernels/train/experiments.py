@@ -226,7 +226,8 @@ def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.Opti
     # The same seed before every student: all runs start from the same weights and see the
     # same batches, so they differ only in the loss.
     torch.manual_seed(session.seed)
-    student = parallel.prepare_student(build_student(plan.student, vocab))
+    student = build_student(plan.student, vocab)
+    student = parallel.prepare_student(student)
     align = None
     if spec.feature_align != "off":
         align = kdkernels.nn.FeatureAlignmentLoss(student.hidden_size, session.teacher.hidden_size,
@@ -234,11 +235,11 @@ def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.Opti
     teacher = session.teacher if spec.uses_teacher else None
 
     def batch_loss(inputs, targets):
+        inputs, targets = parallel.local_rows(inputs), parallel.local_rows(targets)
         return loop.student_objective(spec, student, teacher, inputs, targets, align)
 
-    batches = parallel.local_batches(data.train_batches(session.corpus.train, batch_size=optim.batch_size,
-                                                        context=session.context, steps=optim.steps,
-                                                        seed=session.seed + 1))
+    batches = data.train_batches(session.corpus.train, batch_size=optim.batch_size, context=session.context,
+                                 steps=optim.steps, seed=session.seed + 1)
     fitted = loop.fit(student, align.parameters() if align is not None else [], batch_loss, batches, optim,
                       lambda: loop.evaluate(student, session.eval_windows, session.teacher_top1),
                       desc=plan.name, progress=progress)

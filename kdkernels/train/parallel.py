@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -101,17 +101,15 @@ def prepare_student(student: nn.Module) -> nn.Module:
     return student
 
 
-def local_batches(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """fsdp: this rank's contiguous share of each batch's sequences; otherwise the batches."""
+def local_rows(batch: torch.Tensor) -> torch.Tensor:
+    """fsdp: this rank's contiguous share of a batch's sequences [B, ...]; otherwise the batch."""
     if _mode != "fsdp":
-        yield from batches
-        return
+        return batch
     rank, world = dist.get_rank(), dist.get_world_size()
-    for batch in batches:
-        if batch.shape[0] % world:
-            raise ValueError(f"--parallel fsdp needs a batch size divisible by the {world} ranks, got {batch.shape[0]}")
-        share = batch.shape[0] // world
-        yield batch[rank * share:(rank + 1) * share]
+    if batch.shape[0] % world:
+        raise ValueError(f"--parallel fsdp needs a batch size divisible by the {world} ranks, got {batch.shape[0]}")
+    share = batch.shape[0] // world
+    return batch[rank * share:(rank + 1) * share]
 
 
 # --- tp -------------------------------------------------------------------------------------------
