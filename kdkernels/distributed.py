@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from kdkernels import _checks
+from kdkernels.ops.fused import first_order, scale_saved_grads
 from kdkernels.ops.reduction import counted_rows, reduce_rows, reduction_scale
 from kdkernels._config import KDConfig
 
@@ -278,7 +279,7 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
     grad = None
     if compute_grad:
         grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
-        kd_rows = teacher_alive & valid
+        kd_rows = teacher_alive & valid & (cfg.kd_scale > 0)
         kd_coef = torch.where(kd_rows, grad_scale * cfg.kd_grad_scale, 0.0)
         # rows without a KD term may hold inf / NaN terms (no teacher, ignored): zeroed, not scaled
         kd_dead = ~kd_rows if not bool(kd_rows.all()) else None
@@ -319,7 +320,7 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
     # 4. collective 2: the sums over the whole vocabulary
     dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
 
-    kd_term = torch.where(teacher_alive, cfg.kd_scale * partials[0], 0.0)
+    kd_term = torch.where(teacher_alive & (cfg.kd_scale > 0), cfg.kd_scale * partials[0], 0.0)
     row_loss = kd_term
     if with_ce:
         ce_term = cfg.ce_weight * (lse_ce - partials[-1])
@@ -345,16 +346,6 @@ def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Opt
 
 # --- autograd: the gradient comes from the forward pass ----------------------------------------
 
-def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """grad * grad_output as a new tensor (the saved gradient itself when grad_output is 1 on the
-    CPU, where reading it costs no synchronisation); the saved gradient is never written."""
-    if per_row:
-        return grad * grad_output.reshape(-1, 1).to(grad.dtype)
-    if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
-        return grad
-    return grad * grad_output.to(grad.dtype)
-
-
 class _VocabParallelKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, scale, cfg, reduction, batch_shape, group):
@@ -364,10 +355,11 @@ class _VocabParallelKDFunction(torch.autograd.Function):
         return reduce_rows(row_loss, scale, reduction, batch_shape)
 
     @staticmethod
-    @once_differentiable  # first-order, like the fused kernels: backend="reference" for higher orders
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (_scaled(grad, grad_output, ctx.per_row),) + (None,) * 7
+        with torch.no_grad():  # kdkernels.ops.fused: the saved-gradient rule, first-order only
+            (grad,) = scale_saved_grads([grad], grad_output, ctx.per_row)
+        return (*first_order([grad]),) + (None,) * 7
 
 
 def vocab_parallel_kd_loss(
@@ -464,7 +456,7 @@ class VocabParallelRoute:
     def __init__(self, group) -> None:
         self.group = group
 
-    def check_values(self, teacher_logits, labels, vocab, ignore_index) -> None:
+    def check_values(self, student_logits, teacher_logits, labels, cfg) -> None:
         """Nothing here: `rows` checks values and labels against every rank's shard."""
 
     def rows(self, student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad):
