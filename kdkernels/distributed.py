@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from kdkernels import _checks
+from kdkernels._config import KDConfig
 from kdkernels.ops.fused import first_order, scale_saved_grads
 from kdkernels.ops.reduction import counted_rows, reduce_rows, reduction_scale
-from kdkernels._config import KDConfig
 
 # Elements of one float32 [rows, V_r] temporary of the local phases: rows per chunk =
 # CHUNK_ELEMENTS // V_r (at least 1). A phase holds up to about ten such temporaries at once, so
@@ -405,7 +405,7 @@ def vocab_parallel_kd_loss(
 
     Returns:
         The loss, equal on every rank: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``;
-        float32.
+        float32 (float64 for float64 input; the math runs in float32 either way).
     """
     error = None
     try:
