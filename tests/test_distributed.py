@@ -411,6 +411,33 @@ def _check_fused_linear(rank, split):
         assert len(backward) == 1 + (2 * n_chunks if case.get("reduction") == "none" else 0), backward
 
 
+def _check_fused_linear_bf16(rank, split):
+    """bf16 lm_heads: loss and gradients against the float64 oracle within 2x eager PyTorch's error
+    at bf16 (the reference backend on the same bf16 tensors)."""
+    lo, hi = shard_bounds(split, rank)
+    hidden, weight, bias, teacher_hidden, teacher_weight, labels = _linear_inputs(torch.bfloat16)
+    case = dict(divergence="reverse_kl", ce_weight=0.5, temperature=2.0, chunk_size=4)
+
+    def single(dtype, backend):
+        params = [t.detach().to(dtype).requires_grad_(True) for t in (hidden, weight)]
+        loss = kdkernels.fused_linear_kd_loss(params[0], params[1], teacher_hidden.to(dtype),
+                                              teacher_weight.to(dtype), labels, backend=backend, **case)
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in params]
+
+    eager, oracle = single(torch.bfloat16, "reference"), single(torch.float64, "reference")
+    params = [hidden.clone().requires_grad_(True), weight[lo:hi].clone().requires_grad_(True)]
+    loss = kdd.vocab_parallel_fused_linear_kd_loss(params[0], params[1], teacher_hidden, teacher_weight[lo:hi],
+                                                   labels, **case)
+    loss.backward()
+    assert params[0].grad.dtype == params[1].grad.dtype == torch.bfloat16
+    assert_within_eager_error(loss.detach(), eager[0], oracle[0], what="bf16 fused-linear loss",
+                              floor_dtype=torch.float32)
+    assert_within_eager_error(params[0].grad, eager[1], oracle[1], what="bf16 fused-linear hidden gradient")
+    assert_within_eager_error(params[1].grad, eager[2][lo:hi], oracle[2][lo:hi],
+                              what="bf16 fused-linear weight gradient")
+
+
 # --- FSDP2: a fully_shard student whose lm_head weight reaches the loss as a sharded DTensor -----
 
 def _fsdp_student(vocab, hidden, features):
@@ -487,6 +514,7 @@ def _two_rank_worker(rank, world):
     _check_bf16(rank, split)
     _check_collective_counts(rank, split)
     _check_fused_linear(rank, split)
+    _check_fused_linear_bf16(rank, split)
     _check_dtensor(rank, world)
     _check_fsdp_training(rank, world)
 
