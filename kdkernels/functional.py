@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from kdkernels import _checks
+from kdkernels import _checks, distributed
 from kdkernels.ops import features as _features
 from kdkernels.ops.fused_linear import fused_linear_loss
 from kdkernels.ops.reduction import reduce_masked
@@ -85,6 +85,11 @@ def kd_loss(
         is finite; with the CE term, the label on a ``-inf`` entry. ``-inf`` on both sides is
         masking, not an error.
     """
+    if distributed.is_dtensor(student_logits):  # vocabulary-sharded (tensor-parallel) or replicated logits
+        return distributed.dtensor_kd_loss(
+            student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, beta=beta,
+            kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+            reduction=reduction, backend=backend)
     _checks.check_logits_pair(student_logits, teacher_logits)
     labels = _checks.check_labels(labels, student_logits.shape[:-1], student_logits.device)
     reduction = _checks.check_reduction(reduction)
@@ -165,6 +170,9 @@ def fused_linear_kd_loss(
         The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
         float64 input).
     """
+    # FSDP2-sharded (DTensor) lm_heads: gathered once for the call, freed when it returns
+    student_weight, student_bias, teacher_weight, teacher_bias = distributed.gather_sharded_weights(
+        student_weight, student_bias, teacher_weight, teacher_bias)
     _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
                               "student_bias", student_bias)
     _checks.check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import kdkernels
-from kdkernels.train import data, experiments, loop, models, report
+from kdkernels.train import data, experiments, loop, models, parallel, report
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--no-cache", action="store_true", help="train the teacher even if it is cached, keep nothing")
     where.add_argument("--teacher", metavar="PATH", help="local Hugging Face causal-LM checkpoint as the teacher")
     where.add_argument("--student", metavar="PATH", help="local Hugging Face causal-LM checkpoint as the student")
+    parallel.add_argument(where)
     where.add_argument("--student-sizes", type=_name_list, default=[], metavar="LxD,...",
                        help="more built-in student sizes, e.g. 1x32,2x128: a baseline and a KD run each")
 
@@ -167,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     kinds = _check_options(parser, args)
+    parallel.check(parser, args, kinds)
+    args.no_progress |= not parallel.init(args.parallel)
     preset = _preset_with_flags(args)
     threads_before = torch.get_num_threads()
     if args.threads or preset.threads:
@@ -256,7 +259,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: List[
     experiments.warm_up(plans, session, vocab)
     runs = [experiments.run_one(plan, session, vocab) for plan in plans]
 
-    _write_outputs(args, runs, info, corpus, context, started)
+    if parallel.is_main():
+        _write_outputs(args, runs, info, corpus, context, started)
     return 0
 
 

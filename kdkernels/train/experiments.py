@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import kdkernels
-from kdkernels.train import data, loop, models
+from kdkernels.train import data, loop, models, parallel
 from kdkernels.train.memory import PeakMemory
 
 # Bump when a change to the model or the teacher's training makes cached teachers stale.
@@ -227,6 +227,7 @@ def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.Opti
     # same batches, so they differ only in the loss.
     torch.manual_seed(session.seed)
     student = build_student(plan.student, vocab)
+    student = parallel.prepare_student(student)
     align = None
     if spec.feature_align != "off":
         align = kdkernels.nn.FeatureAlignmentLoss(student.hidden_size, session.teacher.hidden_size,
@@ -234,6 +235,7 @@ def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.Opti
     teacher = session.teacher if spec.uses_teacher else None
 
     def batch_loss(inputs, targets):
+        inputs, targets = parallel.local_rows(inputs), parallel.local_rows(targets)
         return loop.student_objective(spec, student, teacher, inputs, targets, align)
 
     batches = data.train_batches(session.corpus.train, batch_size=optim.batch_size, context=session.context,

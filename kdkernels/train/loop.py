@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import kdkernels
+from kdkernels.train import parallel
 
 LOSS_KINDS = ("ce", "kd", "cakd", "dkd")
 
@@ -136,7 +137,9 @@ def student_objective(spec: LossSpec, student: nn.Module, teacher: Optional[nn.M
     vocab = min(student.vocab_size, teacher.vocab_size)
     student_weight, student_bias = _head(student, vocab)
     teacher_weight, teacher_bias = _head(teacher, vocab)
-    if spec.kind == "kd" and fused_linear_available():
+    if spec.kind == "kd" and parallel.mode() != "none":  # the lm_heads split over ranks (--parallel)
+        loss = parallel.fused_linear_kd_loss(student, teacher, hidden_2d, teacher_2d, labels, **_kd_options(spec))
+    elif spec.kind == "kd" and fused_linear_available():
         # The logits [B*S, V] are never materialised: the head GEMMs run chunk by chunk inside the loss.
         loss = kdkernels.fused_linear_kd_loss(hidden_2d, student_weight, teacher_2d, teacher_weight, labels,
                                               student_bias=student_bias, teacher_bias=teacher_bias,
