@@ -11,6 +11,8 @@ from kdkernels import functional
 from kdkernels.features import AttentionTransferLoss, FeatureAlignmentLoss  # noqa: F401  (public here)
 from kdkernels.cakd import cakd_loss, dkd_loss
 from kdkernels.fused_linear import fused_linear_kd_loss
+from kdkernels.sparse import SparseKDLoss  # noqa: F401  (public here)
+from kdkernels.fused_linear_sparse import FusedLinearSparseKDLoss  # noqa: F401  (public here)
 
 
 class KDLoss(nn.Module):
