@@ -5,6 +5,7 @@ mismatched vocabularies, and the reader feeding sparse_kd_loss."""
 from __future__ import annotations
 
 import filecmp
+import math
 import os
 import subprocess
 import sys
@@ -169,3 +170,21 @@ def test_token_file_loading(tmp_path):
     (tmp_path / "text.txt").write_bytes(b"abcdefgh")
     assert teacher_cache.load_token_file(str(tmp_path / "text.txt"), 4).tolist() == [[97, 98, 99, 100],
                                                                                      [101, 102, 103, 104]]
+
+
+def test_trainer_sparse_teacher_run(tmp_path, capsys):
+    from kdkernels.train.__main__ import main
+
+    out = tmp_path / "out"
+    flags = ["--quick", "--no-progress", "--steps", "20", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*flags, "--sparse-teacher", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "kd-top4" in table and "KD top-4 residual" in table
+    import json
+
+    runs = {run["name"]: run for run in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"baseline", "kd", "kd-top4"} and math.isfinite(runs["kd-top4"]["val_loss"])
+    # a second invocation reuses the cache it names
+    cache_dir = runs["kd-top4"]["teacher_cache"]
+    assert main([*flags, "--teacher-cache", cache_dir]) == 0
+    assert "kd-top4" in capsys.readouterr().out
