@@ -163,10 +163,10 @@ def run(student, ids, values, labels=None, *, grad_output=None, backend="cpu", *
     return loss.detach(), student.grad
 
 
-def check(student, ids, values, labels=None, *, grad_output=None, **options):
-    """The CPU kernel's loss and gradient against the oracle, within 2x the reference backend's own
-    error at the student's dtype."""
-    loss, grad = run(student, ids, values, labels, grad_output=grad_output, **options)
+def check(student, ids, values, labels=None, *, grad_output=None, backend="cpu", **options):
+    """A kernel's (`backend`) loss and gradient against the oracle, within 2x the reference
+    backend's own error at the student's dtype."""
+    loss, grad = run(student, ids, values, labels, grad_output=grad_output, backend=backend, **options)
     eager_loss, eager_grad = run(student, ids, values, labels, grad_output=grad_output, backend="reference",
                                  **options)
     ref_loss, ref_grad = oracle(student, ids, values, labels, grad_output=grad_output, **options)
