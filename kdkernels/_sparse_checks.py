@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from kdkernels import _checks
-from kdkernels._config import KDConfig
+from kdkernels._config import TEMPERATURE_RANGE, KDConfig
 
 # Names and the integer ids the compiled kernels use (csrc/include/kdkernels/sparse.h).
 TEACHER_KINDS = {"logprobs": 0, "logits": 1, "probs": 2}
 MISSING_MASS = {"renormalize": 0, "residual": 1, "support": 2}
-
-# Temperatures outside this range make exp/log overflow in float32.
-TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -63,24 +59,15 @@ class SparseTeacher(NamedTuple):
         return SparseTeacher(self.ids[start:end], self.values[start:end])
 
 
-def _check_temperature(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    low, high = TEMPERATURE_RANGE
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be finite and in [{low:g}, {high:g}], got {value}")
-    return value
-
-
 def make_sparse_config(*, teacher_kind, teacher_temperature, missing_mass, pad_id, divergence, temperature,
                        beta, kd_weight, ce_weight, scale_by_t2, ignore_index, has_labels: bool) -> SparseConfig:
-    kd = _checks.make_config(divergence=divergence, temperature=_check_temperature("temperature", temperature),
+    kd = _checks.make_config(divergence=divergence, temperature=temperature,
                              beta=beta, kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, has_labels=has_labels)
     _checks.check_choice("teacher_kind", teacher_kind, TEACHER_KINDS)
     _checks.check_choice("missing_mass", missing_mass, MISSING_MASS)
-    teacher_temperature = _check_temperature("teacher_temperature", teacher_temperature)
+    low, high = TEMPERATURE_RANGE  # the range kd_loss allows its temperature
+    teacher_temperature = _checks._check_number("teacher_temperature", teacher_temperature, low=low, high=high)
     if teacher_kind == "probs" and teacher_temperature != 1.0:
         raise ValueError("teacher_temperature re-tempers log-prob / logit values; probabilities are used as "
                          f"given: leave it 1.0 with teacher_kind='probs', got {teacher_temperature}")
@@ -91,8 +78,7 @@ def make_sparse_config(*, teacher_kind, teacher_temperature, missing_mass, pad_i
         raise ValueError("missing_mass='residual' needs the teacher's mass outside the support, which logits "
                          "on the support do not carry: pass teacher_kind='logprobs' or 'probs', or use "
                          "missing_mass='renormalize' / 'support'")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    _checks.check_int("pad_id", pad_id)
     return SparseConfig(kd=kd, teacher_kind=teacher_kind, teacher_temperature=teacher_temperature,
                         missing_mass=missing_mass, pad_id=pad_id)
 

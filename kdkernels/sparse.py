@@ -18,45 +18,22 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from kdkernels import _checks, _dispatch
-from kdkernels._autograd import fused_rows_loss, reduce_rows, reduction_scale
-from kdkernels._sparse_checks import (SparseConfig, SparseTeacher, check_label_range, check_sparse_teacher,
-                                      check_student,
-                                      effective_labels, make_sparse_config)
-from kdkernels.backends import reference_sparse
+from kdkernels import _checks
+from kdkernels._sparse_checks import (check_label_range, check_sparse_teacher, check_student, effective_labels,
+                                      make_sparse_config)
+from kdkernels._config import math_dtype
+from kdkernels.ops import sparse as sparse_ops
 
 
-def sparse_backend(backend: str, tensor: torch.Tensor):
-    """(name, module) of the backend that runs the sparse loss: as kd_loss chooses, except that
-    "auto" falls back to the reference where the chosen backend has no sparse kernel."""
-    name = _dispatch.resolve(backend, tensor)
-    if name == "cpu":
-        from kdkernels.backends import cpu_sparse
-
-        if cpu_sparse.available():
-            return name, cpu_sparse
-    elif name == "triton":
-        from kdkernels.backends.triton import sparse as triton_sparse
-
-        return name, triton_sparse
-    elif name == "reference":
-        return name, reference_sparse
-    if backend == "auto":
-        return "reference", reference_sparse
-    raise ValueError(f"backend={backend!r} has no sparse-teacher kernel in this process; use backend='auto' "
-                     f"or 'reference'")
-
-
-def prepare(student, teacher_ids, teacher_values, labels, batch_shape, vocab, options: dict):
+def _prepare(student, teacher_ids, teacher_values, labels, batch_shape, vocab, options: dict):
     """Validates a sparse loss call; returns (cfg, SparseTeacher [N, k], effective labels [N], reduction)."""
     labels = _checks.check_labels(labels, batch_shape, student.device)
     reduction = _checks.check_reduction(options.pop("reduction"))
     cfg = make_sparse_config(has_labels=labels is not None, **options)
     check_label_range(labels, vocab, cfg.ignore_index)
-    math_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    teacher = check_sparse_teacher(teacher_ids, teacher_values, batch_shape, vocab, student.device, cfg, math_dtype)
+    teacher = check_sparse_teacher(teacher_ids, teacher_values, batch_shape, vocab, student.device, cfg,
+                                   math_dtype(student.dtype))
     return cfg, teacher, effective_labels(labels, teacher, cfg), reduction
 
 
@@ -127,47 +104,79 @@ def sparse_kd_loss(
     check_student("student_logits", student_logits)
     batch_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
-    cfg, teacher, labels_1d, reduction = prepare(
+    cfg, teacher, labels_1d, reduction = _prepare(
         student_logits, teacher_ids, teacher_values, labels, batch_shape, vocab,
         dict(teacher_kind=teacher_kind, teacher_temperature=teacher_temperature, missing_mass=missing_mass,
              pad_id=pad_id, divergence=divergence, temperature=temperature, beta=beta, kd_weight=kd_weight,
              ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index, reduction=reduction))
-    name, impl = sparse_backend(backend, student_logits)
-    student_2d = student_logits.reshape(-1, vocab)
-    if name == "reference":
-        _checks.check_finite("student_logits", student_logits)
-        rows = reference_sparse.row_losses(student_2d, teacher, labels_1d, cfg)
-        reference_sparse.check_row_losses(rows.detach())
-        scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, student_2d.shape[0], batch_shape,
-                                student_2d.device, dtype=rows.dtype)
-        return reduce_rows(rows, scale, reduction, batch_shape)
-    return fused_rows_loss(student_2d, teacher, labels_1d, cfg, reduction, batch_shape, impl.rows)
+    return sparse_ops.sparse_loss(student_logits, teacher, labels_1d, cfg, reduction, backend)
 
 
-class SparseKDLoss(nn.Module):
-    """Module form of :func:`kdkernels.sparse_kd_loss`; keyword arguments are its options.
+def fused_linear_sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    teacher_kind: str = "logprobs",
+    teacher_temperature: float = 1.0,
+    missing_mass: str = "renormalize",
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+    pad_id: int = -1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sparse-teacher KD loss of a student lm_head, without materialising ``[tokens, vocab]`` logits.
 
-    Example::
+    Equal to ``sparse_kd_loss(student_logits, teacher_ids, teacher_values, labels, ...)`` with
+    ``student_logits = softcap(logit_scale * (student_hidden @ student_weight.T + student_bias))``.
+    Tokens are processed ``chunk_size`` rows at a time (the logits GEMM, the sparse row kernel
+    writing the gradient over the chunk's logits, the gradient GEMMs), so memory beyond the inputs
+    and gradients is one chunk of logits; no teacher logits exist at all. Gradients are computed in
+    the forward pass, only for the tensors that require grad.
 
-        criterion = SparseKDLoss(missing_mass="residual", temperature=1.0, ce_weight=0.5, kd_weight=0.5)
-        loss = criterion(student_logits, teacher_ids, teacher_logprobs, labels)
+    Args:
+        student_hidden: ``[N, H]`` or ``[B, S, H]`` final hidden states, float32 / bfloat16 /
+            float16 (float64 runs on the reference backend).
+        student_weight: lm_head weight ``[V, H]``, the same dtype.
+        teacher_ids, teacher_values: the sparse teacher, ``[N, k]`` / ``[B, S, k]`` (see
+            :func:`sparse_kd_loss`); ids in ``[0, V)`` or ``pad_id``.
+        labels: integer ``[N]`` / ``[B, S]``, optional (required when ``ce_weight > 0``).
+        student_bias: optional lm_head bias ``[V]``.
+        chunk_size, softcap, logit_scale: as in :func:`kdkernels.fused_linear_kd_loss` (the default
+            chunk fits the per-chunk logits in its memory budget).
+        teacher_kind, teacher_temperature, missing_mass, divergence, temperature, beta, kd_weight,
+        ce_weight, scale_by_t2, ignore_index, pad_id, reduction, backend: as in
+            :func:`sparse_kd_loss`; "mean" divides by the non-ignored tokens of the whole call.
+            With "none" the gradients are computed in backward (they depend on each row's incoming
+            gradient), which runs the logits GEMMs a second time.
+
+    Returns:
+        The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
+        float64 input).
     """
-
-    def __init__(self, **options) -> None:
-        super().__init__()
-        self.options = dict(options)
-        # Validate the options now rather than at the first forward.
-        labels = torch.zeros(1, dtype=torch.long) if self.options.get("ce_weight", 0) else None
-        with torch.no_grad():
-            sparse_kd_loss(torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), labels,
-                           **{**self.options, "backend": "reference"})
-
-    def forward(self, student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_values: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return sparse_kd_loss(student_logits, teacher_ids, teacher_values, labels, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
+                              "student_bias", student_bias)
+    batch_shape = tuple(student_hidden.shape[:-1])
+    chunk_size, softcap, logit_scale = _checks.check_lm_head_options(chunk_size, softcap, logit_scale)
+    cfg, teacher, labels_1d, reduction = _prepare(
+        student_hidden, teacher_ids, teacher_values, labels, batch_shape, student_weight.shape[0],
+        dict(teacher_kind=teacher_kind, teacher_temperature=teacher_temperature, missing_mass=missing_mass,
+             pad_id=pad_id, divergence=divergence, temperature=temperature, beta=beta, kd_weight=kd_weight,
+             ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index, reduction=reduction))
+    return sparse_ops.fused_linear_sparse_loss(student_hidden, student_weight, student_bias, teacher, labels_1d, cfg,
+                                               reduction, backend, chunk_size, softcap, logit_scale)
 
 
-__all__ = ["sparse_kd_loss", "SparseKDLoss", "SparseConfig", "SparseTeacher"]
+__all__ = ["sparse_kd_loss", "fused_linear_sparse_kd_loss"]

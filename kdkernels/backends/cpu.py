@@ -38,9 +38,16 @@ def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
               grad_scale: torch.Tensor, cfg, compute_grad: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Decomposed KL (kdkernels.cakd): (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)."""
+    """Decomposed KL (kdkernels.cakd_loss): (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)."""
     row_loss, components, grad = torch.ops.kdkernels.cakd_loss_fwd(
         student_logits, teacher_logits, labels, grad_scale, cfg.group_rule_id, cfg.top_k, cfg.mass,
         cfg.bcd_weight, cfg.scd_weight, cfg.wcd_weight, cfg.scd_teacher_mass, cfg.wcd_teacher_mass,
         cfg.temperature, cfg.scale_by_t2, cfg.ignore_index, compute_grad)
     return row_loss, components, (grad if compute_grad else None)
+
+
+# The sparse-teacher family (kdkernels.sparse_kd_loss), where the loaded build has its ops.
+from kdkernels.backends import cpu_sparse  # noqa: E402
+
+if cpu_sparse.available():
+    sparse_rows, sparse_rows_inplace = cpu_sparse.sparse_rows, cpu_sparse.sparse_rows_inplace

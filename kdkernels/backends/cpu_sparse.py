@@ -10,11 +10,6 @@ import torch
 from kdkernels import _extension
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
 
-# Student NaN/+inf and ids or labels out of range are reported by the kernel itself (the teacher
-# values are checked once at the public call).
-CHECKS_VALUES = True
-
-
 def available() -> bool:
     """Whether the loaded CPU build has the sparse ops (an older build may not)."""
     return _extension.cpu_available() and hasattr(torch.ops.kdkernels, "sparse_kd_loss_fwd")
@@ -26,7 +21,7 @@ def _options(cfg: SparseConfig):
             kd.beta, kd.kd_weight, kd.ce_weight, kd.scale_by_t2, kd.ignore_index, cfg.pad_id)
 
 
-def rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
+def sparse_rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
          grad_scale: torch.Tensor, cfg: SparseConfig, compute_grad: bool
          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     row_loss, grad = torch.ops.kdkernels.sparse_kd_loss_fwd(
@@ -34,9 +29,9 @@ def rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[
     return row_loss, (grad if compute_grad else None)
 
 
-def rows_inplace(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
+def sparse_rows_inplace(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
                  grad_scale: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
-    """`rows` with the gradient written over the (contiguous) student logits; returns row_loss."""
+    """`sparse_rows` with the gradient written over the (contiguous) student logits; returns row_loss."""
     return torch.ops.kdkernels.sparse_kd_loss_fwd_inplace_(
         student_logits, teacher.ids, teacher.values, labels, grad_scale, *_options(cfg))
 

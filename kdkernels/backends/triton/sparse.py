@@ -25,10 +25,8 @@ import triton
 import triton.language as tl
 
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
-from kdkernels.backends.triton.kd_loss import (_FORWARD_KL, _divergence_grad, _divergence_terms, _log_or_neg_inf,
-                                               _max_with_nan, _on_device, mixture_weights)
-
-CHECKS_VALUES = True
+from kdkernels.backends.triton.kd_loss import (_divergence_grad, _divergence_terms, _log_or_neg_inf, _max_with_nan,
+                                               _on_device)
 
 _NEG_BIG = tl.constexpr(-3.0e38)
 _LOGPROBS = tl.constexpr(0)
@@ -245,7 +243,7 @@ def _launch(student: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor,
         student = student.contiguous()
     kd = cfg.kd
     k = teacher.ids.shape[-1]
-    mix_wp, mix_wq = mixture_weights(kd)
+    mix_wp, mix_wq = kd.mixture_weights
     block = block or min(MAX_BLOCK, triton.next_power_of_2(vocab))
     with _on_device(student.device):
         _sparse_kd_fwd_kernel[(n_rows,)](
@@ -268,7 +266,7 @@ def _check(row_loss: torch.Tensor) -> torch.Tensor:
     return row_loss
 
 
-def rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
+def sparse_rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
          grad_scale: torch.Tensor, cfg: SparseConfig, compute_grad: bool, *, block: Optional[int] = None
          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The backend contract (kdkernels.backends) with a SparseTeacher; `labels` are the effective
@@ -278,7 +276,7 @@ def rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[
     return _check(_launch(student_logits, teacher, labels, grad, grad_scale, cfg, block)), grad
 
 
-def rows_inplace(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
+def sparse_rows_inplace(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
                  grad_scale: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
     """`rows` with the gradient written over the contiguous student logits (each program gathers
     its row's support and label logits before it writes)."""

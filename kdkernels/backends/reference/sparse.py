@@ -16,16 +16,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kdkernels._config import math_dtype
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
-from kdkernels.backends.reference import _xlogratio, divergence_per_row
-
-CHECKS_VALUES = False
+from kdkernels.backends.reference.kd import divergence_per_row, xlogratio
 
 _NEG_INF = -math.inf
-
-
-def _math_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +63,11 @@ def teacher_buckets(values: torch.Tensor, used: torch.Tensor, rest_exists: torch
     return logp, log_rest, ~empty | with_rest
 
 
-def row_losses(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
+def row_loss(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
                cfg: SparseConfig) -> torch.Tensor:
     """Differentiable per-row loss [N] for student logits [N, V] and a sparse teacher [N, k];
     rows whose label is ignore_index give 0 (callers mark all-padding rows so)."""
-    dtype = _math_dtype(student_logits)
+    dtype = math_dtype(student_logits.dtype)
     z = student_logits.to(dtype)
     vocab = z.shape[-1]
     used = teacher.ids != cfg.pad_id
@@ -94,16 +89,16 @@ def row_losses(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Opt
     logp = torch.where(has_mass[:, None], logp, logq.detach())
 
     if cfg.missing_mass == "renormalize":
-        divergence = _xlogratio(logp.exp(), logp, logq).sum(-1)
+        divergence = xlogratio(logp.exp(), logp, logq).sum(-1)
     elif cfg.missing_mass == "support":
-        divergence = divergence_per_row(logp, logq, cfg.kd.divergence, cfg.kd.beta)
+        divergence = divergence_per_row(logp, logq, cfg.kd)
     else:
         # scatter_add: the padding slots (id 0 here) must not clear a real id 0
         in_support = ids.new_zeros(u.shape).scatter_add(-1, ids, used.long()) > 0
         logq_rest = torch.logsumexp(u.masked_fill(in_support, _NEG_INF), -1) - lse
         logp_rest = torch.where(has_mass, logp_rest, logq_rest.detach())
         divergence = divergence_per_row(torch.cat([logp, logp_rest[:, None]], -1),
-                                        torch.cat([logq, logq_rest[:, None]], -1), cfg.kd.divergence, cfg.kd.beta)
+                                        torch.cat([logq, logq_rest[:, None]], -1), cfg.kd)
     divergence = torch.where(student_masks_support & has_mass, torch.full_like(divergence, math.inf), divergence)
     loss = cfg.kd.kd_scale * divergence
     if torch.is_grad_enabled() and z.requires_grad and not loss.requires_grad:
@@ -117,33 +112,9 @@ def row_losses(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Opt
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
-def check_row_losses(row_loss: torch.Tensor) -> None:
-    """The ValueError the compiled kernel raises for a row whose loss is infinite or undefined."""
+def check_row_loss(row_loss: torch.Tensor) -> None:
+    """The ValueError of a row whose loss is infinite or undefined: NaN / +inf student logits (the
+    teacher was checked at the public call), or mass on entries the student masks."""
     if not bool(torch.isfinite(row_loss).all()):
-        raise ValueError("student_logits: a row's loss is infinite: the teacher or the label puts mass on an "
-                         "entry the student masks with -inf (or the whole student row is -inf)")
-
-
-def rows(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
-         grad_scale: torch.Tensor, cfg: SparseConfig, compute_grad: bool
-         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The backend contract (kdkernels.backends) with a SparseTeacher in the teacher's place."""
-    if not compute_grad:
-        with torch.no_grad():
-            row_loss = row_losses(student_logits, teacher, labels, cfg)
-        check_row_losses(row_loss)
-        return row_loss, None
-    with torch.enable_grad():
-        student = student_logits.detach().requires_grad_(True)
-        loss = row_losses(student, teacher, labels, cfg)
-        check_row_losses(loss.detach())
-        (grad,) = torch.autograd.grad(loss, student, grad_outputs=grad_scale.to(loss.dtype).expand_as(loss))
-    return loss.detach(), grad
-
-
-def rows_inplace(student_logits: torch.Tensor, teacher: SparseTeacher, labels: Optional[torch.Tensor],
-                 grad_scale: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
-    """`rows` with the gradient written over the student logits; returns row_loss."""
-    row_loss, grad = rows(student_logits, teacher, labels, grad_scale, cfg, True)
-    student_logits.copy_(grad)
-    return row_loss
+        raise ValueError("student_logits contains NaN or +inf, or a row's loss is infinite: the teacher or the "
+                         "label puts mass on an entry the student masks with -inf (or the whole row is -inf)")
