@@ -89,7 +89,9 @@ def sparse_kd_loss(
             logprobs or probs; every divergence), ``"support"`` (both renormalised over S; every
             divergence; no gradient off S). With residual at ``T != T_gen`` the teacher's rest mass
             stays ``r_t = 1 - sum_S exp(v)`` and only its shape inside S is re-tempered; probs
-            summing to >= 1 leave no rest mass (they are renormalised).
+            summing to >= 1 leave no rest mass (they are renormalised). A teacher whose values
+            leave no rest (``sum_S exp(v) >= 1``, e.g. by the rounding of fp16 log-probs) makes
+            ``reverse_kl`` infinite wherever the student keeps mass outside S (ValueError).
         divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index: as in
             :func:`kdkernels.kd_loss`; ``temperature`` in [1e-6, 1e6].
         pad_id: the id that marks an unused slot of ``teacher_ids``.

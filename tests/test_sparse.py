@@ -226,6 +226,20 @@ def test_residual_at_generation_temperature_is_the_teachers_own_buckets():
         assert torch.allclose(loss[r], (p * (p / q_rows).log()).sum(), atol=1e-12)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_residual_with_tiny_rest_masses(divergence):
+    # the student puts all but ~1e-8 of its mass on the support, the teacher all but ~1e-5: the
+    # rest buckets come from the non-support log-sum-exp (the teacher's: 1 - Σ exp(v) in float64),
+    # not from a float32 1 - Σ q that would round them to 0 (reverse KL would then be infinite)
+    gen = torch.Generator().manual_seed(11)
+    student = torch.randn(4, 3000, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(4, 3000, generator=gen, dtype=torch.float64) * 2
+    student[:, :16] += 25
+    teacher[:, :16] += 18
+    ids, values = sparse_teacher(teacher, 16)
+    check(student.float(), ids, values, missing_mass="residual", divergence=divergence, beta=0.3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode,divergence", MODES_AND_DIVERGENCES)
 def test_reduction_none_with_per_row_grad_output(mode, divergence, dtype):

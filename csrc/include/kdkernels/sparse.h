@@ -53,12 +53,6 @@ KD_HD SparseParams make_sparse_params(const KDParams& kd, int64_t kind, double t
 
 constexpr float kSparseNegInf = -__builtin_huge_valf();
 
-// log(1 - e^x) for x <= 0, accurate at both ends (x near 0: the rest mass is tiny).
-KD_HD float log1m_exp(float x) {
-  if (x >= 0.f) return kSparseNegInf;
-  return x > -0.6931472f ? kd_log(-::expm1f(x)) : ::log1pf(-kd_exp(x));
-}
-
 // log Σ_b exp(x_b) over k entries (-inf entries allowed; -inf when all are).
 KD_HD float log_sum_exp(const float* x, int64_t k) {
   float m = kSparseNegInf;
@@ -105,15 +99,18 @@ KD_HD bool teacher_buckets(const int64_t* ids, const float* values, int64_t k, c
   }
   float log_inside = 0.f;  // log of the teacher's mass on S: log Σ_S exp(v) at T_gen (<= 0)
   if (residual && prm.kind == TeacherKind::kLogprobs) {
-    float m = kSparseNegInf;
+    // in double: the rest mass 1 − Σ exp(v) may be far below float32's resolution of Σ exp(v)
+    double m = -__builtin_huge_val();
     for (int64_t b = 0; b < k; ++b)
-      if (ids[b] != prm.pad_id) m = kd_max(m, values[b]);
-    float s = 0.f;
+      if (ids[b] != prm.pad_id && values[b] > m) m = values[b];
+    double s = 0.0;
     for (int64_t b = 0; b < k; ++b)
-      if (ids[b] != prm.pad_id) s += kd_exp(values[b] - m);
-    log_inside = m + kd_log(s);
-    if (log_inside > 0.f) log_inside = 0.f;  // rounding: the support holds everything
-    *log_rest = log1m_exp(log_inside);
+      if (ids[b] != prm.pad_id) s += ::exp(static_cast<double>(values[b]) - m);
+    const double log_inside_d = m + ::log(s);
+    // 1 − Σ exp(v) = −expm1(log Σ exp(v)); the support holding everything (or more, by
+    // rounding of the values) leaves no rest
+    *log_rest = log_inside_d < 0.0 ? static_cast<float>(::log(-::expm1(log_inside_d))) : kSparseNegInf;
+    log_inside = log_inside_d < 0.0 ? static_cast<float>(log_inside_d) : 0.f;
   }
   for (int64_t b = 0; b < k; ++b) logp[b] = logp[b] - lse_a + log_inside;
   return true;

@@ -53,10 +53,11 @@ def teacher_buckets(values: torch.Tensor, used: torch.Tensor, rest_exists: torch
         log_rest = torch.full_like(lse, _NEG_INF)
         if residual and cfg.teacher_kind == "logprobs":
             # the mass on S at T_gen stays the teacher's; only its shape inside S is re-tempered
-            log_inside = torch.logsumexp(torch.where(used, values, neg_inf), -1).clamp(max=0)
+            # in float64: the rest mass 1 − Σ exp(v) may be below float32's resolution of Σ exp(v)
+            log_inside = torch.logsumexp(torch.where(used, values, neg_inf).double(), -1).clamp(max=0)
             log_inside = torch.where(with_rest & ~empty, log_inside, torch.zeros_like(log_inside))
-            logp = logp + log_inside[:, None]
-            log_rest = torch.where(with_rest, _log1m_exp(log_inside), log_rest)
+            logp = logp + log_inside[:, None].to(logp.dtype)
+            log_rest = torch.where(with_rest, _log1m_exp(log_inside).to(log_rest.dtype), log_rest)
     # no mass on S: residual puts it all in the rest bucket; the other modes have no teacher
     log_rest = torch.where(empty & with_rest, torch.zeros_like(log_rest), log_rest)
     logp = torch.where(empty[:, None], neg_inf, logp)

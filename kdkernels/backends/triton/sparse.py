@@ -49,16 +49,6 @@ def _lse(x, mask):
 
 
 @triton.jit
-def _log1m_exp(x):
-    """log(1 − e^x) for x <= 0 (sparse.h log1m_exp): near 0, −expm1(x) by Kahan's
-    (e^x − 1)·x / log(e^x), exact to a few ulps where e^x − 1 alone would cancel."""
-    u = tl.exp(tl.minimum(x, 0.0))
-    expm1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(tl.where(u == 1.0, 2.0, u)))
-    out = tl.where(x > -0.6931472, tl.log(-expm1), tl.log(1.0 - u))
-    return tl.where(x >= 0.0, -float("inf"), out)
-
-
-@triton.jit
 def _sparse_kd_fwd_kernel(
     student_ptr,  # [N, V] student logits z (fp32 / bf16 / fp16), unit column stride
     ids_ptr,  # [N, K] int64 teacher ids (pad_id in unused slots)
@@ -148,10 +138,13 @@ def _sparse_kd_fwd_kernel(
             logp = tempered - tl.where(empty, 0.0, lse_a)
             logp_rest = tl.full([], -float("inf"), tl.float32)
             if MISSING == _RESIDUAL and KIND == _LOGPROBS:
-                log_inside = tl.minimum(_lse(values, used), 0.0)
+                # in float64: the rest mass 1 − Σ exp(v) may be below float32's resolution of Σ exp(v)
+                log_inside_64 = tl.minimum(_lse(values.to(tl.float64), used), 0.0)
+                rest_64 = -(tl.exp(log_inside_64) - 1.0)  # no cancellation left to fear in float64
+                log_inside = log_inside_64.to(tl.float32)
                 log_inside = tl.where(with_rest & (lse_a > -float("inf")), log_inside, 0.0)
                 logp = logp + log_inside
-                logp_rest = tl.where(with_rest, _log1m_exp(log_inside), logp_rest)
+                logp_rest = tl.where(with_rest & (rest_64 > 0.0), tl.log(rest_64).to(tl.float32), logp_rest)
         logp_rest = tl.where(empty & with_rest, 0.0, logp_rest)
         logp = tl.where(empty, -float("inf"), logp)
         has_teacher = (empty == 0) | with_rest
