@@ -58,6 +58,12 @@ class SparseTeacher(NamedTuple):
     def chunk(self, start: int, end: int, buffer=None) -> "SparseTeacher":
         return SparseTeacher(self.ids[start:end], self.values[start:end])
 
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:  # saved for a backward that recomputes
+        return self.ids, self.values
+
+    def with_tensors(self, tensors) -> "SparseTeacher":
+        return SparseTeacher(*tensors)
+
 
 def make_sparse_config(*, teacher_kind, teacher_temperature, missing_mass, pad_id, divergence, temperature,
                        beta, kd_weight, ce_weight, scale_by_t2, ignore_index, has_labels: bool) -> SparseConfig:

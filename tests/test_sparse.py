@@ -377,7 +377,8 @@ def test_fused_linear_matches_oracle(mode, divergence, reduction, dtype):
     ids, values = sparse_teacher(teacher, 5, pad_rows=(7,), short_rows=(2,))
     labels = make_labels((n,), v, ignored=[5])
     options = dict(missing_mass=mode, divergence=divergence, temperature=2.0, ce_weight=0.3, reduction=reduction)
-    grad_output = torch.linspace(0.5, 1.5, n) if reduction == "none" else None
+    # powers of two: the per-row scaling of a low-precision gradient is then exact
+    grad_output = 2.0 ** torch.arange(-2, n - 2).remainder(4).float() if reduction == "none" else None
 
     def fused(backend):
         leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
@@ -496,3 +497,17 @@ def test_fused_linear_bad_ids():
     ids = torch.tensor([[0, 40]])
     with pytest.raises(ValueError, match="teacher_ids"):
         kdkernels.fused_linear_sparse_kd_loss(torch.randn(1, 4), torch.randn(40, 4), ids, torch.zeros(1, 2) - 1)
+
+
+def test_double_backward_reference_only():
+    student, ids, values, labels = matrix_inputs(torch.float64)
+    leaf = student.clone().requires_grad_(True)
+    loss = kdkernels.sparse_kd_loss(leaf, ids, values.double(), missing_mass="residual", divergence="jsd")
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    (hessian_row,) = torch.autograd.grad(grad[0, 0], leaf)  # the reference is differentiable twice
+    assert torch.isfinite(hessian_row).all() and hessian_row.abs().sum() > 0
+    leaf32 = student.float().requires_grad_(True)
+    loss = kdkernels.sparse_kd_loss(leaf32, ids, values, missing_mass="residual", backend="cpu")
+    (grad,) = torch.autograd.grad(loss, leaf32, create_graph=True)
+    with pytest.raises(RuntimeError, match="reference"):
+        grad.sum().backward()

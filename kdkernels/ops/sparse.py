@@ -68,6 +68,11 @@ def fused_linear_sparse_loss(student_hidden: torch.Tensor, student_weight: torch
     batch_shape = tuple(student_hidden.shape[:-1])
     student = _LinearLogits(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
                             logit_scale, softcap)
+    if route.differentiable:
+        # The definition itself: whole logits, then the reference formula; differentiable to any
+        # order, memory growing with tokens x vocabulary.
+        loss = sparse_loss(student.full(student.vocab), teacher, labels, cfg, reduction, "reference")
+        return loss.reshape(batch_shape) if reduction == "none" else loss
     n_rows = student.hidden.shape[0]
     wanted = Wanted(student_hidden.requires_grad, student_weight.requires_grad,
                     student_bias is not None and student_bias.requires_grad)
