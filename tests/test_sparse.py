@@ -511,3 +511,16 @@ def test_double_backward_reference_only():
     (grad,) = torch.autograd.grad(loss, leaf32, create_graph=True)
     with pytest.raises(RuntimeError, match="reference"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "residual", "support"])
+def test_benchmark_eager_formula_is_the_same_loss(mode):
+    # benchmarks.sparse times its eager / torch.compile peers on this formula: it must be the loss
+    from benchmarks.sparse import CE_WEIGHT, KD_WEIGHT, eager_sparse_loss, sparse_teacher as bench_teacher
+
+    student = torch.randn(12, 300, dtype=torch.float64) * 3
+    ids, values = bench_teacher(12, 300, 8)
+    labels = torch.randint(0, 300, (12,))
+    expected = kdkernels.sparse_kd_loss(student, ids, values.double(), labels, missing_mass=mode,
+                                        kd_weight=KD_WEIGHT, ce_weight=CE_WEIGHT)
+    torch.testing.assert_close(eager_sparse_loss(student, ids, values.double(), labels, mode).double(), expected)
