@@ -120,21 +120,26 @@ def check_sparse_teacher(teacher_ids, teacher_values, batch_shape: Tuple[int, ..
     ids = teacher_ids.detach().reshape(-1, k).long()
     values = teacher_values.detach().reshape(-1, k)
     used = ids != cfg.pad_id
-    if bool((used & ((ids < 0) | (ids >= vocab))).any()):
-        raise ValueError(f"teacher_ids must lie in [0, {vocab}) or equal pad_id ({cfg.pad_id})")
+    # every rule as one flag, read back in one host synchronisation
+    rules = [
+        (used & ((ids < 0) | (ids >= vocab)), f"teacher_ids must lie in [0, {vocab}) or equal pad_id ({cfg.pad_id})"),
+    ]
     if k > 1:
         ordered = ids.sort(dim=-1).values
-        if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != cfg.pad_id)).any()):
-            raise ValueError("teacher_ids has a duplicate id within a row; each id may appear once per row")
-    live = values[used]
-    if bool(torch.isnan(live).any()):
-        raise ValueError("teacher_values contains NaN")
-    if bool(torch.isposinf(live).any()):
-        raise ValueError("teacher_values contains +inf")
-    if cfg.teacher_kind == "probs" and bool((live < 0).any()):
-        raise ValueError("teacher_values must be >= 0 with teacher_kind='probs' (probabilities or weights)")
-    if cfg.teacher_kind == "logprobs" and bool((live > 0).any()):
-        raise ValueError("teacher_values must be <= 0 with teacher_kind='logprobs' (log-probabilities)")
+        rules.append(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != cfg.pad_id),
+                      "teacher_ids has a duplicate id within a row; each id may appear once per row"))
+    rules += [(used & torch.isnan(values), "teacher_values contains NaN"),
+              (used & torch.isposinf(values), "teacher_values contains +inf")]
+    if cfg.teacher_kind == "probs":
+        rules.append((used & (values < 0),
+                      "teacher_values must be >= 0 with teacher_kind='probs' (probabilities or weights)"))
+    if cfg.teacher_kind == "logprobs":
+        rules.append((used & (values > 0),
+                      "teacher_values must be <= 0 with teacher_kind='logprobs' (log-probabilities)"))
+    broken = torch.stack([mask.any() for mask, _ in rules]).tolist()
+    for (_, message), bad in zip(rules, broken):
+        if bad:
+            raise ValueError(message)
     return SparseTeacher(ids.contiguous(), values.to(math_dtype).contiguous())
 
 
