@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import kdkernels
-from kdkernels.train import data, experiments, loop, models, parallel, report
+from kdkernels.train import data, experiments, loop, models, parallel, report, sparse_runs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--teacher", metavar="PATH", help="local Hugging Face causal-LM checkpoint as the teacher")
     where.add_argument("--student", metavar="PATH", help="local Hugging Face causal-LM checkpoint as the student")
     parallel.add_argument(where)
+    where.add_argument("--teacher-cache", metavar="DIR", help="add a run distilled from this teacher cache (built "
+                       "there first with --sparse-teacher; see kdkernels.teacher_cache)")
     where.add_argument("--student-sizes", type=_name_list, default=[], metavar="LxD,...",
                        help="more built-in student sizes, e.g. 1x32,2x128: a baseline and a KD run each")
 
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--divergence", type=_name_list, default=["forward_kl"],
                       help="forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd; a comma list "
                            "gives one KD run each (%(default)s)")
+    loss.add_argument("--sparse-teacher", type=int, metavar="K", help="add a run distilled from the teacher's "
+                      "top-K log-probs, cached first (kdkernels.fused_linear_sparse_kd_loss)")
+    loss.add_argument("--sparse-missing-mass", choices=("renormalize", "residual", "support"), default="residual",
+                      help="the sparse run's treatment of the teacher mass outside its top K (%(default)s)")
     loss.add_argument("--beta", type=float, default=0.5, help="jsd mixing / skew weight (%(default)s)")
     loss.add_argument("--loss", type=_name_list, default=["kd"],
                       help="distillation losses to run, comma list of kd, cakd, dkd (%(default)s)")
@@ -258,6 +264,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: List[
     print(f"{len(plans)} student runs of {preset.student_optim.steps} steps, batch {preset.student_optim.batch_size}")
     experiments.warm_up(plans, session, vocab)
     runs = [experiments.run_one(plan, session, vocab) for plan in plans]
+    runs += sparse_runs.sparse_runs(args, session, vocab, base_loss, student)
 
     if parallel.is_main():
         _write_outputs(args, runs, info, corpus, context, started)
