@@ -86,6 +86,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -387,8 +388,8 @@ def plot_bars(path: Optional[str], rows: Sequence[Dict[str, Any]], *, group: Cal
     groups = list(dict.fromkeys(group(row) for row in measured))
     impls = list(dict.fromkeys(row["impl"] for row in measured))
     width = 0.8 / len(impls)
-    figure, (time_axes, memory_axes) = plt.subplots(2, 1, figsize=(max(7.0, 1.0 + 1.2 * len(groups)), 8.0),
-                                                    sharex=True)
+    figure_width = max(8.0, 1.0 + 1.2 * len(groups))
+    figure, (time_axes, memory_axes) = plt.subplots(2, 1, figsize=(figure_width, 8.5), sharex=True)
     for index, impl in enumerate(impls):
         offset = (index - (len(impls) - 1) / 2) * width
         cells = [(groups.index(group(row)) + offset, row) for row in measured if row["impl"] == impl]
@@ -416,7 +417,8 @@ def plot_bars(path: Optional[str], rows: Sequence[Dict[str, Any]], *, group: Cal
     time_axes.legend(fontsize=8, ncols=min(len(impls) + 1, 5))
     for axes in (time_axes, memory_axes):
         axes.grid(axis="y", alpha=0.3)
-    figure.suptitle(f"{title}\n{setup}", fontsize=10)
+    wrap = int(figure_width * 11)  # characters per line at this font size
+    figure.suptitle("\n".join(textwrap.wrap(title, wrap) + textwrap.wrap(setup, wrap)), fontsize=9)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -240,7 +240,7 @@ def main(argv=None) -> int:
                             markdown=args.markdown,
                             title=f"Divergences at fp32 ({shape}; jsd beta={args.beta}, "
                                   f"skew alpha={args.skew_alpha})")
-    copies = ", ".join(f"{dtype} {ms:.1f} ms" for dtype, ms in results["copy_ms"].items())
+    copies = ", ".join(f"{dtype} {ms:.3g} ms" for dtype, ms in results["copy_ms"].items())
     print(f"\ncopy of one [N, V] tensor: {copies}. 'x floor': median over the memory floor, "
           f"{FLOOR_COPIES:g}x that copy (a fused loss reads two [N, V] tensors and writes one). "
           f"GB/s counts {TENSOR_PASSES} passes over [N, V] in the logits' dtype; '% copy' relates it to the copy.")
