@@ -164,9 +164,7 @@ COLUMNS = [harness.IMPL_COLUMN, harness.Column("loss", "loss"), harness.Column("
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_info = harness.setup_info()
-    setup_line = harness.describe_setup(setup_info)
-    harness.progress(setup_line)
+    setup_info, setup_line = harness.announce_setup()
     rows = run(args)
     shape = f"fp32, N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, {harness.available_cpus()} threads"
     print(f"\nSetup: {setup_line}")

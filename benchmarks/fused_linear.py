@@ -253,9 +253,7 @@ def _peers_title(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_info = harness.setup_info()
-    setup_line = harness.describe_setup(setup_info)
-    harness.progress(setup_line)
+    setup_info, setup_line = harness.announce_setup()
     results = run(args)
     report(results, args, setup_line)
     if args.json:

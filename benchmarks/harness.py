@@ -55,7 +55,7 @@ API (everything a benchmark needs):
     format_table(rows, columns, *, markdown=False) -> str / print_table(...)
         Aligned plain-text (or markdown) table of dict rows; a missing or None cell prints "n/a".
 
-    setup_info() -> dict / describe_setup(info) -> str
+    setup_info() -> dict / describe_setup(info) -> str / announce_setup() -> (info, line)
         The hardware and software of the run (CPU model, CPUs used and present, torch, kdkernels
         and its CPU build, Python, OS): every benchmark prints it above its tables.
     add_png_arg(parser, name) / plot_bars(path, rows, *, group, title, setup, floor_key=None)
@@ -89,7 +89,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_MARKER = "@@BENCH_RESULT "
@@ -359,6 +359,15 @@ def describe_setup(info: Dict[str, Any]) -> str:
             f"{info['os']}")
 
 
+def announce_setup() -> Tuple[Dict[str, Any], str]:
+    """setup_info() and its describe_setup() line, which goes to stderr now (the tables print it
+    again above themselves)."""
+    info = setup_info()
+    line = describe_setup(info)
+    progress(line)
+    return info, line
+
+
 def add_png_arg(parser: argparse.ArgumentParser, name: str) -> None:
     default = os.path.join("results", f"{name}.png")
     parser.add_argument("--png", default=default, metavar="PATH",
@@ -377,12 +386,10 @@ def plot_bars(path: Optional[str], rows: Sequence[Dict[str, Any]], *, group: Cal
     measured = [row for row in rows if row.get("median_ms") is not None]
     if not path or path == "none" or not measured:
         return None
-    try:
-        import matplotlib
+    from kdkernels.train.report import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         progress("no plot: matplotlib is not installed")
         return None
     groups = list(dict.fromkeys(group(row) for row in measured))
@@ -419,11 +426,7 @@ def plot_bars(path: Optional[str], rows: Sequence[Dict[str, Any]], *, group: Cal
         axes.grid(axis="y", alpha=0.3)
     wrap = int(figure_width * 11)  # characters per line at this font size
     figure.suptitle("\n".join(textwrap.wrap(title, wrap) + textwrap.wrap(setup, wrap)), fontsize=9)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    progress(f"wrote {path}")
+    progress(f"wrote {save_figure(figure, path, dpi=110)}")
     return path
 
 

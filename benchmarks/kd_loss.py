@@ -219,9 +219,7 @@ COLUMNS = [harness.IMPL_COLUMN] + harness.measured_columns(harness.Column("x com
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_info = harness.setup_info()
-    setup_line = harness.describe_setup(setup_info)
-    harness.progress(setup_line)
+    setup_info, setup_line = harness.announce_setup()
     results = run(args)
     rows = results["rows"]
     meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "beta": args.beta,
