@@ -115,12 +115,14 @@ def test_kd_loss_benchmark_prints_a_row_per_configuration(tmp_path):
      "--skip-vocab-table", "--repeat", "1"],
 ], ids=["cakd", "fused_linear"])
 def test_benchmarks_name_their_setup_and_write_a_png(tmp_path, argv):
-    png_path = tmp_path / "plot.png"
-    proc = subprocess.run([sys.executable, "-m", *argv, "--warmup", "1", "--png", str(png_path)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    png_path, json_path = tmp_path / "plot.png", tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", *argv, "--warmup", "1", "--png", str(png_path),
+                           "--json", str(json_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Setup: " in proc.stdout and "torch " in proc.stdout
-    assert "n/a" not in proc.stdout, proc.stdout
+    assert f"Setup: {harness.describe_setup(harness.setup_info())}" in proc.stdout
+    payload = json.loads(json_path.read_text())
+    rows = payload.get("rows") or payload["peers"] + payload["vocab"]
+    assert rows and not [row for row in rows if "error" in row], rows
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
