@@ -83,7 +83,7 @@ def _loss_fn(impl: str, temperature: float, chunk_size) -> Callable[..., Any]:
 
 
 def _gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) -> Callable[[], None]:
-    """The four GEMMs of one fused-linear step, into outputs allocated (and touched) here."""
+    """The four GEMMs of one fused-linear step, into outputs allocated (and touched) in this setup."""
     import torch
 
     n, v, h = student_hidden.shape[0], student_weight.shape[0], student_hidden.shape[1]

@@ -8,7 +8,7 @@ API (everything a benchmark needs):
         ``"package.module:function"`` string; the child calls ``function(**kwargs)`` (kwargs must
         be JSON-serialisable), which builds the inputs and returns a zero-argument ``step``
         callable doing one full iteration (e.g. forward + backward, see ``fwd_bwd_step``). The
-        child then runs ``warmup`` untimed steps (torch.compile compiles here, so compile time is
+        child then runs ``warmup`` untimed steps (torch.compile compiles in them, so compile time is
         never timed) and ``repeat`` timed steps with ``torch.set_num_threads(threads)`` (default:
         every CPU this process may use).
         Returns {"median_ms", "min_ms", "times_ms", "extra_peak_mib", "warmup_extra_peak_mib",

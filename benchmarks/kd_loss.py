@@ -98,7 +98,7 @@ def _probe_liger(loss_fn: Callable[..., Any], dtype) -> None:
         loss_fn(student, torch.randn(2, 8, dtype=dtype)).backward()
     except Exception as exc:
         device = "CUDA" if torch.cuda.is_available() else "CPU"
-        raise RuntimeError(f"Liger-Kernel's Triton kernel does not run on {device} tensors here "
+        raise RuntimeError(f"Liger-Kernel's Triton kernel does not run on {device} tensors on this machine "
                            f"({type(exc).__name__}: {exc})") from exc
 
 

@@ -122,7 +122,7 @@ def _load_cpu() -> None:
         return
     if not compiled_modules(_PACKAGE_DIR):
         _cpu_error = missing_build_message(_PACKAGE_DIR, _installed_package_dirs())
-    else:  # built, but not loadable here: another torch, or a build for another processor
+    else:  # built, but not loadable on this machine: another torch, or a build for another processor
         where = _source_tree(_PACKAGE_DIR)
         fix = (f"`{_EDITABLE_INSTALL}` in {where}" if where
                else "`pip install --no-build-isolation --force-reinstall .` from the source tree")
