@@ -23,6 +23,9 @@ import kdkernels
 from kdkernels.train import data, experiments, loop, models, parallel, report, sparse_runs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DEFAULT_OUT = os.path.join("runs", "train")
+SMOKE_TEST_NOTE = ("--quick: a smoke test of the pipeline (tiny models, few steps). Its numbers say nothing "
+                   "about distillation; run without --quick for a comparison.")
 
 
 def _float_list(text: str) -> List[float]:
@@ -45,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdkernels-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_argument_group("what and where")
-    where.add_argument("--quick", action="store_true", help="tiny models and few steps (tests, CI: < 2 min)")
-    where.add_argument("--out", default=os.path.join("runs", "train"),
+    where.add_argument("--quick", action="store_true",
+                       help="smoke test: tiny models and few steps, for tests and CI; its numbers mean nothing")
+    where.add_argument("--out", default=DEFAULT_OUT,
                        help="folder for results.json and curves.png (%(default)s)")
     where.add_argument("--data", metavar="FILE", help="a UTF-8 text file instead of CPython's help texts")
     where.add_argument("--cache-dir", default=default_cache_dir(),
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, help="student steps (preset: 300; --quick: 60)")
-    training.add_argument("--teacher-steps", type=int, help="teacher steps (preset: 800; --quick: 150)")
+    training.add_argument("--teacher-steps", type=int, help="teacher steps (preset: 500; --quick: 150)")
     training.add_argument("--batch-size", type=int, help="sequences per step")
     training.add_argument("--lr", type=float, help="student peak learning rate")
     training.add_argument("--seed", type=int, default=0, help="same seed, same numbers (%(default)s)")
@@ -206,13 +210,17 @@ def _write_outputs(args: argparse.Namespace, runs: List[dict], info: experiments
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     report.write_json(results_path, runs, teacher=dataclasses.asdict(info), corpus=corpus.name, context=context,
-                      seed=args.seed, options=vars(args))
+                      seed=args.seed, smoke_test=args.quick, options=vars(args))
+    smoke = "smoke test (--quick), " if args.quick else ""
     plot_path = report.plot_curves(os.path.join(args.out, "curves.png"), runs, info.val_loss,
-                                   title=f"Validation loss, {corpus.name} (teacher {info.description})")
+                                   title=f"Validation loss, {smoke}{corpus.name} (teacher {info.description})")
     print()
-    print(report.format_table(runs, title=f"teacher {info.description}: validation loss {info.val_loss:.4f}"))
+    print(report.format_table(runs, title=f"{smoke.capitalize()}teacher {info.description}: validation loss "
+                                          f"{info.val_loss:.4f}"))
     print()
     print(report.verdict(runs))
+    if args.quick:
+        print(SMOKE_TEST_NOTE)
     print(f"wrote {results_path}" + (f" and {plot_path}" if plot_path else " (no plot: matplotlib is missing)")
           + f"; total {time.perf_counter() - started:.0f} s")
 
@@ -239,6 +247,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: List[
     del probe_student
     eval_windows = data.validation_windows(corpus.validation, context=context, max_windows=preset.eval_windows)
     fused = "yes" if loop.fused_linear_available() else "no (kd_loss on logits)"
+    if args.quick:
+        print(SMOKE_TEST_NOTE)
     print(f"kdkernels {kdkernels.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
           f"{platform.machine()} | fused linear KD: {fused}")
     print(f"corpus {corpus.name}: {len(corpus.train):,} train / {len(corpus.validation):,} validation tokens, "
@@ -258,13 +268,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: List[
                                   divergences=args.divergence, temperatures=args.sweep_temperature,
                                   kd_weights=args.sweep_kd_weight, feature_align=args.feature_align,
                                   extra_students=extra)
-    session = experiments.Session(corpus=corpus, context=context, eval_windows=eval_windows, teacher=teacher,
-                                  teacher_top1=loop.top1_predictions(teacher, eval_windows, vocab),
-                                  optim=preset.student_optim, seed=args.seed, progress=not args.no_progress)
-    print(f"{len(plans)} student runs of {preset.student_optim.steps} steps, batch {preset.student_optim.batch_size}")
-    experiments.warm_up(plans, session, vocab)
-    runs = [experiments.run_one(plan, session, vocab) for plan in plans]
-    runs += sparse_runs.sparse_runs(args, session, vocab, base_loss, student)
+    setup = experiments.RunSetup(corpus=corpus, context=context, eval_windows=eval_windows, teacher=teacher,
+                                 teacher_top1=loop.top1_predictions(teacher, eval_windows, vocab),
+                                 optim=preset.student_optim, seed=args.seed, progress=not args.no_progress)
+    print(f"{len(plans)} student run{'s' if len(plans) != 1 else ''} of {preset.student_optim.steps} steps, "
+          f"batch {preset.student_optim.batch_size}")
+    for plan in plans:
+        if plan.also:
+            print(f"  {', '.join(plan.also)}: the same run as {plan.name} ({experiments.describe_loss(plan.loss)}), "
+                  "run once")
+    experiments.warm_up(plans, setup, vocab)
+    runs = [experiments.run_one(plan, setup, vocab) for plan in plans]
+    runs += sparse_runs.sparse_runs(args, setup, vocab, base_loss, student)
 
     if parallel.is_main():
         _write_outputs(args, runs, info, corpus, context, started)
