@@ -44,7 +44,7 @@ def gain_heatmap(results: StudyResults, path: str) -> str:
             for student in protocol.students]
     means = [[cell.mean for cell in row] for row in grid]
     limit = max(abs(value) for row in means for value in row) or 1.0
-    figure, axes = plt.subplots(figsize=(2.0 + 1.35 * len(temperatures), 1.6 + 0.9 * len(protocol.students)))
+    figure, axes = plt.subplots(figsize=(5.0 + 1.2 * len(temperatures), 2.2 + 0.9 * len(protocol.students)))
     image = axes.imshow(means, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     for i, row in enumerate(grid):
         for j, cell in enumerate(row):
@@ -53,14 +53,14 @@ def gain_heatmap(results: StudyResults, path: str) -> str:
                       color="white" if abs(cell.mean) > 0.6 * limit else "black")
     axes.set_xticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
     axes.set_yticks(range(len(protocol.students)),
-                    [student_label(results, i).replace(" (", "\n(") for i in range(len(protocol.students))],
-                    fontsize=8)
+                    [student_label(results, i).replace(" (", "\n(").replace(", ", ",\n")
+                     for i in range(len(protocol.students))], fontsize=8)
     axes.set_xlabel("temperature T (dimensionless)")
     axes.set_ylabel("student (parameters, share of the teacher's)")
-    axes.set_title(f"KD gain over the CE baseline, forward KL, λ={protocol.kd_weight:g}\n"
-                   f"mean ± 95% interval half-width, {_seeds_note(results)}", fontsize=10)
+    axes.set_title(f"KD gain over the CE baseline (forward KL, λ={protocol.kd_weight:g}): mean ± 95% interval "
+                   f"half-width,\n{_seeds_note(results)}; blue: KD better than the baseline, red: worse", fontsize=10)
     colorbar = figure.colorbar(image, ax=axes)
-    colorbar.set_label(GAIN_LABEL + "\nblue: KD better, red: worse", fontsize=8)
+    colorbar.set_label(GAIN_LABEL, fontsize=9)
     return _save(figure, path)
 
 
@@ -95,7 +95,7 @@ def methods_chart(results: StudyResults, path: str) -> str:
     axes.axvline(0.0, color="black", linewidth=0.8)
     axes.set_yticks(positions, [label for label, *_ in rows], fontsize=9)
     axes.set_xlabel(GAIN_LABEL + ", mean over " + _seeds_note(results))
-    axes.set_title(f"KD methods under one protocol: {student.describe()}, T={results.best_temperature:g}, "
+    axes.set_title(f"KD methods and feature alignment under one protocol: {student.describe()}, T={results.best_temperature:g}, "
                    f"λ={results.protocol.kd_weight:g}", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
     handles, _ = axes.get_legend_handles_labels()
@@ -164,7 +164,8 @@ def validation_curves(results: StudyResults, path: str) -> str:
         axes.axhline(teacher_loss, color="grey", linestyle=":", label="teacher")
         axes.set_xlabel("student step (batches of %d windows)" % protocol.optim.batch_size)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, ncol=2 if axes is left else 1)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.legend(fontsize=7)
     left.set_ylabel("validation loss (nats/token)")
     figure.suptitle(f"Validation loss during training: mean over {_seeds_note(results)}, band ± 1 sd", fontsize=11)
     return _save(figure, path)
