@@ -117,17 +117,18 @@ class Protocol:
             raise ValueError("a study needs at least one seed and one temperature")
 
 
-_FULL_TEACHER = experiments.PRESETS["default"]
+_FULL_CONTEXT = 64
 _QUICK_CONTEXT = 32
 
 PROTOCOLS: Dict[str, Protocol] = {
-    # About 30 minutes with --jobs 2 on two cores (see the README for how it was sized). The teacher
-    # is the default demo's (4x192, 800 steps): a demo run leaves it cached.
+    # About 25 minutes with --jobs 2 on two idle cores, under 40 on busy ones (README: how it was sized).
+    # The teacher is the default demo's as of this protocol (4x192, 800 steps): one trained for either
+    # is cached for both.
     "full": Protocol(
         name="full",
-        teacher=_FULL_TEACHER.teacher,
-        teacher_optim=_FULL_TEACHER.teacher_optim,
-        students=tuple(models.transformer_shape(layers, width, context=_FULL_TEACHER.teacher.context)
+        teacher=models.transformer_shape(4, 192, context=_FULL_CONTEXT),
+        teacher_optim=loop.OptimSettings(steps=800, batch_size=32, lr=2e-3, eval_every=200),
+        students=tuple(models.transformer_shape(layers, width, context=_FULL_CONTEXT)
                        for layers, width in ((1, 64), (2, 96), (2, 128))),
         main_student=2,
         optim=loop.OptimSettings(steps=200, batch_size=32, lr=3e-3, eval_every=20),
@@ -140,8 +141,8 @@ PROTOCOLS: Dict[str, Protocol] = {
         methods=tuple(m.key for m in METHODS) + (SPARSE_METHOD.key,),
         eval_windows=128,
     ),
-    # About 4 minutes with --jobs 2: smaller models on the first 200 KB of the corpus, two seeds,
-    # three temperatures; every figure and table of the full study.
+    # About 3 minutes with --jobs 2 on two cores: smaller models on the first 200 KB of the corpus,
+    # two seeds, three temperatures; every table and figure of the full study.
     "quick": Protocol(
         name="quick",
         teacher=models.transformer_shape(3, 128, context=_QUICK_CONTEXT),
@@ -149,7 +150,7 @@ PROTOCOLS: Dict[str, Protocol] = {
         students=tuple(models.transformer_shape(layers, width, context=_QUICK_CONTEXT)
                        for layers, width in ((1, 32), (1, 64), (2, 64))),
         main_student=2,
-        optim=loop.OptimSettings(steps=150, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=25),
+        optim=loop.OptimSettings(steps=200, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=25),
         seeds=(0, 1),
         temperatures=(1.0, 4.0, 16.0),
         kd_weights=(0.1, 0.5, 0.9),
@@ -292,10 +293,10 @@ def load_context(protocol: Protocol, out_dir: str, teacher_dir: str, data_path: 
 
 def _sparse_record(key: RunKey, context: StudyContext, setup: experiments.RunSetup) -> dict:
     """A sparse top-k KD run: the teacher's top-k log-probs on this seed's training windows are
-    cached first (under <out>/teacher-cache/), then the student distils from them alone."""
+    cached first (in <out>/teacher-cache/<the run's hash>), then the student distils from them alone."""
     from kdkernels.train import sparse_runs
 
-    path = os.path.join(context.out_dir, "teacher-cache", f"seed{key.seed}-top{key.sparse_k}")
+    path = os.path.join(context.out_dir, "teacher-cache", os.path.basename(context.run_path(key))[:-len(".json")])
     cache = sparse_runs.ensure_cache(path, setup, setup.optim, key.sparse_k, progress=False)
     return sparse_runs.run_sparse(cache, setup, context.vocab, key.loss, key.student, log=lambda *_: None)
 

@@ -168,6 +168,12 @@ def _setting_rows(results: StudyResults, rows) -> Tuple[List[List[str]], List[Tu
     return table, options
 
 
+def _command(protocol: "study.Protocol") -> str:
+    if study.PROTOCOLS.get(protocol.name) == protocol:
+        return f"`python -m kdkernels.train --study{'' if protocol.name == 'full' else ' ' + protocol.name}`"
+    return f"`kdkernels.train.study.run_study` (protocol `{protocol.name}`)"
+
+
 def report_text(results: StudyResults) -> str:
     protocol, context = results.protocol, results.context
     info, corpus, optim = context.teacher_info, context.corpus, protocol.optim
@@ -178,7 +184,7 @@ def report_text(results: StudyResults) -> str:
     out = [
         f"# Distillation study (`{protocol.name}` protocol)",
         "",
-        f"Written by `python -m kdkernels.train --study{' quick' if protocol.name == 'quick' else ''}`. This file "
+        f"Written by {_command(protocol)}. This file "
         "holds no timings, so rerunning the unchanged study (every run cached) rewrites it byte for byte; run "
         f"times are in `{RESULTS}`. kdkernels {kdkernels.__version__}, torch {torch.__version__}.",
         "",
