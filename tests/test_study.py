@@ -1,9 +1,11 @@
 """The distillation study (kdkernels.train.study) on a miniature protocol: its outputs, its cache,
 resumption, determinism across processes, and the interval arithmetic behind its sentences."""
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -172,3 +174,16 @@ def test_study_command_line_refuses_options_that_do_not_apply(flags, message, ca
     with pytest.raises(SystemExit):
         main(flags)
     assert message in capsys.readouterr().err
+
+
+def test_study_command_line_runs_the_named_protocol_into_out(uninterrupted, tmp_path, teacher_dir, monkeypatch,
+                                                             capsys):
+    out, _, _ = uninterrupted
+    shutil.copytree(out / "runs", tmp_path / "runs")  # the miniature's runs, so nothing trains again
+    monkeypatch.setitem(study.PROTOCOLS, "quick", dataclasses.replace(MINIATURE, name="quick"))
+    assert main(["--study", "quick", "--out", str(tmp_path), "--cache-dir", str(teacher_dir), "--no-progress"]) == 0
+    assert "to train" not in capsys.readouterr().out
+    report = _read(tmp_path / "report.md")
+    assert report.startswith("# Distillation study (`quick` protocol)")
+    assert "`python -m kdkernels.train --study quick`" in report
+    assert all((tmp_path / name).exists() for name in study_report.FIGURES)
