@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 from kdkernels.train import study
 from kdkernels.train.study import StudyResults
-from kdkernels.train.study_report import FIGURES, interval, lambda_rows, method_rows, feature_rows, student_label
+from kdkernels.train.study_report import FIGURES, feature_rows, interval, lambda_rows, method_rows, student_label
 
 GAIN_LABEL = "gain over the CE baseline (nats/token)"
 # Interval above 0, containing 0, below 0.
@@ -72,6 +72,11 @@ def _interval_colour(cell) -> str:
     return UNSURE
 
 
+def _error_bars(cells) -> List[List[float]]:
+    """matplotlib's asymmetric error bars: distances from each mean down to low and up to high."""
+    return [[c.mean - c.low for c in cells], [c.high - c.mean for c in cells]]
+
+
 def _interval_legend(axes, extra: Sequence = ()) -> None:
     from matplotlib.patches import Patch
 
@@ -89,14 +94,13 @@ def methods_chart(results: StudyResults, path: str) -> str:
     figure, axes = plt.subplots(figsize=(8, 1.4 + 0.42 * len(rows)))
     positions = list(range(len(rows)))[::-1]  # first method on top
     axes.barh(positions, [c.mean for c in cells], color=[_interval_colour(c) for c in cells], height=0.6)
-    errors = [[c.mean - c.low for c in cells], [c.high - c.mean for c in cells]]
-    axes.errorbar([c.mean for c in cells], positions, xerr=errors, fmt="none", ecolor="black", capsize=4,
+    axes.errorbar([c.mean for c in cells], positions, xerr=_error_bars(cells), fmt="none", ecolor="black", capsize=4,
                   label="95% interval (t, paired by seed)")
     axes.axvline(0.0, color="black", linewidth=0.8)
     axes.set_yticks(positions, [label for label, *_ in rows], fontsize=9)
     axes.set_xlabel(GAIN_LABEL + ", mean over " + _seeds_note(results))
-    axes.set_title(f"KD methods and feature alignment under one protocol: {student.describe()}, T={results.best_temperature:g}, "
-                   f"λ={results.protocol.kd_weight:g}", fontsize=10)
+    axes.set_title(f"KD methods and feature alignment under one protocol: {student.describe()}, "
+                   f"T={results.best_temperature:g}, λ={results.protocol.kd_weight:g}", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
     handles, _ = axes.get_legend_handles_labels()
     _interval_legend(axes, handles)
@@ -109,9 +113,8 @@ def kd_weight_curve(results: StudyResults, path: str) -> str:
     weights = results.protocol.kd_weights
     cells = [interval(results.gains(student, spec)) for _, spec in lambda_rows(results)]
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    axes.errorbar(weights, [c.mean for c in cells], yerr=[[c.mean - c.low for c in cells],
-                                                           [c.high - c.mean for c in cells]],
-                  marker="o", capsize=4, label=f"KD, forward KL, T={results.best_temperature:g} (mean, 95% interval)")
+    axes.errorbar(weights, [c.mean for c in cells], yerr=_error_bars(cells), marker="o", capsize=4,
+                  label=f"KD, forward KL, T={results.best_temperature:g} (mean, 95% interval)")
     axes.axhline(0.0, color="black", linestyle="--", linewidth=1, label="CE baseline (λ = 0)")
     axes.set_xlabel("KD weight λ (share of the loss on the teacher term)")
     axes.set_ylabel(GAIN_LABEL)

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 import kdkernels
-from kdkernels.train import study
+from kdkernels.train import loop, study
 from kdkernels.train.study import StudyResults
 
 REPORT = "report.md"
@@ -136,19 +136,19 @@ def student_label(results: StudyResults, index: int) -> str:
            f"{100 * params / results.context.teacher_info.parameters:.1f}% of the teacher)"
 
 
-def lambda_rows(results: StudyResults) -> List[Tuple[str, "study.loop.LossSpec"]]:
+def lambda_rows(results: StudyResults) -> List[Tuple[str, loop.LossSpec]]:
     protocol, best = results.protocol, results.best_temperature
     return [(f"λ={w:g}", study.kd_spec(protocol, best, w)) for w in protocol.kd_weights]
 
 
-def feature_rows(results: StudyResults) -> List[Tuple[str, "study.loop.LossSpec"]]:
+def feature_rows(results: StudyResults) -> List[Tuple[str, loop.LossSpec]]:
     protocol, best = results.protocol, results.best_temperature
     return [("output-only KD", study.kd_spec(protocol, best))] + [
         (f"KD + feature alignment ({kind})", study.kd_spec(protocol, best, feature_align=kind))
         for kind in protocol.features]
 
 
-def method_rows(results: StudyResults) -> List[Tuple[str, "study.loop.LossSpec", Optional[int]]]:
+def method_rows(results: StudyResults) -> List[Tuple[str, loop.LossSpec, Optional[int]]]:
     return [(m.label, study.kd_spec(results.protocol, results.best_temperature, method=m), m.sparse_k)
             for m in results.methods]
 
