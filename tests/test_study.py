@@ -114,14 +114,17 @@ def test_killed_and_resumed_study_gives_the_uninterrupted_report(uninterrupted, 
     assert not (tmp_path / "report.md").exists() and len(os.listdir(tmp_path / "runs")) == 5
     assert _run(tmp_path, teacher_dir, stop_after=10)[0] is None  # killed after the best T was chosen
     assert len(os.listdir(tmp_path / "runs")) == 15
-    # A run file that is not a finished run (here: cut short) is trained again.
+    # A run file that is not a finished run (here: cut short) is trained again; a killed write's
+    # temporary file is removed.
     broken = sorted(os.listdir(tmp_path / "runs"))[0]
     with open(tmp_path / "runs" / broken, "r+") as handle:
         handle.truncate(20)
+    (tmp_path / "runs" / f"{broken}.123.tmp").write_text("{")
     resumed, lines = _run(tmp_path, teacher_dir, figures=False)
     trained = sum(int(line.split()[0]) for line in lines if "to train" in line)
     assert trained == expected_run_count(results) - 14
     assert _numbers(resumed) == _numbers(results)
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(os.listdir(out / "runs"))
     assert _read(tmp_path / "report.md") == _read(out / "report.md")
 
 

@@ -352,6 +352,10 @@ def run_keys(keys: Sequence[RunKey], context: StudyContext, *, jobs: int, teache
     """Every key's record: cached ones read, the others trained (``jobs`` processes; in this
     process when jobs is 1). ``stop_after`` trains at most that many, standing in for a killed
     study. Returns the records, how many runs were trained now, and whether every key has a record."""
+    runs_dir = os.path.join(context.out_dir, "runs")
+    for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else ():
+        if name.endswith(".tmp"):  # a killed process's unfinished write
+            os.remove(os.path.join(runs_dir, name))
     records: Dict[RunKey, dict] = {}
     missing = []
     for key in keys:
