@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, help="student steps (preset: 300; --quick: 60)")
-    training.add_argument("--teacher-steps", type=int, help="teacher steps (preset: 800; --quick: 150)")
+    training.add_argument("--teacher-steps", type=int, help="teacher steps (preset: 500; --quick: 150)")
     training.add_argument("--batch-size", type=int, help="sequences per step")
     training.add_argument("--lr", type=float, help="student peak learning rate")
     training.add_argument("--seed", type=int, default=0, help="same seed, same numbers (%(default)s)")

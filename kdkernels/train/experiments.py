@@ -42,14 +42,14 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # Sized for a 2-core machine: on one core the teacher trains in about 4 minutes (once; then
-    # it is cached) and the two student runs take about 1.5 minutes together. Distillation lowers
-    # the student's validation loss by 0.13-0.15 nats/byte against the same student trained on hard
-    # labels alone (seeds 0 and 1); a 4x256 teacher costs 1.6x more time and gains no more.
+    # Sized for a short first run on one thread: the teacher's steps (trained once, then read from
+    # the cache) cost about 1.6x the two student runs together. Distillation lowers the student's
+    # validation loss by ~0.13 nats/byte against the same student trained on hard labels alone
+    # (seed 0), the teacher being ~0.29 nats/byte better than that baseline.
     "default": Preset(
-        teacher=models.transformer_shape(4, 192, context=64),
-        teacher_optim=loop.OptimSettings(steps=800, batch_size=32, lr=2e-3, eval_every=200),
-        student=models.transformer_shape(2, 128, context=64),
+        teacher=models.transformer_shape(4, 128, context=64),
+        teacher_optim=loop.OptimSettings(steps=500, batch_size=32, lr=2e-3, eval_every=250),
+        student=models.transformer_shape(2, 96, context=64),
         student_optim=loop.OptimSettings(steps=300, batch_size=32, lr=3e-3, eval_every=25),
         eval_windows=128,
     ),
