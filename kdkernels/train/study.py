@@ -122,8 +122,7 @@ _QUICK_CONTEXT = 32
 
 PROTOCOLS: Dict[str, Protocol] = {
     # About 25 minutes with --jobs 2 on two idle cores, under 40 on busy ones (README: how it was sized).
-    # The teacher is the default demo's as of this protocol (4x192, 800 steps): one trained for either
-    # is cached for both.
+    # A 4x192 teacher, so that the three students span 5% to 25% of its parameters.
     "full": Protocol(
         name="full",
         teacher=models.transformer_shape(4, 192, context=_FULL_CONTEXT),
