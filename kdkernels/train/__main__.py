@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import kdkernels
-from kdkernels.train import data, experiments, loop, models, parallel, report, sparse_runs
+from kdkernels.train import data, experiments, loop, models, parallel, report, sparse_runs, study
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_OUT = os.path.join("runs", "train")
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smoke test: tiny models and few steps, for tests and CI; its numbers mean nothing")
     where.add_argument("--out", default=DEFAULT_OUT,
                        help="folder for results.json and curves.png (%(default)s)")
+    where.add_argument("--study", nargs="?", const="full", choices=tuple(study.PROTOCOLS), metavar="quick",
+                       help="run the distillation study instead (a fixed protocol over several seeds: T x capacity, "
+                            "λ, feature alignment, methods): report.md, results.json and figures in --out; "
+                            "`--study quick` is a smaller version")
+    where.add_argument("--jobs", type=int, default=1,
+                       help="--study: train runs in this many processes, one thread each (%(default)s)")
     where.add_argument("--data", metavar="FILE", help="a UTF-8 text file instead of CPython's help texts")
     where.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where trained teachers are kept (%(default)s; env KDKERNELS_CACHE)")
@@ -177,6 +183,8 @@ def _preset_with_flags(args: argparse.Namespace) -> experiments.Preset:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.study or args.jobs != 1:
+        return study.main(parser, args)
     kinds = _check_options(parser, args)
     parallel.check(parser, args, kinds)
     args.no_progress |= not parallel.init(args.parallel)
