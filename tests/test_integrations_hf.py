@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
 from kdkernels.integrations.transformers import KDTrainer, kd_loss_func  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from tiny_models import collate  # noqa: E402  (right padding: input_ids 0, attention_mask 0, labels -100)
 
 transformers.logging.set_verbosity_error()
 
@@ -57,20 +62,6 @@ def sequences(n, vocab, seed=0):
         labels[: 1 + i % 3] = -100
         examples.append({"input_ids": ids, "labels": labels})
     return examples
-
-
-def collate(examples):
-    """Right padding: input_ids 0, attention_mask 0, labels -100."""
-    width = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.zeros(len(examples), width, dtype=torch.long),
-             "attention_mask": torch.zeros(len(examples), width, dtype=torch.long),
-             "labels": torch.full((len(examples), width), -100, dtype=torch.long)}
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        batch["input_ids"][row, :n] = e["input_ids"]
-        batch["attention_mask"][row, :n] = 1
-        batch["labels"][row, :n] = e["labels"]
-    return batch
 
 
 def training_args(tmp_path, **overrides):
