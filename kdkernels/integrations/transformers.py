@@ -31,10 +31,8 @@ import torch.nn.functional as F
 import transformers
 from transformers.trainer_utils import IntervalStrategy
 
-from kdkernels import _checks
+from kdkernels import _checks, fused_linear_kd_loss, kd_loss
 from kdkernels._config import KDConfig
-from kdkernels.functional import kd_loss
-from kdkernels.fused_linear import fused_linear_kd_loss
 
 IGNORE_INDEX = -100  # transformers' label for "not a prediction target"
 

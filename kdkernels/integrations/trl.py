@@ -21,8 +21,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from kdkernels import _checks
-from kdkernels.functional import kd_loss
+from kdkernels import _checks, kd_loss
 
 IGNORE_INDEX = -100  # TRL's label for positions that do not count
 
