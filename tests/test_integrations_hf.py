@@ -23,7 +23,7 @@ from tiny_models import collate  # noqa: E402  (right padding: input_ids 0, atte
 
 transformers.logging.set_verbosity_error()
 
-HIDDEN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+HIDDEN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2)
 
 
@@ -34,7 +34,7 @@ def llama(vocab, seed=0):
 
 def gpt2(vocab, seed=0):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=4, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config)
 

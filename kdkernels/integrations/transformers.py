@@ -242,11 +242,12 @@ class ModelTeacher:
 
     Its vocabulary is matched to the student's: lm_head rows past the student's vocabulary
     (padding or tokens the student lacks) are dropped; a shorter teacher vocabulary is padded
-    with ``-inf`` logits (probability 0)."""
+    with ``-inf`` logits (probability 0). ``transform``: the model's :class:`LogitTransform`; default:
+    detected with :func:`detect_logit_transform`."""
 
     def __init__(self, model: torch.nn.Module, transform: Optional[LogitTransform] = None) -> None:
         self.model = freeze(model)
-        self.transform = transform
+        self.transform = transform or detect_logit_transform(self.model)
 
     def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "ModelTeacher":
         self.model.to(device=device, dtype=dtype)
@@ -254,8 +255,6 @@ class ModelTeacher:
 
     def kd_loss_sum(self, student: LMHead, targets: torch.Tensor, inputs: Mapping[str, Any],
                     options: KDOptions) -> torch.Tensor:
-        if self.transform is None:
-            self.transform = detect_logit_transform(self.model)
         with torch.no_grad(), _LMHeadCapture(self.model) as capture:
             self.model(**inputs)
         teacher = capture.result(self.transform)
