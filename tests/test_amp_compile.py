@@ -175,7 +175,8 @@ def test_fused_linear_kd_loss_without_autocast_still_refuses_mixed_dtypes():
 # --- torch.compile --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "bf16 student" not in n and "fp32 hidden" not in n])
+# every case but the one that mixes lm_head dtypes, which only autocast allows
+@pytest.mark.parametrize("name", [n for n in CASES if "bf16 hidden" not in n])
 def test_compiled_step_has_no_graph_break_and_matches_eager(name):
     case = CASES[name]()
     explanation = torch._dynamo.explain(case.loss)(**case.inputs)
