@@ -16,6 +16,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
+import kdkernels  # noqa: E402
 from kdkernels.integrations.transformers import KDTrainer, kd_loss_func  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -261,3 +262,32 @@ def test_teacher_is_frozen_and_placed_like_the_student(tmp_path):
     teacher = trainer.teacher.model
     assert not teacher.training
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in teacher.parameters())
+
+
+class LogitsInBatch:
+    """A TeacherSource whose teacher logits come with the batch (as a cache would put them)."""
+
+    batch_keys = ("teacher_logits",)
+
+    def kd_loss_sum(self, student, targets, batch, options):
+        assert "teacher_logits" in batch and "labels" not in batch
+        return kdkernels.fused_linear_kd_loss(student.hidden, student.weight, labels=targets,
+                                              teacher_logits=batch["teacher_logits"], reduction="sum",
+                                              **options.loss_kwargs())
+
+
+def test_teacher_source_extension_point(tmp_path):
+    """A teacher that is not a model: its batch entries reach it and not the student's forward."""
+    student, teacher = llama(96), llama(96, seed=1)
+    batch = collate(sequences(4, 96))
+    options = dict(temperature=2.0, kd_weight=0.5, ce_weight=0.5)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    from_model = trainer_step(KDTrainer(model=copy.deepcopy(student), teacher=teacher, args=training_args(tmp_path),
+                                        **options), batch)
+    from_batch = trainer_step(KDTrainer(model=copy.deepcopy(student), teacher=LogitsInBatch(),
+                                        args=training_args(tmp_path), **options),
+                              {**batch, "teacher_logits": teacher_logits})
+    torch.testing.assert_close(from_batch[0], from_model[0])
+    for name, grad in from_model[2].items():
+        torch.testing.assert_close(from_batch[2][name], grad, msg=name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional, Protocol
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -219,14 +219,18 @@ class KDOptions:
 
 class TeacherSource(Protocol):
     """What :class:`KDTrainer` asks of a teacher. A causal LM (any ``torch.nn.Module``) is wrapped
-    in :class:`ModelTeacher`; another source (e.g. a cache of the teacher's top-k logits) passes an
-    object with this method and, optionally, ``to(device, dtype)``."""
+    in :class:`ModelTeacher`; another source (e.g. a cache of the teacher's top-k log-probs that
+    the data collator puts in each batch) passes an object with ``kd_loss_sum`` and, optionally,
+    ``batch_keys`` (the batch entries it reads, kept out of the student's forward) and
+    ``to(device, dtype)``."""
 
-    def kd_loss_sum(self, student: LMHead, targets: torch.Tensor, inputs: Mapping[str, Any],
+    batch_keys: Tuple[str, ...] = ()
+
+    def kd_loss_sum(self, student: LMHead, targets: torch.Tensor, batch: Mapping[str, Any],
                     options: KDOptions) -> torch.Tensor:
         """The loss summed over the predicted tokens (``targets != -100``) of this batch.
         student: the student's final hidden states and lm_head; targets: ``[B, S]`` next-token
-        labels; inputs: the batch as the student's forward received it (no labels)."""
+        labels; batch: the student's forward inputs plus the ``batch_keys`` entries (no labels)."""
         ...
 
 
@@ -253,10 +257,10 @@ class ModelTeacher:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def kd_loss_sum(self, student: LMHead, targets: torch.Tensor, inputs: Mapping[str, Any],
+    def kd_loss_sum(self, student: LMHead, targets: torch.Tensor, batch: Mapping[str, Any],
                     options: KDOptions) -> torch.Tensor:
         with torch.no_grad(), _LMHeadCapture(self.model) as capture:
-            self.model(**inputs)
+            self.model(**batch)
         teacher = capture.result(self.transform)
         vocab = student.weight.shape[0]
         weight, bias, hidden = teacher.weight[:vocab], teacher.bias, teacher.hidden
@@ -311,7 +315,8 @@ class KDTrainer(transformers.Trainer):
         args: ``transformers.TrainingArguments``.
         teacher: the teacher, a causal LM over the same tokenizer (frozen here: eval mode, no
             gradients; moved to the student's device and cast to ``teacher_dtype``), or a
-            :class:`TeacherSource`. Vocabularies may differ in size: the teacher's is cut or
+            :class:`TeacherSource` (its ``batch_keys`` entries of each batch go to it, not to the
+            student; with a ``datasets.Dataset`` pass ``remove_unused_columns=False``). Vocabularies may differ in size: the teacher's is cut or
             ``-inf`` padded to the student's.
         divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, backend: the loss
             options of :func:`kdkernels.kd_loss`.
@@ -359,11 +364,12 @@ class KDTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         inputs = dict(inputs)
         targets = next_token_labels(inputs.pop("labels", None), inputs.pop("shift_labels", None))
+        teacher_entries = {key: inputs.pop(key) for key in getattr(self.teacher, "batch_keys", ())}
         with _LMHeadCapture(self.accelerator.unwrap_model(model)) as capture:
             outputs = model(**inputs)
         student = capture.result(self.student_logit_transform)
         tokens = _tokens(targets, num_items_in_batch)
-        loss = self.teacher.kd_loss_sum(student, targets, inputs, self.kd_options) / tokens
+        loss = self.teacher.kd_loss_sum(student, targets, {**inputs, **teacher_entries}, self.kd_options) / tokens
         if self.log_loss_parts and model.training and self._logged_after_this_step():
             self._record_loss_parts(loss.detach(), student, targets, tokens)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
