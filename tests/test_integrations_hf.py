@@ -178,22 +178,31 @@ def test_logit_transforms_change_the_loss(tmp_path):
     assert abs(losses[0] - losses[1]) > 1e-3 * abs(losses[0])
 
 
-def train_once(tmp_path, student, teacher, examples, **args):
-    trainer = KDTrainer(model=copy.deepcopy(student), teacher=copy.deepcopy(teacher),
-                        args=training_args(tmp_path, **args), train_dataset=examples, data_collator=collate,
-                        temperature=2.0, kd_weight=0.7, ce_weight=0.3)
+KD_OPTIONS = dict(temperature=2.0, kd_weight=0.7, ce_weight=0.3)
+
+
+def train_once(tmp_path, student, teacher, examples, trainer="KDTrainer", **args):
+    """A fresh copy of `student` trained by KDTrainer, or by transformers.Trainer with kd_loss_func."""
+    model, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    common = dict(model=model, args=training_args(tmp_path, **args), train_dataset=examples, data_collator=collate)
+    if trainer == "KDTrainer":
+        trainer = KDTrainer(teacher=teacher, **common, **KD_OPTIONS)
+    else:
+        trainer = transformers.Trainer(compute_loss_func=kd_loss_func(teacher, model, **KD_OPTIONS), **common)
     result = trainer.train()
     return trainer, result
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+@pytest.mark.parametrize("trainer", ["KDTrainer", "compute_loss_func"])
+def test_gradient_accumulation_equals_one_big_batch(trainer, tmp_path):
     """4 micro-batches of 2 (each padded to its own length) make the same SGD update as one
     batch of 8; the logged training loss is the same too."""
     student, teacher = llama(96), llama(128, seed=1)
     examples = sequences(8, 96)
-    big, big_result = train_once(tmp_path / "big", student, teacher, examples, per_device_train_batch_size=8)
-    small, small_result = train_once(tmp_path / "small", student, teacher, examples, per_device_train_batch_size=2,
-                                     gradient_accumulation_steps=4)
+    big, big_result = train_once(tmp_path / "big", student, teacher, examples, trainer,
+                                 per_device_train_batch_size=8)
+    small, small_result = train_once(tmp_path / "small", student, teacher, examples, trainer,
+                                     per_device_train_batch_size=2, gradient_accumulation_steps=4)
     moved = 0.0
     with torch.no_grad():
         for (name, p_big), p_small, p_start in zip(big.model.named_parameters(), small.model.parameters(),
@@ -228,7 +237,7 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
     resumed = KDTrainer(model=copy.deepcopy(student), teacher=copy.deepcopy(teacher),
                         args=training_args(tmp_path / "resumed", per_device_train_batch_size=2, max_steps=4,
                                            learning_rate=0.1),
-                        train_dataset=examples, data_collator=collate, temperature=2.0, kd_weight=0.7, ce_weight=0.3)
+                        train_dataset=examples, data_collator=collate, **KD_OPTIONS)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4
     for (name, p_straight), p_resumed in zip(straight.model.named_parameters(), resumed.model.parameters()):
