@@ -79,11 +79,11 @@ def _step(request: Dict[str, Any], student, teacher) -> Callable[[], Any]:
         destination = torch.empty_like(teacher)
         return lambda: destination.copy_(teacher)
     if impl.endswith("-kernel"):
-        from kdkernels import _dispatch
+        from kdkernels import backends
 
         backend = impl.split("-")[0]
-        _dispatch.resolve(backend, student)  # raises when this backend cannot run here
-        rows = _dispatch.module(backend).rows
+        backends.resolve(backend, student)  # raises when this backend cannot run here
+        rows = backends.load(backend).rows
         cfg = _kd_config(request)
         scale = torch.tensor(1.0 / student.shape[0], device=student.device)
         detached = student.detach()

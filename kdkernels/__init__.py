@@ -4,10 +4,8 @@ import torch
 
 from kdkernels import _extension, _ops  # noqa: F401  (loads the compiled kernels)
 from kdkernels import nn
-from kdkernels.functional import kd_loss
-from kdkernels.features import attention_transfer_loss, feature_alignment_loss
-from kdkernels.cakd import cakd_loss, dkd_loss
-from kdkernels.fused_linear import fused_linear_kd_loss
+from kdkernels.functional import (attention_transfer_loss, cakd_loss, dkd_loss, feature_alignment_loss,
+                                  fused_linear_kd_loss, kd_loss)
 
 __version__ = "0.1.0"
 
@@ -29,4 +27,5 @@ def empty_cpu_cache() -> int:
     return torch.ops.kdkernels.release_cached_buffers() if _extension.cpu_available() else 0
 
 
-__all__ = ["kd_loss", "feature_alignment_loss", "attention_transfer_loss", "cakd_loss", "dkd_loss", "fused_linear_kd_loss", "nn", "backend_info", "empty_cpu_cache", "__version__"]
+__all__ = ["kd_loss", "feature_alignment_loss", "attention_transfer_loss", "cakd_loss", "dkd_loss",
+           "fused_linear_kd_loss", "nn", "backend_info", "empty_cpu_cache", "__version__"]

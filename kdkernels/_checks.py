@@ -7,56 +7,61 @@ from typing import Optional
 
 import torch
 
-from kdkernels._config import (CAKD_GROUPS, DIVERGENCES, REDUCTIONS, TEACHER_MASS_WEIGHT, CAKDConfig,
-                               KDConfig)
+from kdkernels._config import (CAKD_GROUPS, DIVERGENCES, REDUCTIONS, TEACHER_MASS_WEIGHT, TEMPERATURE_RANGE,
+                               CAKDConfig, KDConfig)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Integer options reach the compiled kernels as int64.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if floating and value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {value.dtype}")
     return value
+
+
+def _check_same_device(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    if value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
 
 
 def check_logits_pair(student_logits, teacher_logits) -> None:
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() < 2:
-        raise ValueError(
-            f"student_logits must be [N, V] or [B, S, V], got shape {tuple(student_logits.shape)}"
-        )
+        raise ValueError(f"student_logits must be [N, V] or [B, S, V], got shape {tuple(student_logits.shape)}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
-            f"{tuple(student_logits.shape)}"
-        )
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(
-            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
-        )
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
+                         f"{tuple(student_logits.shape)}")
+    _check_same_device("teacher_logits", teacher_logits, "student_logits", student_logits)
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty vocabulary (last) dimension")
 
 
+def _check_per_row(name: str, value, batch_shape, device, *, integer: bool, rows: str) -> torch.Tensor:
+    """One value per row: an integer (or bool) tensor shaped like the batch dimensions of `rows`."""
+    check_tensor(name, value, floating=False)
+    dtype = value.dtype
+    if integer and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {dtype}")
+    if not integer and dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {dtype}")
+    if tuple(value.shape) != tuple(batch_shape):
+        raise ValueError(f"{name} shape {tuple(value.shape)} must equal the {rows} shape without its last "
+                         f"dimension, {tuple(batch_shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the {rows} are on {device}")
+    return value
+
+
 def check_labels(labels, batch_shape, device) -> Optional[torch.Tensor]:
-    if labels is None:
-        return None
-    check_tensor("labels", labels, floating=False)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(batch_shape):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal the logits shape without the vocab "
-            f"dimension, {tuple(batch_shape)}"
-        )
-    if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
-    return labels
+    """Integer labels [*batch] (None: no labels)."""
+    return None if labels is None else _check_per_row("labels", labels, batch_shape, device, integer=True,
+                                                      rows="logits")
 
 
 def _check_number(name: str, value, *, low=None, high=None, low_open=False) -> float:
@@ -72,8 +77,20 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False) -> f
     return value
 
 
+def check_int(name: str, value, *, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """An int (not a bool) in [low, high]; the default range is int64's."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
 def check_temperature(temperature) -> float:
-    return _check_number("temperature", temperature, low=0.0, low_open=True)
+    low, high = TEMPERATURE_RANGE
+    return _check_number("temperature", temperature, low=low, high=high)
 
 
 def check_weight(name: str, value) -> float:
@@ -82,15 +99,7 @@ def check_weight(name: str, value) -> float:
 
 
 def check_reduction(reduction) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def check_ignore_index(ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return ignore_index
+    return check_choice("reduction", reduction, REDUCTIONS)
 
 
 def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index,
@@ -100,7 +109,7 @@ def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by
     ce_weight = _check_number("ce_weight", ce_weight, low=0.0)
     if ce_weight > 0 and not has_labels:
         raise ValueError("ce_weight > 0 needs labels (the hard targets of the CE term)")
-    check_ignore_index(ignore_index)
+    check_int("ignore_index", ignore_index)
     return KDConfig(
         divergence=divergence,
         temperature=check_temperature(temperature),
@@ -131,11 +140,7 @@ def make_cakd_config(*, groups, k, mass, bcd_weight, scd_weight, wcd_weight, tem
     if groups == "teacher_topk":
         if k is None:
             raise ValueError("groups='teacher_topk' needs k (the size of S)")
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        top_k = k
+        top_k = check_int("k", k, low=1)
     elif k is not None:
         raise ValueError(f"k is only used with groups='teacher_topk', got k={k!r} with groups={groups!r}")
     mass_value = 0.5
@@ -160,7 +165,7 @@ def make_cakd_config(*, groups, k, mass, bcd_weight, scd_weight, wcd_weight, tem
         wcd_teacher_mass=wcd_teacher,
         temperature=check_temperature(temperature),
         scale_by_t2=bool(scale_by_t2),
-        ignore_index=check_ignore_index(ignore_index),
+        ignore_index=check_int("ignore_index", ignore_index),
     )
 
 
@@ -192,11 +197,7 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return check_int(name, value, low=1)
 
 
 def check_exponent(p) -> float:
@@ -214,9 +215,7 @@ def check_feature_pair(student_hidden, teacher_hidden) -> None:
         raise ValueError(
             f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden shape "
             f"{tuple(student_hidden.shape)} in every dimension but the last")
-    if student_hidden.device != teacher_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
-                         f"{student_hidden.device}")
+    _check_same_device("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
     if bool(torch.isnan(teacher_hidden).any()) or bool(torch.isinf(teacher_hidden).any()):
         raise ValueError("teacher_hidden contains NaN or inf")
 
@@ -241,17 +240,9 @@ def check_projected(projected, teacher_hidden) -> None:
 
 
 def check_mask(mask, batch_shape, device) -> Optional[torch.Tensor]:
-    if mask is None:
-        return None
-    check_tensor("mask", mask, floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(batch_shape):
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the feature shape without its last "
-                         f"dimension, {tuple(batch_shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the features are on {device}")
-    return mask
+    """A bool mask [*batch] of the tokens that count (None: all count)."""
+    return None if mask is None else _check_per_row("mask", mask, batch_shape, device, integer=False,
+                                                    rows="features")
 
 
 def check_attention_pair(student_features, teacher_features, channel_dim) -> None:
@@ -273,17 +264,10 @@ def check_attention_pair(student_features, teacher_features, channel_dim) -> Non
     if [student_features.shape[d] for d in others] != [teacher_features.shape[d] for d in others]:
         raise ValueError(f"teacher_features shape {tuple(teacher_features.shape)} must match student_features "
                          f"shape {tuple(student_features.shape)} except along channel_dim={channel_dim}")
-    if student_features.device != teacher_features.device:
-        raise ValueError(f"teacher_features is on {teacher_features.device} but student_features is on "
-                         f"{student_features.device}")
+    _check_same_device("teacher_features", teacher_features, "student_features", student_features)
 
 
 # --- fused lm_head + KD loss (kdkernels.fused_linear) ---------------------------------------------
-
-def _check_same_device(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
-    if value.device != reference.device:
-        raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
-
 
 def check_linear_head(hidden_name: str, hidden, weight_name: str, weight, bias_name: str, bias) -> None:
     """An lm_head: hidden [..., H] (at least 2 dims), weight [V, H], optional bias [V]; one dtype and

@@ -1,8 +1,13 @@
-"""The validated options of a KD loss call, shared by every backend."""
+"""The validated options of a loss call, and the small rules every layer shares: the T^2 factor,
+the divergence ids, the mixture weights and the dtype the math runs in. Each rule is written here
+once; the compiled kernels receive its results as arguments."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
+
+import torch
 
 # Divergence names and the integer ids the compiled kernels use
 # (csrc/include/kdkernels/divergence.h, enum Divergence).
@@ -17,9 +22,33 @@ DIVERGENCES = {
 
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
 
+# Temperatures outside this range overflow or underflow float32 in 1 / T, T^2 or z / T.
+TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss is computed, accumulated and returned in: float64 for float64 input,
+    float32 for everything else (bf16 / fp16 are loaded and upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 @dataclass(frozen=True)
-class KDConfig:
+class _TemperatureOptions:
+    """Options every distillation loss on logits shares."""
+
+    temperature: float = 1.0
+    scale_by_t2: bool = True
+    ignore_index: int = -100
+
+    @property
+    def t2(self) -> float:
+        """The factor on the divergence that keeps gradient magnitudes independent of T (Hinton
+        et al.): T^2, or 1 without scale_by_t2."""
+        return self.temperature * self.temperature if self.scale_by_t2 else 1.0
+
+
+@dataclass(frozen=True)
+class KDConfig(_TemperatureOptions):
     """Options of the fused KD row loss
 
     ``row_loss = ce_weight * CE(z_s, y) + kd_weight * (T^2 if scale_by_t2 else 1) * D(p_T || q_T)``
@@ -28,12 +57,9 @@ class KDConfig:
     """
 
     divergence: str = "forward_kl"
-    temperature: float = 1.0
     beta: float = 0.5
     kd_weight: float = 1.0
     ce_weight: float = 0.0
-    scale_by_t2: bool = True
-    ignore_index: int = -100
 
     @property
     def divergence_id(self) -> int:
@@ -41,9 +67,24 @@ class KDConfig:
 
     @property
     def kd_scale(self) -> float:
-        """Factor on the divergence in the loss: kd_weight * T^2 (or kd_weight)."""
-        t2 = self.temperature * self.temperature if self.scale_by_t2 else 1.0
-        return self.kd_weight * t2
+        """Factor on the divergence in the loss: kd_weight * t2."""
+        return self.kd_weight * self.t2
+
+    @property
+    def kd_grad_scale(self) -> float:
+        """Factor on dD/du in dL/dz (u = z / T): kd_scale / T."""
+        return self.kd_scale / self.temperature
+
+    @property
+    def mixture_weights(self) -> Tuple[float, float]:
+        """(w_p, w_q) of the mixture m = w_p p + w_q q that the divergence compares against;
+        (0, 0) for divergences without one. Formed in float64 (a Python float), so 1 - beta
+        keeps its precision for beta near 1; a kernel casts each weight once."""
+        if self.divergence in ("jsd", "skew_kl"):
+            return self.beta, 1.0 - self.beta
+        if self.divergence == "skew_reverse_kl":
+            return 1.0 - self.beta, self.beta
+        return 0.0, 0.0
 
 
 # Rules that choose the strongly correlated set S of a CAKD row, and the integer ids the compiled
@@ -60,13 +101,13 @@ TEACHER_MASS_WEIGHT = "teacher_mass"
 
 
 @dataclass(frozen=True)
-class CAKDConfig:
+class CAKDConfig(_TemperatureOptions):
     """Options of the decomposed-KL (CAKD / DKD) row loss
 
-    ``row_loss = (T^2 if scale_by_t2 else 1) * (bcd_weight * BCD + scd_weight * SCD + wcd_weight * WCD)``
+    ``row_loss = t2 * (bcd_weight * BCD + scd_weight * SCD + wcd_weight * WCD)``
     with BCD = KL(b_p || b_q) over {S, W}, SCD / WCD = KL of the distributions renormalised inside
-    S / W (DESIGN.md §3). ``scd_teacher_mass`` / ``wcd_teacher_mass`` replace those weights by the
-    teacher's mass P_S / P_W of the row (then the loss is forward KL).
+    S / W. ``scd_teacher_mass`` / ``wcd_teacher_mass`` replace those weights by the teacher's mass
+    P_S / P_W of the row (then the loss is forward KL).
     """
 
     groups: str = "teacher_topk"
@@ -77,15 +118,7 @@ class CAKDConfig:
     wcd_weight: float = 1.0
     scd_teacher_mass: bool = False
     wcd_teacher_mass: bool = False
-    temperature: float = 1.0
-    scale_by_t2: bool = True
-    ignore_index: int = -100
 
     @property
     def group_rule_id(self) -> int:
         return CAKD_GROUPS[self.groups]
-
-    @property
-    def t2(self) -> float:
-        return self.temperature * self.temperature if self.scale_by_t2 else 1.0
-

@@ -31,6 +31,8 @@ def _register_fakes() -> None:
     def _cakd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, group_rule, top_k, mass,
                             bcd_weight, scd_weight, wcd_weight, scd_teacher_mass, wcd_teacher_mass,
                             temperature, scale_by_t2, ignore_index, compute_grad):
+        # the same outputs as the KD op's; the divergence options (forward_kl, beta, kd_weight,
+        # ce_weight) do not change their shapes
         row_loss, grad = _kd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, 0,
                                            temperature, 0.5, 1.0, 0.0, scale_by_t2, ignore_index,
                                            compute_grad)

@@ -1,19 +1,46 @@
-"""nn.Module wrappers over kdkernels.functional: the options are fixed at construction."""
+"""nn.Module forms of the public losses (kdkernels.functional): the options are fixed, and
+validated, at construction; ``forward`` takes the tensors."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from kdkernels import functional
-from kdkernels.features import AttentionTransferLoss, FeatureAlignmentLoss  # noqa: F401  (public here)
-from kdkernels.cakd import cakd_loss, dkd_loss
-from kdkernels.fused_linear import fused_linear_kd_loss
+from kdkernels import _checks, functional
+from kdkernels.ops.features import FEATURE_KINDS
 
 
-class KDLoss(nn.Module):
+class _LossModule(nn.Module):
+    """Options fixed at construction over a loss function of kdkernels.functional.
+
+    ``forward`` takes the function's tensor arguments, positional as in its signature. Subclasses
+    name the function (``loss_fn``) and a tiny call that validates the options at construction
+    rather than at the first forward (``_probe``, run under no_grad on the reference backend
+    where the function takes a backend)."""
+
+    loss_fn: Callable = staticmethod(functional.kd_loss)
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options: Dict[str, Any] = dict(options)
+        with torch.no_grad():
+            self._probe()
+
+    def _probe(self) -> None:
+        probe = torch.zeros(1, 2)
+        labels = torch.zeros(1, dtype=torch.long)
+        type(self).loss_fn(probe, probe, labels, **{**self.options, "backend": "reference"})
+
+    def forward(self, *tensors, **more) -> Any:
+        return type(self).loss_fn(*tensors, **more, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class KDLoss(_LossModule):
     """Module form of :func:`kdkernels.kd_loss`; keyword arguments are kd_loss's options.
 
     Example::
@@ -22,26 +49,15 @@ class KDLoss(nn.Module):
         loss = criterion(student_logits, teacher_logits, labels)
     """
 
-    def __init__(self, **options) -> None:
-        super().__init__()
-        self.options = dict(options)
-        # Validate the options now rather than at the first forward.
-        probe = torch.zeros(1, 2)
-        labels = torch.zeros(1, dtype=torch.long) if self.options.get("ce_weight", 0) else None
-        with torch.no_grad():
-            functional.kd_loss(probe, probe, labels, **{**self.options, "backend": "reference"})
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return functional.kd_loss(student_logits, teacher_logits, labels, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    loss_fn = staticmethod(functional.kd_loss)
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(_LossModule):
     """Module form of :func:`kdkernels.fused_linear_kd_loss` (lm_head + KD loss in token chunks);
     keyword arguments are its options: chunk_size, softcap, logit_scale and kd_loss's options.
+
+    ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+    labels=None, *, teacher_logits=None, student_bias=None, teacher_bias=None)``.
 
     Example::
 
@@ -50,50 +66,16 @@ class FusedLinearKDLoss(nn.Module):
                          teacher.lm_head.weight, labels)
     """
 
-    def __init__(self, **options) -> None:
-        super().__init__()
-        self.options = dict(options)
-        # Validate the options now rather than at the first forward.
-        labels = torch.zeros(1, dtype=torch.long) if self.options.get("ce_weight", 0) else None
-        with torch.no_grad():
-            fused_linear_kd_loss(torch.zeros(1, 1), torch.zeros(2, 1), labels=labels,
-                                 teacher_logits=torch.zeros(1, 2), **{**self.options, "backend": "reference"})
+    loss_fn = staticmethod(functional.fused_linear_kd_loss)
 
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, *, teacher_logits: Optional[torch.Tensor] = None,
-                student_bias: Optional[torch.Tensor] = None,
-                teacher_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                    teacher_logits=teacher_logits, student_bias=student_bias,
-                                    teacher_bias=teacher_bias, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    def _probe(self) -> None:
+        labels = torch.zeros(1, dtype=torch.long)
+        functional.fused_linear_kd_loss(torch.zeros(1, 1), torch.zeros(2, 1), labels=labels,
+                                        teacher_logits=torch.zeros(1, 2),
+                                        **{**self.options, "backend": "reference"})
 
 
-class _DecomposedKLLoss(nn.Module):
-    """Options fixed at construction (validated then) over a decomposed-KL loss function."""
-
-    loss_fn = staticmethod(cakd_loss)
-
-    def __init__(self, **options) -> None:
-        super().__init__()
-        self.options = dict(options)
-        probe = torch.zeros(1, 2)
-        with torch.no_grad():
-            type(self).loss_fn(probe, probe, torch.zeros(1, dtype=torch.long),
-                               **{**self.options, "backend": "reference"})
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None):
-        return type(self).loss_fn(student_logits, teacher_logits, labels, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-class CAKDLoss(_DecomposedKLLoss):
+class CAKDLoss(_LossModule):
     """Module form of :func:`kdkernels.cakd_loss`; keyword arguments are its options.
 
     Example::
@@ -103,17 +85,59 @@ class CAKDLoss(_DecomposedKLLoss):
         loss = criterion(student_logits, teacher_logits, labels)   # labels optional here
     """
 
-    loss_fn = staticmethod(cakd_loss)
+    loss_fn = staticmethod(functional.cakd_loss)
 
 
-class DKDLoss(_DecomposedKLLoss):
-    """Module form of :func:`kdkernels.dkd_loss` (labels required); keyword arguments are its options.
+class DKDLoss(_LossModule):
+    """Module form of :func:`kdkernels.dkd_loss` (labels required); keyword arguments are its
+    options, e.g. ``DKDLoss(alpha=1.0, beta=8.0, temperature=4.0)``."""
+
+    loss_fn = staticmethod(functional.dkd_loss)
+
+
+class FeatureAlignmentLoss(_LossModule):
+    """Hint loss (:func:`kdkernels.feature_alignment_loss`) with its learned projection
+    ``nn.Linear(student_dim, teacher_dim)``.
+
+    Add this module's parameters to the optimizer next to the student's. With equal widths and
+    ``project=False`` there is no projection (the student's states are compared as they are).
+    ``forward(student_hidden, teacher_hidden, mask=None)``.
 
     Example::
 
-        criterion = DKDLoss(alpha=1.0, beta=8.0, temperature=4.0)
-        loss = criterion(student_logits, teacher_logits, labels)
+        align = FeatureAlignmentLoss(student_dim=128, teacher_dim=256, kind="cosine")
+        optimizer = torch.optim.AdamW([*student.parameters(), *align.parameters()])
+        loss = kd + 0.1 * align(student_hidden, teacher_hidden)
     """
 
-    loss_fn = staticmethod(dkd_loss)
+    loss_fn = staticmethod(functional.feature_alignment_loss)
 
+    def __init__(self, student_dim: int, teacher_dim: int, kind: str = "mse", *, bias: bool = True,
+                 project: bool = True, reduction: str = "mean") -> None:
+        student_dim = _checks.check_positive_int("student_dim", student_dim)
+        teacher_dim = _checks.check_positive_int("teacher_dim", teacher_dim)
+        if not project and student_dim != teacher_dim:
+            raise ValueError(f"project=False needs student_dim == teacher_dim, got {student_dim} and {teacher_dim}")
+        super().__init__(kind=_checks.check_choice("kind", kind, FEATURE_KINDS),
+                         reduction=_checks.check_reduction(reduction))
+        self.projection = nn.Linear(student_dim, teacher_dim, bias=bias) if project else None
+
+    def _probe(self) -> None:
+        pass  # every option is checked in __init__
+
+    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return functional.feature_alignment_loss(student_hidden, teacher_hidden, self.projection, mask=mask,
+                                                 **self.options)
+
+
+class AttentionTransferLoss(_LossModule):
+    """Module form of :func:`kdkernels.attention_transfer_loss` (no parameters); keyword
+    arguments are its options (p, channel_dim, reduction).
+    ``forward(student_features, teacher_features)``."""
+
+    loss_fn = staticmethod(functional.attention_transfer_loss)
+
+    def _probe(self) -> None:
+        probe = torch.zeros(1, 2, 2)
+        functional.attention_transfer_loss(probe, probe, **self.options)

@@ -19,7 +19,7 @@ import torch
 
 import kdkernels
 import kdkernels.backends.cpu as cpu_backend
-from kdkernels import fused_linear
+from kdkernels.ops import fused_linear
 from conftest import DIVERGENCE_NAMES, assert_within_eager_error, make_labels
 
 PARAMS = ("hidden", "weight", "bias")

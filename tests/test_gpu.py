@@ -18,7 +18,7 @@ import torch
 
 import kdkernels
 from conftest import DIVERGENCE_NAMES, check_against_reference, loss_and_grad, make_labels, make_pair
-from kdkernels import _checks, _dispatch, _extension
+from kdkernels import _checks, _extension, backends
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ GPU_BACKENDS = ("triton", "cuda")
 
 def _require(backend: str) -> None:
     probe = torch.zeros(1, device="cuda")
-    if not _dispatch.usable(backend, probe):
+    if not backends.usable(backend, probe):
         what = "triton is not importable" if backend == "triton" else (
             "kdkernels._C_cuda is not built (pip install --no-build-isolation -e . with CUDA_HOME set)")
         pytest.skip(f"backend {backend!r} unavailable: {what}")
@@ -113,8 +113,8 @@ def test_bad_values_make_their_row_nan(backend):
 @gpu
 def test_auto_picks_the_preferred_gpu_backend():
     student = torch.zeros(2, 8, device="cuda")
-    expected = next((name for name in _dispatch.GPU_PREFERENCE if _dispatch.usable(name, student)), "reference")
-    assert _dispatch.resolve("auto", student) == expected
+    expected = next((name for name in backends.GPU_PREFERENCE if backends.usable(name, student)), "reference")
+    assert backends.resolve("auto", student) == expected
 
 
 # --- the current stream, no host synchronisation, no recompilation -----------------------------------
@@ -124,7 +124,7 @@ def test_auto_picks_the_preferred_gpu_backend():
 def test_rows_are_capturable_in_a_cuda_graph(backend):
     # Capture fails on a host synchronisation and on a launch outside the capturing stream.
     _require(backend)
-    impl = _dispatch.module(backend)
+    impl = backends.load(backend)
     student, teacher = make_pair((8, 1000), torch.bfloat16, seed=6)
     labels = make_labels((8,), 1000, ignored=[3])
     student, teacher, labels = on_gpu(student, teacher, labels)

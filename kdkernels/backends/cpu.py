@@ -38,7 +38,7 @@ def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
               grad_scale: torch.Tensor, cfg, compute_grad: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Decomposed KL (kdkernels.cakd): (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)."""
+    """Decomposed KL (kdkernels.cakd_loss): (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)."""
     row_loss, components, grad = torch.ops.kdkernels.cakd_loss_fwd(
         student_logits, teacher_logits, labels, grad_scale, cfg.group_rule_id, cfg.top_k, cfg.mass,
         cfg.bcd_weight, cfg.scd_weight, cfg.wcd_weight, cfg.scd_teacher_mass, cfg.wcd_teacher_mass,

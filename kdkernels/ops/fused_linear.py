@@ -5,7 +5,7 @@ Per chunk of rows [start, end):
 
     z_s = softcap(logit_scale * (h_s @ W_s^T + b_s))          # [n, V]   student logits
     z_t = softcap(logit_scale * (h_t @ W_t^T + b_t))          # [n, V]   teacher logits (no grad)
-    row_loss, g = rows(z_s, z_t, labels, grad_scale)          # the backend's fused row kernel
+    row_loss, g = rows(z_s, z_t, labels, grad_scale)          # the backend's KD row kernel
     g   <- g * softcap'(.) * logit_scale                      # chain rule back to h_s @ W_s^T + b_s
     dL/dh_s[chunk] = g @ W_s,  dL/dW_s += g^T @ h_s,  dL/db_s += sum_rows g
 
@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from kdkernels import _checks, _dispatch, _extension
-from kdkernels._autograd import _is_one, reduce_rows, reduction_scale, scale_grad_
-from kdkernels._config import KDConfig
+from kdkernels import _extension
+from kdkernels._config import KDConfig, math_dtype
+from kdkernels.backends import cpu
+from kdkernels.ops.fused import is_one, scale_grad_
+from kdkernels.ops.reduction import reduce_rows
+from kdkernels.ops.route import KD, Route
 
 # Default memory for one chunk's [rows, vocab] tensors (student logits, teacher logits, the row
 # kernel's gradient unless the backend writes it over the student logits (rows_inplace), and the
 # float32 copy of that gradient when the lm_head is not float32), per device type; chunk_size =
 # budget // bytes per row, but at least MIN_CHUNK_ROWS. Each GEMM call re-reads (and the BLAS
 # re-packs) the whole lm_head weight, a cost per chunk rather than per row, so small chunks cost
-# GEMM speed (CPU time of the four GEMMs at V=32000, H=1024 on an idle 2-core machine against
-# unchunked GEMMs: +2.7% at 436 rows, +1% at 655) while large ones cost memory.
+# GEMM speed (the four GEMMs at V=32000, H=1024 against unchunked GEMMs, AMD EPYC with 2 threads,
+# torch 2.13.0: +2.7% at 436 rows, +1% at 655) while large ones cost memory.
 # CPU: ~655 rows at V=32000 fp32 (gradient in place), where the extra memory stays under half of
 # Liger-Kernel's; CUDA: ~1400 rows at V=128256 bf16.
 DEFAULT_CHUNK_BYTES = {"cpu": 160 * 1024 * 1024, "cuda": 1024 * 1024 * 1024}
@@ -63,8 +66,6 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised buffer; on CPU from the compiled kernels' reusable huge-page mappings
     (kdkernels.backends.cpu.empty), so the buffers of every step after the first are resident."""
     if device.type == "cpu" and _extension.cpu_available():
-        from kdkernels.backends import cpu
-
         return cpu.empty(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -125,11 +126,22 @@ class _Plan:
     batch_shape: Tuple[int, ...]
     vocab: int            # common vocabulary: max of the student's and the teacher's
     chunk_size: int
-    rows_fn: Callable
-    checks_values: bool   # whether rows_fn checks NaN teachers / label range itself
-    # the backend's rows_inplace when the gradient may overwrite the student logits buffer
-    # (not with softcap, whose derivative needs the capped logits after the row kernel)
-    rows_inplace: Optional[Callable]
+    route: Route
+    # whether the gradient may overwrite the student logits buffer (the backend has rows_inplace
+    # and there is no softcap, whose derivative needs the capped logits after the row kernel)
+    inplace: bool
+
+
+class Wanted(NamedTuple):
+    """Which of the student's gradients are wanted."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @staticmethod
+    def none() -> "Wanted":
+        return Wanted(False, False, False)
 
 
 @dataclass
@@ -141,14 +153,14 @@ class _StudentGrads:
     bias: Optional[torch.Tensor]     # [V_s] float32 (float64) accumulator
 
     @staticmethod
-    def allocate(student: _LinearLogits, needs: Tuple[bool, bool, bool]) -> "_StudentGrads":
+    def allocate(student: _LinearLogits, wanted: Wanted) -> "_StudentGrads":
         hidden, weight = student.hidden, student.weight
-        accumulate = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        accumulate = math_dtype(weight.dtype)
         return _StudentGrads(
-            hidden=_empty(hidden.shape, hidden.dtype, hidden.device) if needs[0] else None,
+            hidden=_empty(hidden.shape, hidden.dtype, hidden.device) if wanted.hidden else None,
             # filled by the first chunk (beta=0), so no zero-fill pass
-            weight=_empty(weight.shape, accumulate, weight.device) if needs[1] else None,
-            bias=torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
+            weight=_empty(weight.shape, accumulate, weight.device) if wanted.weight else None,
+            bias=torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wanted.bias else None,
         )
 
     def add_chunk(self, student: _LinearLogits, start: int, end: int, grad: torch.Tensor,
@@ -177,14 +189,14 @@ class _StudentGrads:
 
 
 def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[torch.Tensor],
-                grad_scale: torch.Tensor, needs: Tuple[bool, bool, bool],
-                row_weights: Optional[torch.Tensor] = None
+                grad_scale: torch.Tensor, wanted: Wanted, row_weights: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[_StudentGrads]]:
-    """Row losses [N] and, when any of `needs` (hidden, weight, bias) is set, the student's
-    gradients of sum_rows(grad_scale * row_weight * row_loss) (row_weight = 1 when None)."""
+    """Row losses [N] and, when any gradient is wanted, the student's gradients of
+    sum_rows(grad_scale * row_weight * row_loss) (row_weight = 1 when None)."""
     n_rows, vocab, chunk = student.hidden.shape[0], plan.vocab, plan.chunk_size
     device = student.hidden.device
-    compute_grad = any(needs)
+    route = plan.route
+    compute_grad = any(wanted)
 
     def buffer(side) -> Optional[torch.Tensor]:
         if not side.needs_buffer:
@@ -197,10 +209,9 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
 
     student_buffer, teacher_buffer = buffer(student), buffer(teacher)
     # the gradient replaces the student logits in their reused buffer: no allocation per chunk
-    inplace = compute_grad and plan.rows_inplace is not None
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(n_rows, dtype=loss_dtype, device=device)
-    grads = _StudentGrads.allocate(student, needs) if compute_grad else None
+    inplace = compute_grad and plan.inplace
+    row_loss = torch.empty(n_rows, dtype=route.dtype, device=device)
+    grads = _StudentGrads.allocate(student, wanted) if compute_grad else None
 
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
@@ -208,14 +219,13 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
         with torch.no_grad():
             teacher_logits = teacher.chunk(start, end, teacher_buffer)
         labels_chunk = None if labels is None else labels[start:end]
-        if not plan.checks_values:
-            _checks.check_values(teacher_logits, labels_chunk, vocab, plan.cfg.ignore_index)
+        route.check_values(teacher_logits, labels_chunk, vocab, plan.cfg.ignore_index)
         if inplace:
-            chunk_loss = plan.rows_inplace(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg)
+            chunk_loss = route.rows_inplace(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg)
             grad = student_logits
         else:
-            chunk_loss, grad = plan.rows_fn(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg,
-                                            compute_grad)
+            chunk_loss, _, grad = route.rows(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg,
+                                             compute_grad)
         row_loss[start:end] = chunk_loss
         if not compute_grad:
             continue
@@ -235,21 +245,21 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """loss = reduce(rows(student lm_head logits, teacher logits)); gradients of the student's
+    """loss = reduce(KD rows(student lm_head logits, teacher logits)); gradients of the student's
     hidden states, lm_head weight and bias from the chunked forward pass."""
 
     @staticmethod
     def forward(ctx, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 student_bias: Optional[torch.Tensor], student: _LinearLogits, teacher,
                 labels: Optional[torch.Tensor], grad_scale: torch.Tensor, plan: _Plan,
-                needs: Tuple[bool, bool, bool]) -> torch.Tensor:
+                wanted: Wanted) -> torch.Tensor:
         ctx.per_row = plan.reduction == "none"
         if ctx.per_row:  # each row's incoming gradient is known only in backward: recompute there
-            row_loss, _ = _run_chunks(plan, student, teacher, labels, grad_scale, (False, False, False))
+            row_loss, _ = _run_chunks(plan, student, teacher, labels, grad_scale, Wanted.none())
             ctx.save_for_backward(student_hidden, student_weight, student_bias)
-            ctx.recompute = (plan, student.logit_scale, student.softcap, teacher, labels, grad_scale, needs)
+            ctx.recompute = (plan, student.logit_scale, student.softcap, teacher, labels, grad_scale, wanted)
         else:
-            row_loss, grads = _run_chunks(plan, student, teacher, labels, grad_scale, needs)
+            row_loss, grads = _run_chunks(plan, student, teacher, labels, grad_scale, wanted)
             ctx.save_for_backward(*grads.results(student))
             ctx.scaled = False
         return reduce_rows(row_loss, grad_scale, plan.reduction, plan.batch_shape)
@@ -258,100 +268,29 @@ class FusedLinearKDFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         none = (None,) * 6
         if ctx.per_row:
-            plan, logit_scale, softcap, teacher, labels, grad_scale, needs = ctx.recompute
+            plan, logit_scale, softcap, teacher, labels, grad_scale, wanted = ctx.recompute
             student = _LinearLogits(*ctx.saved_tensors, logit_scale, softcap)
             with torch.no_grad():
-                _, grads = _run_chunks(plan, student, teacher, labels, grad_scale, needs,
+                _, grads = _run_chunks(plan, student, teacher, labels, grad_scale, wanted,
                                        row_weights=grad_output.reshape(-1))
             return (*grads.results(student), *none)
         if ctx.scaled:
             raise RuntimeError("kdkernels: the gradients of fused_linear_kd_loss are scaled in place by "
                                "grad_output, so a second backward is not supported; compute the loss again")
-        ctx.scaled = not _is_one(grad_output)
+        ctx.scaled = not is_one(grad_output)
         grads = [None if g is None else scale_grad_(g, grad_output, per_row=False) for g in ctx.saved_tensors]
         return (*grads, *none)
 
 
-def fused_linear_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    *,
-    teacher_logits: Optional[torch.Tensor] = None,
-    student_bias: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
-    chunk_size: Optional[int] = None,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    backend: str = "auto",
-) -> torch.Tensor:
-    """KD loss of a student lm_head against a teacher, without materialising [tokens, vocab] logits.
-
-    Equal to ``kd_loss(student_logits, teacher_logits, labels, ...)`` with
-    ``student_logits = softcap(logit_scale * (student_hidden @ student_weight.T + student_bias))``
-    and the teacher's logits built the same way from ``teacher_hidden`` / ``teacher_weight`` /
-    ``teacher_bias`` (or given as ``teacher_logits``), where ``softcap(y) = softcap * tanh(y /
-    softcap)`` (Gemma's final-logit soft-capping; none when ``softcap`` is None). The tokens are
-    processed ``chunk_size`` rows at a time: per chunk the logits GEMMs, the fused KD row kernel
-    of ``backend`` (the one ``kd_loss`` uses), then the gradient GEMMs, so memory beyond the
-    inputs and gradients is one chunk's logits. Gradients are computed in the forward pass, only
-    for the tensors that require grad, and not at all under ``torch.no_grad()``.
-
-    Args:
-        student_hidden: ``[N, H_s]`` or ``[B, S, H_s]`` final hidden states, float32 / bfloat16 /
-            float16 (float64 runs on the reference backend).
-        student_weight: lm_head weight ``[V_s, H_s]``, the same dtype (as ``nn.Linear.weight``).
-        teacher_hidden: ``[N, H_t]`` / ``[B, S, H_t]``; ``H_t`` may differ from ``H_s``. Its dtype
-            may differ from the student's. Never receives a gradient.
-        teacher_weight: teacher lm_head weight ``[V_t, H_t]``. ``V_t`` may differ from ``V_s``
-            (padded lm_heads): the shorter side's missing vocabulary columns are ``-inf`` logits,
-            i.e. probability 0. If the *teacher* puts mass on ids the student lacks, forward KL is
-            infinite; pass ``teacher_weight[:V_s]`` to drop the teacher's padding instead.
-        labels: integer ``[N]`` / ``[B, S]`` in ``[0, max(V_s, V_t))`` or ``ignore_index``;
-            required when ``ce_weight > 0``. Ignored rows count nowhere and get zero gradient.
-        teacher_logits: ready teacher logits ``[N, V_t]`` / ``[B, S, V_t]`` instead of
-            ``teacher_hidden`` + ``teacher_weight`` (exactly one of the two must be given). Used
-            as they are: ``softcap`` and ``logit_scale`` do not apply to them.
-        student_bias, teacher_bias: optional lm_head biases ``[V_s]`` / ``[V_t]``.
-        chunk_size: rows per chunk. Default: as many as fit in ``DEFAULT_CHUNK_BYTES`` of
-            per-chunk logits and gradient (160 MiB on CPU, 1 GiB on CUDA; on CPU the gradient
-            overwrites the student logits chunk, unless ``softcap`` is set), but at least
-            ``MIN_CHUNK_ROWS`` (128) rows.
-        softcap: ``c > 0`` caps both lm_heads' logits to ``(-c, c)`` via ``c * tanh(y / c)``.
-        logit_scale: ``> 0``, multiplies both lm_heads' logits before the soft cap.
-        divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index,
-        reduction, backend: as in :func:`kdkernels.kd_loss`; "mean" divides by the number of
-            non-ignored tokens of the whole call, not per chunk. With "none" the gradients are
-            computed in backward (they depend on each row's incoming gradient), which runs the
-            logits GEMMs a second time.
-
-    Returns:
-        The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
-        float64 input).
-    """
-    _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
-                              "student_bias", student_bias)
-    _checks.check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)
+def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                      student_bias: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+                      teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
+                      teacher_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor], cfg: KDConfig,
+                      reduction: str, backend: str, chunk_size: Optional[int], softcap: Optional[float],
+                      logit_scale: float) -> torch.Tensor:
+    """The validated call of kdkernels.fused_linear_kd_loss (its docstring gives the arguments)."""
+    route = Route(KD, backend, student_hidden)
     batch_shape = tuple(student_hidden.shape[:-1])
-    labels = _checks.check_labels(labels, batch_shape, student_hidden.device)
-    reduction = _checks.check_reduction(reduction)
-    chunk_size, softcap, logit_scale = _checks.check_lm_head_options(chunk_size, softcap, logit_scale)
-    cfg = _checks.make_config(divergence=divergence, temperature=temperature, beta=beta,
-                              kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
-                              ignore_index=ignore_index, has_labels=labels is not None)
-    name = _dispatch.resolve(backend, student_hidden)
-    impl = _dispatch.module(name)
-
     student = _LinearLogits(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
                             logit_scale, softcap)
     if teacher_logits is not None:
@@ -365,27 +304,24 @@ def fused_linear_kd_loss(
     labels_1d = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]
 
-    needs = (student_hidden.requires_grad, student_weight.requires_grad,
-             student_bias is not None and student_bias.requires_grad)
-    needs = needs if torch.is_grad_enabled() else (False, False, False)
-    rows_inplace = _dispatch.rows_inplace_fn(name) if softcap is None else None
+    wanted = Wanted(student_hidden.requires_grad, student_weight.requires_grad,
+                    student_bias is not None and student_bias.requires_grad)
+    wanted = wanted if torch.is_grad_enabled() else Wanted.none()
+    inplace = route.has_inplace and softcap is None
     if chunk_size is None:
         student_bytes = student.dtype.itemsize
         # student logits + teacher logits (+ the kernel's gradient, + its float32 copy for a
         # low-precision lm_head's weight gradient) per vocabulary entry of a row
         per_entry = student_bytes + (teacher.dtype.itemsize if teacher.needs_buffer else 0)
-        if any(needs):
-            per_entry += (0 if rows_inplace else student_bytes) + (4 if needs[1] and student_bytes < 4 else 0)
+        if any(wanted):
+            per_entry += (0 if inplace else student_bytes) + (4 if wanted.weight and student_bytes < 4 else 0)
         chunk_size = chunk_rows(n_rows, vocab, per_entry, student_hidden.device.type)
     plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab, chunk_size=chunk_size,
-                 rows_fn=_dispatch.rows_fn(name), checks_values=impl.CHECKS_VALUES, rows_inplace=rows_inplace)
-    # float64 only for the reference rows of float64 input; the kernels take float32
-    scale_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    grad_scale = reduction_scale(labels_1d, cfg.ignore_index, reduction, n_rows, batch_shape,
-                                 student_hidden.device, dtype=scale_dtype)
+                 route=route, inplace=inplace)
+    grad_scale = route.grad_scale(labels_1d, cfg.ignore_index, reduction, n_rows, batch_shape, student_hidden.device)
 
-    if any(needs):
+    if any(wanted):
         return FusedLinearKDFunction.apply(student.hidden, student_weight, student_bias, student, teacher,
-                                           labels_1d, grad_scale, plan, needs)
-    row_loss, _ = _run_chunks(plan, student, teacher, labels_1d, grad_scale, needs)
+                                           labels_1d, grad_scale, plan, wanted)
+    row_loss, _ = _run_chunks(plan, student, teacher, labels_1d, grad_scale, wanted)
     return reduce_rows(row_loss, grad_scale, reduction, batch_shape)

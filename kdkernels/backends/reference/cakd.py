@@ -1,6 +1,6 @@
-"""Pure-PyTorch decomposed KL (CAKD / DKD): the float64 test oracle and the fallback backend.
+"""The decomposed KL (CAKD / DKD) row loss in plain PyTorch, differentiable.
 
-Written from the definitions in DESIGN.md §3, with whole-row masked softmaxes, independently of
+Written from the definitions, with whole-row masked softmaxes, independently of
 the kernels' streaming formulation. Notation: u = z_s/T, a = z_t/T, q = softmax(u),
 p = softmax(a); S is the strongly correlated set of a row, W the rest; P_g / Q_g are the teacher /
 student mass of group g and p̂, q̂ the distributions renormalised inside each group:
@@ -21,10 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kdkernels._config import CAKDConfig
-from kdkernels.backends.reference import _math_dtype, _xlogratio
-
-CHECKS_VALUES = False
+from kdkernels._config import CAKDConfig, math_dtype
+from kdkernels.backends.reference.kd import xlogratio
 
 
 def teacher_rank_order(teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -72,7 +70,7 @@ def _group_kl(logp: torch.Tensor, logq: torch.Tensor, member: torch.Tensor, log_
     off = torch.full_like(logp, -math.inf)
     log_phat = torch.where(member, log_phat, off)
     log_qhat = torch.where(member, log_qhat, off)
-    return _xlogratio(log_phat.exp(), log_phat, log_qhat).sum(-1)
+    return xlogratio(log_phat.exp(), log_phat, log_qhat).sum(-1)
 
 
 def components(student_logits: torch.Tensor, teacher_logits: torch.Tensor, in_s: torch.Tensor,
@@ -90,7 +88,7 @@ def components(student_logits: torch.Tensor, teacher_logits: torch.Tensor, in_s:
     log_ps, log_pw = _group_logsumexp(logp, in_s), _group_logsumexp(logp, in_w)
     log_qs, log_qw = _group_logsumexp(logq, in_s), _group_logsumexp(logq, in_w)
     p_s, p_w = log_ps.exp(), log_pw.exp()
-    bcd = _xlogratio(p_s, log_ps, log_qs) + _xlogratio(p_w, log_pw, log_qw)
+    bcd = xlogratio(p_s, log_ps, log_qs) + xlogratio(p_w, log_pw, log_qw)
     scd = _group_kl(logp, logq, in_s, log_ps, log_qs)
     wcd = _group_kl(logp, logq, in_w, log_pw, log_qw)
     keep = ~empty_row.squeeze(-1)
@@ -99,11 +97,11 @@ def components(student_logits: torch.Tensor, teacher_logits: torch.Tensor, in_s:
             torch.where(keep, p_s, zero), torch.where(keep, p_w, zero))
 
 
-def row_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-               cfg: CAKDConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+def row_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+             cfg: CAKDConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable per-row loss [N] and the per-row components [N, 3] = (BCD, SCD, WCD), the
     latter unweighted and without T^2, for [N, V] inputs (see CAKDConfig)."""
-    dtype = _math_dtype(student_logits)
+    dtype = math_dtype(student_logits.dtype)
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     in_s = correlated_set(teacher, labels, cfg)
@@ -117,19 +115,3 @@ def row_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         parts = torch.where(valid.unsqueeze(-1), parts, torch.zeros_like(parts))
     return loss, parts
-
-
-def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-              grad_scale: torch.Tensor, cfg: CAKDConfig, compute_grad: bool
-              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """The CAKD backend contract: (row_loss [N], components [N, 3], grad or None), grad being
-    dL/d(student_logits) of grad_scale * row_loss.sum()."""
-    if not compute_grad:
-        with torch.no_grad():
-            loss, parts = row_losses(student_logits, teacher_logits, labels, cfg)
-            return loss, parts, None
-    with torch.enable_grad():
-        student = student_logits.detach().requires_grad_(True)
-        loss, parts = row_losses(student, teacher_logits, labels, cfg)
-        (grad,) = torch.autograd.grad(loss, student, grad_outputs=grad_scale.to(loss.dtype).expand_as(loss))
-    return loss.detach(), parts.detach(), grad

@@ -1,0 +1,144 @@
+"""The one road from a validated public call to a backend.
+
+A :class:`Route` is where one call runs and what follows from that: the backend (resolved once,
+kdkernels.backends), whether the call must check values first (``CHECKS_VALUES``), the dtype of
+the reduction scale, and the backend's row kernels, whose NaN reports of bad input
+(``BAD_INPUT_AS_NAN``) it turns into the ValueError the other backends raise.
+
+:func:`logits_loss` is the whole road for a loss on logits (kd_loss, cakd_loss, dkd_loss): the
+reference backend runs its differentiable formula under autograd (so double backward works);
+every other backend runs under the first-order fused Function (kdkernels.ops.fused), or without
+any gradient work when no gradient is wanted. The fused lm_head loss (kdkernels.ops.fused_linear)
+takes a Route of its own and runs the same row kernels chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from kdkernels import _checks, backends
+from kdkernels._config import math_dtype
+from kdkernels.backends.reference import cakd as reference_cakd
+from kdkernels.backends.reference import kd as reference_kd
+from kdkernels.ops import fused
+from kdkernels.ops.reduction import counted_rows, reduce_rows, reduction_scale
+
+RowKernelResult = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of row losses: the backend contract's entry point that computes it, its
+    differentiable reference formula, and its name in messages."""
+
+    entry: str
+    title: str
+    # (student [N, V], teacher [N, V], labels [N] or None, cfg) -> row_loss [N] or (row_loss, extras [N, k])
+    formula: Callable
+
+
+KD = Family(entry="rows", title="KD", formula=reference_kd.row_loss)
+CAKD = Family(entry="cakd_rows", title="CAKD/DKD", formula=reference_cakd.row_loss)
+
+
+class Route:
+    """Where one call runs; see the module docstring."""
+
+    def __init__(self, family: Family, backend: str, tensor: torch.Tensor) -> None:
+        name = backends.resolve(backend, tensor)
+        module = backends.load(name)
+        if not hasattr(module, family.entry):
+            if backend != "auto":
+                raise ValueError(f"backend={backend!r} has no {family.title} kernel; use backend='auto' or "
+                                 f"'reference'")
+            name, module = "reference", backends.load("reference")
+        self.family, self.name, self.module = family, name, module
+        self.checks_values = bool(module.CHECKS_VALUES)
+        self.nan_reports = bool(getattr(module, "BAD_INPUT_AS_NAN", False))
+        # dtype of the loss, the rows and the reduction scale: the kernels work in float32
+        self.dtype = math_dtype(tensor.dtype)
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether the loss runs as a plain autograd graph (the reference formula)."""
+        return self.name == "reference"
+
+    @property
+    def has_inplace(self) -> bool:
+        return hasattr(self.module, "rows_inplace")
+
+    def check_values(self, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], vocab: int,
+                     ignore_index: int) -> None:
+        """The value checks the backend does not make itself while it streams."""
+        if not self.checks_values:
+            _checks.check_values(teacher_logits, labels, vocab, ignore_index)
+
+    def grad_scale(self, labels: Optional[torch.Tensor], ignore_index: int, reduction: str, n_rows: int,
+                   batch_shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        return reduction_scale(counted_rows(labels, ignore_index), reduction, n_rows, batch_shape, device,
+                               self.dtype)
+
+    def rows(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+             grad_scale: torch.Tensor, cfg, compute_grad: bool) -> RowKernelResult:
+        """The backend's row kernel: (row_loss [N], extras [N, k] or None, grad [N, V] or None)."""
+        outputs = getattr(self.module, self.family.entry)(student_logits, teacher_logits, labels, grad_scale, cfg,
+                                                          compute_grad)
+        row_loss, grad = outputs[0], outputs[-1]
+        extras = outputs[1] if len(outputs) == 3 else None
+        self._raise_reported(row_loss, teacher_logits, labels, cfg, student_logits)
+        return row_loss, extras, grad
+
+    def rows_inplace(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     labels: Optional[torch.Tensor], grad_scale: torch.Tensor, cfg) -> torch.Tensor:
+        """The backend's KD row kernel with the gradient written over the student logits."""
+        row_loss = self.module.rows_inplace(student_logits, teacher_logits, labels, grad_scale, cfg)
+        # the student logits now hold the gradient: a NaN that is not the teacher's or the labels'
+        # fault was the student's
+        self._raise_reported(row_loss, teacher_logits, labels, cfg, student_logits=None)
+        return row_loss
+
+    def _raise_reported(self, row_loss: torch.Tensor, teacher_logits: torch.Tensor,
+                        labels: Optional[torch.Tensor], cfg, student_logits: Optional[torch.Tensor]) -> None:
+        """GPU kernels report bad input as NaN row losses: one look at the [N] row losses turns
+        that into the ValueError naming the argument (teacher or labels first, else the student)."""
+        if not self.nan_reports or not bool(torch.isnan(row_loss).any()):
+            return
+        _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
+        if student_logits is None:
+            raise _checks.not_finite_error("student_logits")
+        _checks.check_finite("student_logits", student_logits)
+
+
+def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor], cfg, reduction: str, backend: str
+                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """(loss, extras reduced like the loss, one per column) of a validated call on logits
+    [..., V] with labels [...] or None."""
+    route = Route(family, backend, student_logits)
+    batch_shape = tuple(student_logits.shape[:-1])
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    # The teacher never receives a gradient: detached on every path, so a teacher that requires
+    # grad does not put a compiled op (which has no autograd formula) into the graph.
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    labels = labels.reshape(-1) if labels is not None else None
+    route.check_values(teacher, labels, vocab, cfg.ignore_index)
+    scale = route.grad_scale(labels, cfg.ignore_index, reduction, student.shape[0], batch_shape, student.device)
+
+    if route.differentiable:
+        outputs = family.formula(student, teacher, labels, cfg)
+        row_loss, extras = outputs if isinstance(outputs, tuple) else (outputs, None)
+        extras = None if extras is None else extras.detach()
+        loss = reduce_rows(row_loss, scale, reduction, batch_shape)
+    elif torch.is_grad_enabled() and student.requires_grad:
+        loss, extras = fused.FusedRowsFunction.apply(student, teacher, labels, scale, cfg, reduction, batch_shape,
+                                                     route)
+    else:
+        row_loss, extras, _ = route.rows(student, teacher, labels, scale, cfg, False)
+        loss = reduce_rows(row_loss, scale, reduction, batch_shape)
+    if extras is None or extras.numel() == 0:
+        return loss, ()
+    return loss, tuple(reduce_rows(extras[:, j], scale, reduction, batch_shape) for j in range(extras.shape[1]))
