@@ -22,6 +22,7 @@ does not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
@@ -89,13 +90,16 @@ def detect_logit_transform(model: torch.nn.Module) -> LogitTransform:
     probe = (torch.arange(4, device=device) % vocab).unsqueeze(0)  # [1, 4]
     was_training = model.training
     model.eval()
+    head = _LMHeadCapture(model, compute_logits=True)
     try:
-        with torch.no_grad(), _LMHeadCapture(model, compute_logits=True) as head:
+        with torch.no_grad(), head.capturing():
             logits = model(input_ids=probe).logits.float()
-        lm_head_output = head.output.float()
+            lm_head_output = head.output
     finally:
+        head.remove()
         model.train(was_training)
-    eps = torch.finfo(head.output.dtype).eps
+    eps = torch.finfo(lm_head_output.dtype).eps
+    lm_head_output = lm_head_output.float()
     tolerance = 64 * eps * max(1.0, float(logits.abs().max()))
     for candidate in _candidate_transforms(model.config):
         if float((candidate.apply(lm_head_output) - logits).abs().max()) <= tolerance:
@@ -122,19 +126,26 @@ class LMHead:
 
 
 class _LMHeadCapture:
-    """While active, records the input of ``model``'s output embeddings (its lm_head); unless
-    ``compute_logits``, the lm_head is handed zero positions of it, so the model computes no
-    ``[B, S, V]`` logits (its softcap / scaling then run on an empty tensor)."""
+    """Hooks on ``model``'s output embeddings (its lm_head) that, inside :meth:`capturing`, record
+    its input and output; unless ``compute_logits``, the lm_head is then handed zero positions of
+    its input, so the model computes no ``[B, S, V]`` logits (its softcap / scaling run on an empty
+    tensor). Outside :meth:`capturing` the model runs unchanged. The hooks stay registered (until
+    :meth:`remove`): adding and removing them every step would make a compiled model recompile."""
 
     def __init__(self, model: torch.nn.Module, compute_logits: bool = False) -> None:
         self.module = model.get_output_embeddings()
         if self.module is None or not hasattr(self.module, "weight"):
             raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head) with a weight")
         self.compute_logits = compute_logits
+        self.active = False
         self.hidden: Optional[torch.Tensor] = None
         self.output: Optional[torch.Tensor] = None
+        self.handles = [self.module.register_forward_pre_hook(self._pre_hook),
+                        self.module.register_forward_hook(self._hook)]
 
     def _pre_hook(self, module, args):
+        if not self.active:
+            return None
         (hidden, *rest) = args
         self.hidden = hidden
         if not self.compute_logits:
@@ -142,14 +153,19 @@ class _LMHeadCapture:
         return None
 
     def _hook(self, module, args, output):
-        self.output = output
+        if self.active:
+            self.output = output
 
-    def __enter__(self) -> "_LMHeadCapture":
-        self.handles = [self.module.register_forward_pre_hook(self._pre_hook),
-                        self.module.register_forward_hook(self._hook)]
-        return self
+    @contextlib.contextmanager
+    def capturing(self):
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+            self.hidden = self.output = None  # the caller keeps what it took, nothing more
 
-    def __exit__(self, *exc) -> None:
+    def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
@@ -252,6 +268,7 @@ class ModelTeacher:
     def __init__(self, model: torch.nn.Module, transform: Optional[LogitTransform] = None) -> None:
         self.model = freeze(model)
         self.transform = transform or detect_logit_transform(self.model)
+        self._head = _LMHeadCapture(self.model)
 
     def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "ModelTeacher":
         self.model.to(device=device, dtype=dtype)
@@ -259,9 +276,9 @@ class ModelTeacher:
 
     def kd_loss_sum(self, student: LMHead, targets: torch.Tensor, batch: Mapping[str, Any],
                     options: KDOptions) -> torch.Tensor:
-        with torch.no_grad(), _LMHeadCapture(self.model) as capture:
+        with torch.no_grad(), self._head.capturing():
             self.model(**batch)
-        teacher = capture.result(self.transform)
+            teacher = self._head.result(self.transform)
         vocab = student.weight.shape[0]
         weight, bias, hidden = teacher.weight[:vocab], teacher.bias, teacher.hidden
         bias = None if bias is None else bias[:vocab]
@@ -358,6 +375,7 @@ class KDTrainer(transformers.Trainer):
             teacher.to(parameter.device, teacher_dtype or parameter.dtype)
         self.teacher = teacher
         self.student_logit_transform = student_logit_transform or detect_logit_transform(self.model)
+        self._student_head = _LMHeadCapture(self.model)
         self.log_loss_parts = log_loss_parts
         self._loss_parts: Optional[_LossParts] = None
 
@@ -365,9 +383,9 @@ class KDTrainer(transformers.Trainer):
         inputs = dict(inputs)
         targets = next_token_labels(inputs.pop("labels", None), inputs.pop("shift_labels", None))
         teacher_entries = {key: inputs.pop(key) for key in getattr(self.teacher, "batch_keys", ())}
-        with _LMHeadCapture(self.accelerator.unwrap_model(model)) as capture:
+        with self._student_head.capturing():
             outputs = model(**inputs)
-        student = capture.result(self.student_logit_transform)
+            student = self._student_head.result(self.student_logit_transform)
         tokens = _tokens(targets, num_items_in_batch)
         loss = self.teacher.kd_loss_sum(student, targets, {**inputs, **teacher_entries}, self.kd_options) / tokens
         if self.log_loss_parts and model.training and self._logged_after_this_step():
