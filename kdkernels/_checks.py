@@ -190,6 +190,32 @@ def check_values(teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], v
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index})")
 
 
+def check_student_support(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          labels: Optional[torch.Tensor], cfg: KDConfig) -> None:
+    """Student logits [N, V] of a KD loss: no NaN / +inf, and no counted row (label not
+    ignore_index) whose loss would be +inf or undefined because of the student's -inf entries:
+    a row entirely -inf; with the divergence weighting log q by the teacher's probability
+    (forward_kl, skew_kl at beta = 0), a finite teacher logit where the student's is -inf; with
+    the CE term, the label on a student -inf entry. Entries -inf on both sides are masking."""
+    check_finite("student_logits", student_logits)
+    student_masked = torch.isneginf(student_logits)
+    bad = student_masked.all(-1)
+    w_p, _ = cfg.mixture_weights
+    teacher_weighted = cfg.divergence == "forward_kl" or (cfg.divergence == "skew_kl" and w_p == 0.0)
+    if cfg.kd_weight > 0 and teacher_weighted:
+        bad |= (student_masked & ~torch.isneginf(teacher_logits)).any(-1)
+    if labels is not None:
+        counted = labels != cfg.ignore_index
+        if cfg.ce_weight > 0:
+            safe = torch.where(counted, labels, torch.zeros_like(labels)).long().clamp(0, student_logits.shape[-1] - 1)
+            bad |= student_masked.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        bad &= counted
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"student_logits row {row} gives an infinite loss: it is -inf everywhere, or where the "
+                         f"teacher has probability (forward KL) or at the label (CE); mask an entry on both sides")
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -216,8 +242,16 @@ def check_feature_pair(student_hidden, teacher_hidden) -> None:
             f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden shape "
             f"{tuple(student_hidden.shape)} in every dimension but the last")
     _check_same_device("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
-    if bool(torch.isnan(teacher_hidden).any()) or bool(torch.isinf(teacher_hidden).any()):
-        raise ValueError("teacher_hidden contains NaN or inf")
+
+
+def check_counted_finite(name: str, features: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """features [..., D]: no NaN / inf in the tokens the mask counts (all tokens without a mask).
+    A look at values on the host: skipped under torch.compile."""
+    if torch.compiler.is_compiling():
+        return
+    counted = features if mask is None else features[mask]
+    if not bool(torch.isfinite(counted).all()):
+        raise ValueError(f"{name} contains NaN or inf" + ("" if mask is None else " in a token the mask counts"))
 
 
 def check_projection(weight, bias, student_hidden) -> None:

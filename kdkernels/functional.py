@@ -56,14 +56,15 @@ def kd_loss(
         student_logits: ``[N, V]`` or ``[B, S, V]``, float32 / bfloat16 / float16 (float64 runs on
             the reference backend). Any strides. Receives the gradient, in its own dtype.
         teacher_logits: same shape as ``student_logits``; never receives a gradient. ``-inf``
-            entries mask vocabulary items (masked for the student too, they contribute nothing);
+            entries mask vocabulary items (masked for the student too, they contribute nothing); a
+            row entirely ``-inf`` has no teacher distribution: its KD term is 0, its CE term stays.
             NaN and ``+inf`` are rejected.
         labels: integer ``[N]`` / ``[B, S]``, optional. Rows whose label equals ``ignore_index``
             count for neither term and get zero gradient. Required when ``ce_weight > 0``.
         divergence: ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)), ``jsd`` (generalized JSD
             with m = beta p + (1-beta) q; 0 at beta in {0, 1}), ``skew_kl`` (KL(p || beta p +
             (1-beta) q)), ``skew_reverse_kl`` (KL(q || (1-beta) p + beta q)), ``tvd``.
-        temperature: ``T > 0``, applied to both logits for the divergence.
+        temperature: ``T`` in ``[1e-6, 1e6]``, applied to both logits for the divergence.
         beta: mixing weight of ``jsd`` / skew weight of the skew divergences, in [0, 1].
         kd_weight, ce_weight: weights of the two terms (>= 0).
         scale_by_t2: multiply the divergence by ``T^2`` (Hinton et al.), on by default.
@@ -71,10 +72,18 @@ def kd_loss(
         reduction: ``mean`` (over non-ignored rows), ``batchmean`` (sum / ``student_logits.size(0)``,
             as ``F.kl_div``), ``sum`` or ``none`` (one value per row, shaped like ``labels``).
         backend: ``auto``, ``cpu`` (compiled C++), ``triton``, ``cuda`` or ``reference`` (PyTorch).
+            The compiled backends give first-order gradients (differentiating them again raises);
+            ``reference`` is differentiable to any order.
 
     Returns:
         The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
         float64 input).
+
+    Raises:
+        ValueError naming ``student_logits`` for a non-ignored row whose loss would be infinite
+        because of the student's ``-inf`` entries: the whole row ``-inf``; with ``forward_kl``
+        (or ``skew_kl`` at ``beta=0``) a ``-inf`` where the teacher's logit is finite; with the
+        CE term, the label on a ``-inf`` entry. ``-inf`` on both sides is masking, not an error.
     """
     _checks.check_logits_pair(student_logits, teacher_logits)
     labels = _checks.check_labels(labels, student_logits.shape[:-1], student_logits.device)
@@ -134,15 +143,16 @@ def fused_linear_kd_loss(
         teacher_weight: teacher lm_head weight ``[V_t, H_t]``. ``V_t`` may differ from ``V_s``
             (padded lm_heads): the shorter side's missing vocabulary columns are ``-inf`` logits,
             i.e. probability 0. If the *teacher* puts mass on ids the student lacks, forward KL is
-            infinite; pass ``teacher_weight[:V_s]`` to drop the teacher's padding instead.
+            infinite and the call raises ValueError; pass ``teacher_weight[:V_s]`` to drop the
+            teacher's padding instead.
         labels: integer ``[N]`` / ``[B, S]`` in ``[0, max(V_s, V_t))`` or ``ignore_index``;
             required when ``ce_weight > 0``. Ignored rows count nowhere and get zero gradient.
         teacher_logits: ready teacher logits ``[N, V_t]`` / ``[B, S, V_t]`` instead of
             ``teacher_hidden`` + ``teacher_weight`` (exactly one of the two must be given). Used
             as they are: ``softcap`` and ``logit_scale`` do not apply to them.
         student_bias, teacher_bias: optional lm_head biases ``[V_s]`` / ``[V_t]``.
-        chunk_size: rows per chunk. Default: as many as fit in ``kdkernels.ops.fused_linear.DEFAULT_CHUNK_BYTES`` of
-            per-chunk logits and gradient (160 MiB on CPU, 1 GiB on CUDA; on CPU the gradient
+        chunk_size: rows per chunk. Default: as many as fit in
+            ``kdkernels.ops.fused_linear.DEFAULT_CHUNK_BYTES`` of per-chunk logits and gradient (160 MiB on CPU, 1 GiB on CUDA; on CPU the gradient
             overwrites the student logits chunk, unless ``softcap`` is set), but at least
             ``MIN_CHUNK_ROWS`` (128) rows.
         softcap: ``c > 0`` caps both lm_heads' logits to ``(-c, c)`` via ``c * tanh(y / c)``.
@@ -151,7 +161,9 @@ def fused_linear_kd_loss(
         reduction, backend: as in :func:`kdkernels.kd_loss`; "mean" divides by the number of
             non-ignored tokens of the whole call, not per chunk. With "none" the gradients are
             computed in backward (they depend on each row's incoming gradient), which runs the
-            logits GEMMs a second time.
+            logits GEMMs a second time from the saved inputs (changing one of them in place in
+            between raises autograd's error). ``backend="reference"`` builds the whole logits and
+            applies kd_loss's reference formula: no chunks, differentiable to any order.
 
     Returns:
         The loss: a scalar, or ``[N]`` / ``[B, S]`` for ``reduction="none"``; float32 (float64 for
@@ -233,7 +245,7 @@ def cakd_loss(
             constant for the gradient; with ``bcd_weight=1`` and both set so the loss is forward KL.
             A group holding no teacher probability at all (every teacher logit in it ``-inf``)
             contributes no SCD / WCD.
-        temperature: ``T > 0``, applied to both logits.
+        temperature: ``T`` in ``[1e-6, 1e6]``, applied to both logits.
         scale_by_t2: multiply the loss by ``T^2`` (on by default).
         ignore_index: label value that marks rows to ignore.
         reduction: ``mean`` (over non-ignored rows), ``batchmean`` (sum / ``size(0)``), ``sum`` or
@@ -315,7 +327,8 @@ def feature_alignment_loss(
         kind: ``mse`` (mean over the feature dimension of the squared difference) or ``cosine``
             (``1 - cos``); the formulas are in kdkernels.ops.features.
         mask: optional bool ``[...]`` (the leading sizes): tokens where it is False count for
-            nothing (e.g. padding).
+            nothing, whatever they hold (e.g. padding; NaN / inf there are never read into the
+            loss or the gradients).
         reduction: ``mean`` (over counted tokens; 0 when none), ``batchmean`` (sum / size(0)),
             ``sum``, or ``none`` (one value per token, shaped like the leading sizes).
 
@@ -326,9 +339,9 @@ def feature_alignment_loss(
     kind = _checks.check_choice("kind", kind, _features.FEATURE_KINDS)
     reduction = _checks.check_reduction(reduction)
     mask = _checks.check_mask(mask, student_hidden.shape[:-1], student_hidden.device)
-    projected = _features.project(student_hidden, projection, projection_bias)
-    _checks.check_projected(projected, teacher_hidden)
-    return reduce_masked(_features.hint_token_loss(projected, teacher_hidden, kind), mask, reduction)
+    _checks.check_counted_finite("teacher_hidden", teacher_hidden, mask)
+    return reduce_masked(_features.hint_token_loss(student_hidden, teacher_hidden, projection, projection_bias,
+                                                   kind, mask), mask, reduction)
 
 
 def attention_transfer_loss(

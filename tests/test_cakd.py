@@ -321,13 +321,53 @@ def test_no_grad_and_frozen_student_compute_no_gradient():
     torch.testing.assert_close(value, frozen)
 
 
-def test_second_backward_raises():
+@pytest.mark.parametrize("fn", ("cakd", "dkd"))
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_second_backward_through_a_retained_graph_is_exact(fn, backend, reduction):
     student, teacher = make_pair((4, 30), seed=20)
+    labels = make_labels((4,), 30, seed=20)
     student.requires_grad_(True)
-    loss = kdkernels.cakd_loss(student, teacher, groups="teacher_top1", reduction="none")
+    loss = (kdkernels.cakd_loss(student, teacher, groups="teacher_top1", reduction=reduction, backend=backend)
+            if fn == "cakd" else kdkernels.dkd_loss(student, teacher, labels, reduction=reduction, backend=backend))
+    (returned,) = torch.autograd.grad(loss.sum(), student, retain_graph=True)
+    kept = returned.clone()
     loss.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError):
-        loss.sum().backward()
+    (3.0 * loss.sum()).backward()
+    torch.testing.assert_close(student.grad, 4 * kept)
+    assert torch.equal(returned, kept)  # the gradient handed out first was not rescaled later
+
+
+def test_double_backward_raises_on_the_fused_kernel_and_works_on_the_reference():
+    student, teacher = make_pair((3, 12), torch.float64, seed=29)
+    fused = student.float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(kdkernels.cakd_loss(fused, teacher.float(), groups="teacher_topk", k=3), fused,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        grad.pow(2).sum().backward()
+    assert torch.autograd.gradgradcheck(
+        lambda s: kdkernels.cakd_loss(s, teacher, groups="teacher_topk", k=3, temperature=2.0, backend="reference"),
+        (student.requires_grad_(True),))
+
+
+@pytest.mark.parametrize("fn", ("cakd", "dkd"))
+def test_torch_compile_fullgraph_matches_eager(fn):
+    torch._dynamo.reset()
+    student, teacher = make_pair((6, 40), seed=30)
+    labels = make_labels((6,), 40, seed=30, ignored=[2])
+
+    def loss(s):
+        if fn == "cakd":
+            return kdkernels.cakd_loss(s, teacher, labels, groups="teacher_topk", k=4, temperature=2.0)
+        return kdkernels.dkd_loss(s, teacher, labels)
+
+    eager, compiled = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    expected = loss(eager)
+    actual = torch.compile(loss, fullgraph=True, backend="aot_eager")(compiled)
+    torch.testing.assert_close(actual, expected)
+    (2.0 * expected).backward()
+    (2.0 * actual).backward()
+    torch.testing.assert_close(compiled.grad, eager.grad)
 
 
 def test_op_registration():
@@ -357,6 +397,9 @@ def test_op_registration():
     (dict(groups="teacher_top1", temperature=0.0), ValueError, "temperature"),
     (dict(groups="teacher_top1", reduction="avg"), ValueError, "reduction"),
     (dict(groups="teacher_top1", backend="tpu"), ValueError, "backend"),
+    (dict(groups="teacher_topk", k=2 ** 70), ValueError, "k must be <="),
+    (dict(groups="teacher_top1", ignore_index=-(2 ** 64)), ValueError, "ignore_index"),
+    (dict(groups="teacher_top1", temperature=1e7), ValueError, "temperature"),
 ])
 def test_bad_options_raise(kwargs, error, match):
     student, teacher = make_pair((3, 10), seed=22)
@@ -438,3 +481,18 @@ def test_benchmark_peer_formulas_equal_the_losses():
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(eager_dkd(student, teacher, labels, 2.0),
                                kdkernels.dkd_loss(student, teacher, labels, temperature=2.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+@pytest.mark.parametrize("reduction", ("mean", "batchmean", "sum", "none"))
+def test_empty_batch_gives_zero_loss_components_and_gradient(backend, reduction):
+    student = torch.zeros(0, 7, requires_grad=True)
+    teacher, labels = torch.zeros(0, 7), torch.zeros(0, dtype=torch.long)
+    for result in (kdkernels.cakd_loss(student, teacher, groups="teacher_top1", reduction=reduction,
+                                       return_components=True, backend=backend),
+                   kdkernels.dkd_loss(student, teacher, labels, reduction=reduction, return_components=True,
+                                      backend=backend)):
+        for value in result:
+            assert value.shape == ((0,) if reduction == "none" else ()) and float(value.detach().sum()) == 0.0
+        result.loss.sum().backward()
+        assert student.grad.shape == (0, 7)

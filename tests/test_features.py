@@ -61,6 +61,34 @@ def test_mask_drops_tokens_from_the_mean(kind):
     assert nothing.item() == 0.0
 
 
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("held", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_masked_tokens_contribute_nothing_whatever_they_hold(kind, reduction, held):
+    student, teacher, weight, bias = _pair([4, 6], 5, 8)
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) > 0.4
+    options = dict(projection_bias=bias, kind=kind, mask=mask, reduction=reduction)
+    clean = kdkernels.feature_alignment_loss(student, teacher, weight, **options)
+    clean_grads = torch.autograd.grad(clean.sum(), (student, weight, bias))
+    dirty_student, dirty_teacher = student.detach().clone(), teacher.clone()
+    dirty_student[~mask] = held
+    dirty_teacher[~mask] = held
+    dirty_student.requires_grad_(True)
+    dirty = kdkernels.feature_alignment_loss(dirty_student, dirty_teacher, weight, **options)
+    dirty_grads = torch.autograd.grad(dirty.sum(), (dirty_student, weight, bias))
+    torch.testing.assert_close(dirty, clean)
+    for actual, expected in zip(dirty_grads, clean_grads):
+        torch.testing.assert_close(actual, expected * (mask[..., None] if actual.dim() == 3 else 1))
+
+
+def test_a_counted_token_holding_nan_in_the_teacher_is_refused():
+    student, teacher, weight, _ = _pair([4, 6], 5, 8)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    teacher[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        kdkernels.feature_alignment_loss(student, teacher, weight, mask=mask)
+
+
 def test_projection_forms_agree():
     student, teacher, weight, bias = _pair([5], 6, 4)
     linear = torch.nn.Linear(6, 4).double()

@@ -272,20 +272,110 @@ def test_reduction_none_with_random_grad_output(shape, divergence):
 
 
 @pytest.mark.parametrize("reduction", ("mean", "none"))
-def test_second_backward_is_exact_or_refused(reduction):
-    # The gradient buffer is scaled in place by backward: a second backward through the same graph
-    # must either give the right gradient or raise, never a silently rescaled one.
+def test_second_backward_is_exact(reduction):
+    # A second backward through the same graph (retain_graph) gives the right gradient: the first
+    # one did not scale the saved gradient in place.
     student, teacher = make_pair((6, 30), seed=19)
     student.requires_grad_(True)
     loss = kdkernels.kd_loss(student, teacher, temperature=2.0, reduction=reduction)
     grad_output = torch.full_like(loss, 3.7)
     loss.backward(grad_output, retain_graph=True)
     first = student.grad.clone()
-    try:
-        loss.backward(grad_output)
-    except RuntimeError:
-        return
+    loss.backward(grad_output)
     torch.testing.assert_close(student.grad, 2 * first)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_unit_then_scaled_backward_through_a_retained_graph_adds_up(backend):
+    # backward() hands out the saved gradient itself (grad_output 1); a later scaled backward must
+    # not write into it: x.grad = g + 3 g.
+    student, teacher = make_pair((12, 257), seed=40)
+    student.requires_grad_(True)
+    loss = kdkernels.kd_loss(student, teacher, temperature=2.0, backend=backend)
+    (expected,) = torch.autograd.grad(loss, student, retain_graph=True)
+    expected = expected.clone()
+    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(3.0), retain_graph=True)
+    torch.testing.assert_close(student.grad, 4 * expected)
+    (again,) = torch.autograd.grad(loss, student)  # the saved gradient itself is intact
+    torch.testing.assert_close(again, expected)
+
+
+@pytest.mark.parametrize("later", ("scaled_backward", "unit_backward", "new_call"))
+def test_returned_gradient_is_not_changed_by_later_work(later):
+    student, teacher = make_pair((12, 257), seed=41)
+    student.requires_grad_(True)
+    loss = kdkernels.kd_loss(student, teacher, temperature=2.0)
+    (grad,) = torch.autograd.grad(loss, student, retain_graph=True)
+    kept = grad.clone()
+    if later == "scaled_backward":
+        (0.5 * loss).backward()
+    elif later == "unit_backward":
+        loss.backward()
+    else:  # the same shape again: the CPU buffer cache must not hand out memory still in use
+        kdkernels.kd_loss(student, teacher * 0.5, temperature=2.0).backward()
+    assert torch.equal(grad, kept)
+
+
+def test_double_backward_raises_on_the_fused_kernel_and_works_on_the_reference():
+    student, teacher = make_pair((4, 11), torch.float64, seed=42)
+    options = dict(temperature=2.0, divergence="jsd", beta=0.3)
+    fused = student.float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(kdkernels.kd_loss(fused, teacher.float(), backend="cpu", **options), fused,
+                                  create_graph=True)
+    assert grad.requires_grad  # not a silently first-order gradient
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        grad.pow(2).sum().backward()
+    reference = student.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda s: kdkernels.kd_loss(s, teacher, backend="reference", **options),
+                                        (reference,))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_reference_keeps_the_ce_of_a_row_without_teacher(divergence):
+    # A teacher row entirely -inf has no distribution: its KD term is 0, its CE term stays, and it
+    # counts in the mean.
+    student, teacher = make_pair((3, 9), torch.float64, seed=43)
+    teacher[1] = -math.inf
+    labels = torch.tensor([2, 5, 7])
+    student.requires_grad_(True)
+    loss = kdkernels.kd_loss(student, teacher, labels, divergence=divergence, ce_weight=0.5, reduction="none",
+                             backend="reference")
+    ce = F.cross_entropy(student.detach()[1:2], labels[1:2])
+    torch.testing.assert_close(loss[1], 0.5 * ce)
+    loss.sum().backward()
+    assert torch.isfinite(student.grad).all()
+    torch.testing.assert_close(student.grad[1], 0.5 * (student.detach()[1].softmax(-1) - F.one_hot(labels[1], 9)))
+
+
+@pytest.mark.parametrize("case", ("whole_row", "teacher_mass", "label"))
+def test_reference_refuses_a_student_that_makes_the_loss_infinite(case):
+    student, teacher = make_pair((3, 9), torch.float64, seed=44)
+    labels = torch.tensor([2, 5, 7])
+    options = dict(divergence="forward_kl")
+    if case == "whole_row":
+        student[1] = -math.inf
+        options = dict(divergence="tvd")
+    elif case == "teacher_mass":
+        student[1, 4] = -math.inf
+    else:
+        student[1, 5] = -math.inf
+        options = dict(divergence="reverse_kl", ce_weight=0.5)
+    with pytest.raises(ValueError, match="student_logits"):
+        kdkernels.kd_loss(student, teacher, labels, backend="reference", **options)
+    labels[1] = -100  # an ignored row is never looked at
+    loss = kdkernels.kd_loss(student.requires_grad_(True), teacher, labels, backend="reference", **options)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all() and not student.grad[1].any()
+
+
+def test_reference_accepts_entries_masked_on_both_sides():
+    student, teacher = make_pair((3, 9), torch.float64, seed=45)
+    student[:, 3] = -math.inf
+    teacher[:, 3] = -math.inf
+    loss = kdkernels.kd_loss(student.requires_grad_(True), teacher, backend="reference")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
 
 
 def test_loss_used_twice_in_the_graph_gets_both_gradients():
@@ -478,16 +568,19 @@ def test_module_rejects_bad_options_at_construction():
         kdkernels.nn.KDLoss(temperature=0.0)
 
 
-def test_torch_compile_of_a_function_calling_kd_loss():
-    # aot_eager traces the op through its fake implementation and AOT autograd without paying
-    # for Inductor's C++ code generation (tens of seconds on two cores).
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_torch_compile_of_a_function_calling_kd_loss(reduction):
+    # fullgraph: the whole road to the kernel traces, with no graph break. aot_eager traces the op
+    # through its fake implementation and AOT autograd without paying for Inductor's C++ code
+    # generation (tens of seconds on two cores).
     torch._dynamo.reset()
 
     def training_loss(student_logits, teacher_logits, labels):
-        loss = kdkernels.kd_loss(student_logits, teacher_logits, labels, temperature=2.0, ce_weight=0.5)
-        return loss * 2.0
+        loss = kdkernels.kd_loss(student_logits, teacher_logits, labels, temperature=2.0, ce_weight=0.5,
+                                 reduction=reduction)
+        return loss.sum() * 2.0
 
-    compiled = torch.compile(training_loss, fullgraph=False, backend="aot_eager")
+    compiled = torch.compile(training_loss, fullgraph=True, backend="aot_eager")
     student, teacher = make_pair((6, 45), seed=28)
     labels = make_labels((6,), 45, ignored=[4])
     s1 = student.clone().requires_grad_(True)
@@ -498,3 +591,23 @@ def test_torch_compile_of_a_function_calling_kd_loss():
     out_compiled.backward()
     out_eager.backward()
     torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_bad_input_under_torch_compile_still_raises_the_clear_error():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: kdkernels.kd_loss(s, t), fullgraph=True, backend="aot_eager")
+    student, teacher = make_pair((4, 13), seed=46)
+    teacher[2, 5] = math.nan
+    with pytest.raises(ValueError, match="teacher_logits"):
+        compiled(student.requires_grad_(True), teacher)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+@pytest.mark.parametrize("reduction", ("mean", "batchmean", "sum", "none"))
+def test_empty_batch_gives_zero_loss_and_gradient(backend, reduction):
+    student = torch.zeros(2, 0, 7, requires_grad=True)
+    loss = kdkernels.kd_loss(student, torch.zeros(2, 0, 7), torch.zeros(2, 0, dtype=torch.long), ce_weight=0.5,
+                             reduction=reduction, backend=backend)
+    assert loss.shape == ((2, 0) if reduction == "none" else ()) and float(loss.detach().sum()) == 0.0
+    loss.sum().backward()
+    assert student.grad.shape == (2, 0, 7)

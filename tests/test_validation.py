@@ -53,11 +53,17 @@ def test_logits_that_are_not_tensors(which):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("temperature", (0.0, -1.0, math.nan, math.inf, -math.inf))
-def test_temperature_must_be_positive_and_finite(backend, temperature):
+@pytest.mark.parametrize("temperature", (0.0, -1.0, math.nan, math.inf, -math.inf, 9e-7, 1.1e6, 2e19, 3e-39))
+def test_temperature_must_be_finite_and_within_its_range(backend, temperature):
     student, teacher, _ = _inputs()
     with pytest.raises(ValueError, match="temperature"):
         kdkernels.kd_loss(student, teacher, temperature=temperature, backend=backend)
+
+
+@pytest.mark.parametrize("temperature", (1e-6, 1e6))
+def test_temperature_range_ends_are_accepted(temperature):
+    student, teacher = make_pair((3, 7))
+    assert torch.isfinite(kdkernels.kd_loss(student, teacher, temperature=temperature))
 
 
 @pytest.mark.parametrize("temperature", ("2", None, True, torch.tensor(2.0)), ids=repr)

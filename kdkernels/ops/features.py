@@ -48,8 +48,20 @@ def project(student_hidden: torch.Tensor, projection: Projection,
     return projection(student_hidden)
 
 
-def hint_token_loss(projected: torch.Tensor, teacher_hidden: torch.Tensor, kind: str) -> torch.Tensor:
-    """[..., D_t] x [..., D_t] -> [...]: the hint loss of each token (module docstring)."""
+def hint_token_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projection: Projection,
+                    projection_bias: Optional[torch.Tensor], kind: str,
+                    mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[..., D_s] x [..., D_t] -> [...]: the hint loss of each token (module docstring). Tokens the
+    mask drops are replaced by zeros before anything reads them, so whatever they hold reaches
+    neither the loss nor any gradient (a product with a 0 weight would turn inf into NaN)."""
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        student_hidden = torch.where(keep, student_hidden, torch.zeros((), dtype=student_hidden.dtype,
+                                                                       device=student_hidden.device))
+        teacher_hidden = torch.where(keep, teacher_hidden, torch.zeros((), dtype=teacher_hidden.dtype,
+                                                                       device=teacher_hidden.device))
+    projected = project(student_hidden, projection, projection_bias)
+    _checks.check_projected(projected, teacher_hidden)
     dtype = math_dtype(projected.dtype)
     projected = projected.to(dtype)
     target = teacher_hidden.detach().to(dtype)

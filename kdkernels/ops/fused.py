@@ -1,35 +1,94 @@
-"""The autograd Function of the fused row kernels: the gradient is computed in the forward pass by
-the backend kernel (already multiplied by the reduction factor), so backward only scales it by the
-incoming gradient, in place, and skips even that when the incoming gradient is 1."""
+"""The autograd side of the fused kernels, whose gradient is computed in the forward pass (already
+multiplied by the reduction factor): backward only scales the saved gradient by the incoming one.
+
+Saved-gradient rule. When autograd will not run the node again (no ``retain_graph`` /
+``create_graph``, the common ``loss.backward()``), backward hands out the saved buffer itself,
+scaled in place when the incoming gradient is not 1 (no copy; on CPU not even a pass when it is
+1). When the graph is kept, a later backward would read the buffer again, and a gradient handed
+out now can be written later (autograd accumulates into ``x.grad`` in place, and may adopt the
+handed-out tensor as ``x.grad``), so backward returns a new tensor and never writes the buffer.
+Under torch.compile it always returns a new tensor.
+
+The fused kernels are first-order: differentiating their gradient again raises (as
+``torch.autograd.function.once_differentiable`` does) with a message pointing to
+``backend="reference"``, whose formula autograd differentiates to any order.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from kdkernels import backends
 from kdkernels.ops.reduction import reduce_rows
 
+FIRST_ORDER_MESSAGE = (
+    "kdkernels: the fused kernels compute first-order gradients only, so this loss cannot be "
+    "differentiated twice (create_graph=True, gradient penalties); use backend='reference' for "
+    "higher-order gradients")
+
 
 def is_one(grad_output: torch.Tensor) -> bool:
-    # Only looked at on CPU, where reading the value costs no device synchronisation.
-    return grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0
+    # Only looked at on CPU, where reading the value costs no device synchronisation, and never
+    # under torch.compile, where it would be a data-dependent branch.
+    return (grad_output.device.type == "cpu" and grad_output.numel() == 1
+            and not torch.compiler.is_compiling() and float(grad_output) == 1.0)
 
 
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """grad *= grad_output (a scalar, or one value per row when per_row), in place."""
+def _graph_kept() -> bool:
+    """Whether autograd may run the current backward's nodes again (retain_graph / create_graph);
+    True when it cannot tell."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _factor(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """grad_output shaped to broadcast over grad: a scalar, or one value per row."""
     if per_row:
-        return grad.mul_(grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1))).to(grad.dtype))
-    if is_one(grad_output):
-        return grad
-    if grad.device.type == "cuda" and backends.usable("triton", grad):
+        return grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1))).to(grad.dtype)
+    return grad_output.to(grad.dtype)
+
+
+def _scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    if not per_row and grad.device.type == "cuda" and backends.usable("triton", grad):
         # On the GPU the value is not read on the host (no sync); the kernel skips the pass
         # over grad when it is 1.
         from kdkernels.backends.triton.kd_loss import scale_unless_one_
 
         return scale_unless_one_(grad, grad_output)
-    return grad.mul_(grad_output.to(grad.dtype))
+    return grad.mul_(_factor(grad, grad_output, per_row))
+
+
+def scale_saved_grads(grads: Sequence[Optional[torch.Tensor]], grad_output: torch.Tensor,
+                      per_row: bool) -> List[Optional[torch.Tensor]]:
+    """The saved gradients times grad_output, by the saved-gradient rule (module docstring)."""
+    if torch.compiler.is_compiling() or _graph_kept():
+        return [None if g is None else g * _factor(g, grad_output, per_row) for g in grads]
+    if not per_row and is_one(grad_output):
+        return list(grads)
+    return [None if g is None else _scale_in_place(g, grad_output, per_row) for g in grads]
+
+
+def first_order(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
+    """grads as backward's result; when autograd records a graph of the backward pass
+    (create_graph=True), they come out attached to a node that raises FIRST_ORDER_MESSAGE if
+    anything differentiates through them, instead of silently lacking a second derivative."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return tuple(grads)
+    raise_on_backward = torch._C._functions.DelayedError(FIRST_ORDER_MESSAGE.encode(), len(grads))
+
+    def attached(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if grad is None:
+            return None
+        grad = grad.detach()
+        grad.requires_grad_(True)
+        return grad
+
+    outputs = raise_on_backward(*[attached(g) for g in grads])
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 class FusedRowsFunction(torch.autograd.Function):
@@ -43,7 +102,6 @@ class FusedRowsFunction(torch.autograd.Function):
         row_loss, extras, grad = route.rows(student_logits, teacher_logits, labels, scale, cfg, True)
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
-        ctx.consumed = False
         extras = row_loss.new_empty(0) if extras is None else extras
         ctx.mark_non_differentiable(extras)
         return reduce_rows(row_loss, scale, reduction, batch_shape), extras
@@ -51,9 +109,6 @@ class FusedRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_extras: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        if ctx.consumed:
-            raise RuntimeError(
-                "kdkernels: backward through a fused loss a second time is not supported "
-                "(its gradient buffer is scaled in place); compute the loss again")
-        ctx.consumed = ctx.per_row or not is_one(grad_output)
-        return scale_grad_(grad, grad_output, ctx.per_row), None, None, None, None, None, None, None
+        with torch.no_grad():
+            (grad,) = scale_saved_grads([grad], grad_output, ctx.per_row)
+        return (*first_order([grad]), None, None, None, None, None, None, None)

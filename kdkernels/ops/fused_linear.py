@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from kdkernels import _extension
 from kdkernels._config import KDConfig, math_dtype
 from kdkernels.backends import cpu
-from kdkernels.ops.fused import is_one, scale_grad_
+from kdkernels.ops.fused import first_order, scale_saved_grads
 from kdkernels.ops.reduction import reduce_rows
-from kdkernels.ops.route import KD, Route
+from kdkernels.ops.route import KD, Route, logits_loss
 
 # Default memory for one chunk's [rows, vocab] tensors (student logits, teacher logits, the row
 # kernel's gradient unless the backend writes it over the student logits (rows_inplace), and the
@@ -52,6 +52,8 @@ def chunk_rows(n_rows: int, vocab: int, bytes_per_entry: int, device_type: str =
     (default: DEFAULT_CHUNK_BYTES of the device type, the CPU's for other devices), but at least
     MIN_CHUNK_ROWS, and balanced: the fewest chunks of that size, made equal, so no short last
     chunk pays a whole GEMM's per-call cost for a few rows (at N=4096, 655 rows would leave 166)."""
+    if n_rows == 0:
+        return 1
     if budget_bytes is None:
         budget_bytes = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
     fit = budget_bytes // max(1, vocab * bytes_per_entry)
@@ -73,6 +75,14 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def _apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> None:
     if softcap is not None:
         logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def _pad_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, V_side] -> [N, vocab]: the missing columns hold -inf, i.e. probability 0."""
+    if logits.shape[-1] == vocab:
+        return logits
+    pad = logits.new_full((logits.shape[0], vocab - logits.shape[-1]), -math.inf)
+    return torch.cat([logits, pad], dim=-1)
 
 
 class _LinearLogits:
@@ -99,6 +109,20 @@ class _LinearLogits:
         _apply_softcap_(own, self.softcap)
         return logits
 
+    def full(self, vocab: int) -> torch.Tensor:
+        """All the logits [N, vocab] at once, differentiable (the reference path)."""
+        logits = torch.nn.functional.linear(self.hidden, self.weight, self.bias) * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return _pad_vocab(logits, vocab)
+
+    def tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
+        return self.hidden, self.weight, self.bias
+
+    def with_tensors(self, tensors: Sequence[Optional[torch.Tensor]]) -> "_LinearLogits":
+        """The same lm_head over `tensors` (as tensors() gives them, e.g. unpacked from autograd)."""
+        return _LinearLogits(*tensors, self.logit_scale, self.softcap)
+
 
 class _GivenLogits:
     """Ready teacher logits [N, V_t], chunk by chunk; padded with -inf to the common vocabulary."""
@@ -106,6 +130,7 @@ class _GivenLogits:
     def __init__(self, logits: torch.Tensor, vocab: int) -> None:
         self.logits = logits
         self.vocab = logits.shape[-1]
+        self.common_vocab = vocab
         self.dtype = logits.dtype
         self.needs_buffer = self.vocab < vocab
 
@@ -115,6 +140,15 @@ class _GivenLogits:
         padded = buffer[: end - start]
         padded[:, : self.vocab].copy_(self.logits[start:end])
         return padded
+
+    def full(self, vocab: int) -> torch.Tensor:
+        return _pad_vocab(self.logits, vocab)
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return (self.logits,)
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "_GivenLogits":
+        return _GivenLogits(tensors[0], self.common_vocab)
 
 
 @dataclass(frozen=True)
@@ -158,8 +192,9 @@ class _StudentGrads:
         accumulate = math_dtype(weight.dtype)
         return _StudentGrads(
             hidden=_empty(hidden.shape, hidden.dtype, hidden.device) if wanted.hidden else None,
-            # filled by the first chunk (beta=0), so no zero-fill pass
-            weight=_empty(weight.shape, accumulate, weight.device) if wanted.weight else None,
+            # filled by the first chunk (beta=0), so no zero-fill pass; zeros when there is no chunk
+            weight=(_empty(weight.shape, accumulate, weight.device) if hidden.shape[0] else
+                    torch.zeros(weight.shape, dtype=accumulate, device=weight.device)) if wanted.weight else None,
             bias=torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wanted.bias else None,
         )
 
@@ -219,7 +254,7 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
         with torch.no_grad():
             teacher_logits = teacher.chunk(start, end, teacher_buffer)
         labels_chunk = None if labels is None else labels[start:end]
-        route.check_values(teacher_logits, labels_chunk, vocab, plan.cfg.ignore_index)
+        route.check_values(student_logits, teacher_logits, labels_chunk, plan.cfg)
         if inplace:
             chunk_loss = route.rows_inplace(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg)
             grad = student_logits
@@ -246,7 +281,8 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
 
 class FusedLinearKDFunction(torch.autograd.Function):
     """loss = reduce(KD rows(student lm_head logits, teacher logits)); gradients of the student's
-    hidden states, lm_head weight and bias from the chunked forward pass."""
+    hidden states, lm_head weight and bias from the chunked forward pass (kdkernels.ops.fused
+    gives the rules of the saved gradients and of double backward)."""
 
     @staticmethod
     def forward(ctx, student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -254,32 +290,35 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 labels: Optional[torch.Tensor], grad_scale: torch.Tensor, plan: _Plan,
                 wanted: Wanted) -> torch.Tensor:
         ctx.per_row = plan.reduction == "none"
-        if ctx.per_row:  # each row's incoming gradient is known only in backward: recompute there
+        if ctx.per_row:
+            # Each row's incoming gradient is known only in backward: the chunks are recomputed
+            # there, from tensors saved under autograd's version counter, so that an in-place
+            # change of any of them after this call raises autograd's error.
             row_loss, _ = _run_chunks(plan, student, teacher, labels, grad_scale, Wanted.none())
-            ctx.save_for_backward(student_hidden, student_weight, student_bias)
-            ctx.recompute = (plan, student.logit_scale, student.softcap, teacher, labels, grad_scale, wanted)
+            teacher_tensors = teacher.tensors()
+            ctx.save_for_backward(student_hidden, student_weight, student_bias, labels, grad_scale,
+                                  *teacher_tensors)
+            ctx.recompute = (plan, student, teacher, wanted)
         else:
             row_loss, grads = _run_chunks(plan, student, teacher, labels, grad_scale, wanted)
             ctx.save_for_backward(*grads.results(student))
-            ctx.scaled = False
         return reduce_rows(row_loss, grad_scale, plan.reduction, plan.batch_shape)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         none = (None,) * 6
         if ctx.per_row:
-            plan, logit_scale, softcap, teacher, labels, grad_scale, wanted = ctx.recompute
-            student = _LinearLogits(*ctx.saved_tensors, logit_scale, softcap)
+            plan, student, teacher, wanted = ctx.recompute
+            hidden, weight, bias, labels, grad_scale, *teacher_tensors = ctx.saved_tensors
+            student = student.with_tensors((hidden, weight, bias))
+            teacher = teacher.with_tensors(teacher_tensors)
             with torch.no_grad():
                 _, grads = _run_chunks(plan, student, teacher, labels, grad_scale, wanted,
                                        row_weights=grad_output.reshape(-1))
-            return (*grads.results(student), *none)
-        if ctx.scaled:
-            raise RuntimeError("kdkernels: the gradients of fused_linear_kd_loss are scaled in place by "
-                               "grad_output, so a second backward is not supported; compute the loss again")
-        ctx.scaled = not is_one(grad_output)
-        grads = [None if g is None else scale_grad_(g, grad_output, per_row=False) for g in ctx.saved_tensors]
-        return (*grads, *none)
+            return (*first_order(grads.results(student)), *none)
+        with torch.no_grad():
+            grads = scale_saved_grads(ctx.saved_tensors, grad_output, per_row=False)
+        return (*first_order(grads), *none)
 
 
 def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -301,6 +340,12 @@ def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
                                 teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
                                 logit_scale, softcap)
     vocab = max(student.vocab, teacher.vocab)
+    if backend == "reference":
+        # The definition itself: whole logits, then kd_loss's reference formula. Differentiable
+        # to any order; memory grows with tokens x vocabulary.
+        labels_2d = None if labels is None else labels.reshape(-1)
+        loss, _ = logits_loss(KD, student.full(vocab), teacher.full(vocab), labels_2d, cfg, reduction, backend)
+        return loss.reshape(batch_shape) if reduction == "none" else loss
     labels_1d = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]
 

@@ -70,11 +70,12 @@ class Route:
     def has_inplace(self) -> bool:
         return hasattr(self.module, "rows_inplace")
 
-    def check_values(self, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], vocab: int,
-                     ignore_index: int) -> None:
-        """The value checks the backend does not make itself while it streams."""
-        if not self.checks_values:
-            _checks.check_values(teacher_logits, labels, vocab, ignore_index)
+    def check_values(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     labels: Optional[torch.Tensor], cfg) -> None:
+        """The value checks the backend does not make itself while it streams. They read values
+        on the host, so under torch.compile only the kernels' own checks run."""
+        if not self.checks_values and not torch.compiler.is_compiling():
+            _check_values(self.family, student_logits, teacher_logits, labels, cfg)
 
     def grad_scale(self, labels: Optional[torch.Tensor], ignore_index: int, reduction: str, n_rows: int,
                    batch_shape: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -103,13 +104,22 @@ class Route:
     def _raise_reported(self, row_loss: torch.Tensor, teacher_logits: torch.Tensor,
                         labels: Optional[torch.Tensor], cfg, student_logits: Optional[torch.Tensor]) -> None:
         """GPU kernels report bad input as NaN row losses: one look at the [N] row losses turns
-        that into the ValueError naming the argument (teacher or labels first, else the student)."""
-        if not self.nan_reports or not bool(torch.isnan(row_loss).any()):
+        that into the ValueError naming the argument (teacher or labels first, else the student).
+        Under torch.compile that look would be a data-dependent branch: the NaN stays in the loss."""
+        if not self.nan_reports or torch.compiler.is_compiling() or not bool(torch.isnan(row_loss).any()):
             return
-        _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
         if student_logits is None:
+            _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
             raise _checks.not_finite_error("student_logits")
-        _checks.check_finite("student_logits", student_logits)
+        _check_values(self.family, student_logits, teacher_logits, labels, cfg)
+
+
+def _check_values(family: Family, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  labels: Optional[torch.Tensor], cfg) -> None:
+    """Every value rule of a family's inputs [N, V], [N, V], [N]: teacher and labels first."""
+    _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
+    if family is KD:
+        _checks.check_student_support(student_logits, teacher_logits, labels, cfg)
 
 
 def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -125,7 +135,7 @@ def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: to
     # grad does not put a compiled op (which has no autograd formula) into the graph.
     teacher = teacher_logits.detach().reshape(-1, vocab)
     labels = labels.reshape(-1) if labels is not None else None
-    route.check_values(teacher, labels, vocab, cfg.ignore_index)
+    route.check_values(student, teacher, labels, cfg)
     scale = route.grad_scale(labels, cfg.ignore_index, reduction, student.shape[0], batch_shape, student.device)
 
     if route.differentiable:
@@ -139,6 +149,6 @@ def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: to
     else:
         row_loss, extras, _ = route.rows(student, teacher, labels, scale, cfg, False)
         loss = reduce_rows(row_loss, scale, reduction, batch_shape)
-    if extras is None or extras.numel() == 0:
+    if extras is None or extras.dim() != 2:  # FusedRowsFunction stands in an empty 1-d tensor for none
         return loss, ()
     return loss, tuple(reduce_rows(extras[:, j], scale, reduction, batch_shape) for j in range(extras.shape[1]))

@@ -64,23 +64,33 @@ def divergence_per_row(logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig) ->
 
 def row_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
              labels: Optional[torch.Tensor], cfg: KDConfig) -> torch.Tensor:
-    """Differentiable per-row loss [N] for [N, V] inputs (see KDConfig)."""
+    """Differentiable per-row loss [N] for [N, V] inputs (see KDConfig).
+
+    Conventions shared with the kernels: an ignored row (label == ignore_index) is never looked
+    at (loss 0, gradient 0, whatever it holds); a row whose teacher is entirely -inf has no
+    teacher distribution, so its KD term is 0 while its CE term stays."""
     dtype = math_dtype(student_logits.dtype)
     z = student_logits.to(dtype)
     t = teacher_logits.detach().to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    no_teacher = torch.isneginf(t).all(-1)
+    counted = None if labels is None else labels != cfg.ignore_index
+    if counted is not None:
+        # any finite stand-in for rows not looked at: no NaN reaches the gradient through them
+        z = torch.where(counted.unsqueeze(-1), z, zero)
+    t = torch.where((no_teacher if counted is None else no_teacher | ~counted).unsqueeze(-1), zero, t)
     T = cfg.temperature
     logq = F.log_softmax(z / T, dim=-1)
     logp = F.log_softmax(t / T, dim=-1)
-    loss = cfg.kd_scale * divergence_per_row(logp, logq, cfg)
+    loss = torch.where(no_teacher, zero, cfg.kd_scale * divergence_per_row(logp, logq, cfg))
     if torch.is_grad_enabled() and z.requires_grad and not loss.requires_grad:
         # The divergence is constant in the student (jsd at beta = 1, skew_kl at alpha = 1): keep
         # the loss connected so backward gives a zero gradient, as the kernels do, not an error.
         loss = loss + 0.0 * logq.exp().sum(-1)
-    if labels is None:
+    if counted is None:
         return loss
-    valid = labels != cfg.ignore_index
     if cfg.ce_weight:
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()  # any integer dtype
+        safe_labels = torch.where(counted, labels, torch.zeros_like(labels)).long()  # any integer dtype
         ce = F.cross_entropy(z, safe_labels, reduction="none")
         loss = loss + cfg.ce_weight * ce
-    return torch.where(valid, loss, torch.zeros_like(loss))
+    return torch.where(counted, loss, zero)
