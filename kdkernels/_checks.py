@@ -29,15 +29,23 @@ def _check_same_device(name: str, value: torch.Tensor, reference_name: str, refe
         raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
 
 
+def _check_pair(student_name: str, student, teacher_name: str, teacher, *, min_dim: int, layout: str,
+                same, how: str) -> None:
+    """Two floating tensors on one device; the student has at least min_dim dims (`layout` says
+    which); same(student_shape, teacher_shape) says whether the shapes fit (`how` says how)."""
+    check_tensor(student_name, student)
+    check_tensor(teacher_name, teacher)
+    if student.dim() < min_dim:
+        raise ValueError(f"{student_name} must be {layout}, got shape {tuple(student.shape)}")
+    if teacher.dim() != student.dim() or not same(student.shape, teacher.shape):
+        raise ValueError(f"{teacher_name} shape {tuple(teacher.shape)} must {how} {student_name} shape "
+                         f"{tuple(student.shape)}")
+    _check_same_device(teacher_name, teacher, student_name, student)
+
+
 def check_logits_pair(student_logits, teacher_logits) -> None:
-    check_tensor("student_logits", student_logits)
-    check_tensor("teacher_logits", teacher_logits)
-    if student_logits.dim() < 2:
-        raise ValueError(f"student_logits must be [N, V] or [B, S, V], got shape {tuple(student_logits.shape)}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
-                         f"{tuple(student_logits.shape)}")
-    _check_same_device("teacher_logits", teacher_logits, "student_logits", student_logits)
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits, min_dim=2,
+                layout="[N, V] or [B, S, V]", same=lambda a, b: a == b, how="equal")
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty vocabulary (last) dimension")
 
@@ -104,8 +112,7 @@ def check_reduction(reduction) -> str:
 
 def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index,
                 has_labels: bool) -> KDConfig:
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    check_choice("divergence", divergence, DIVERGENCES)
     ce_weight = _check_number("ce_weight", ce_weight, low=0.0)
     if ce_weight > 0 and not has_labels:
         raise ValueError("ce_weight > 0 needs labels (the hard targets of the CE term)")
@@ -130,28 +137,32 @@ def _check_group_weight(name: str, value):
     return check_weight(name, value), False
 
 
+def _option_of_rule(name: str, value, groups: str, rule: str, meaning: str, check, default):
+    """An option only one group rule uses: required with that rule, refused with the others."""
+    if groups != rule:
+        if value is not None:
+            raise ValueError(f"{name} is only used with groups={rule!r}, got {name}={value!r} with groups={groups!r}")
+        return default
+    if value is None:
+        raise ValueError(f"groups={rule!r} needs {name} ({meaning})")
+    return check(value)
+
+
+def _check_mass(mass) -> float:
+    value = _check_number("mass", mass, low=0.0, low_open=True)
+    if value >= 1.0:
+        raise ValueError(f"mass must be < 1, got {value}")
+    return value
+
+
 def make_cakd_config(*, groups, k, mass, bcd_weight, scd_weight, wcd_weight, temperature, scale_by_t2,
                      ignore_index, has_labels: bool) -> CAKDConfig:
-    if groups not in CAKD_GROUPS:
-        raise ValueError(f"groups must be one of {tuple(CAKD_GROUPS)}, got {groups!r}")
+    check_choice("groups", groups, CAKD_GROUPS)
     if groups == "label" and not has_labels:
         raise ValueError("groups='label' needs labels (S is each row's label class)")
-    top_k = 1
-    if groups == "teacher_topk":
-        if k is None:
-            raise ValueError("groups='teacher_topk' needs k (the size of S)")
-        top_k = check_int("k", k, low=1)
-    elif k is not None:
-        raise ValueError(f"k is only used with groups='teacher_topk', got k={k!r} with groups={groups!r}")
-    mass_value = 0.5
-    if groups == "teacher_mass":
-        if mass is None:
-            raise ValueError("groups='teacher_mass' needs mass (the teacher mass S reaches, in (0, 1))")
-        mass_value = _check_number("mass", mass, low=0.0, low_open=True)
-        if mass_value >= 1.0:
-            raise ValueError(f"mass must be < 1, got {mass_value}")
-    elif mass is not None:
-        raise ValueError(f"mass is only used with groups='teacher_mass', got mass={mass!r} with groups={groups!r}")
+    top_k = _option_of_rule("k", k, groups, "teacher_topk", "the size of S", lambda v: check_int("k", v, low=1), 1)
+    mass_value = _option_of_rule("mass", mass, groups, "teacher_mass", "the teacher mass S reaches, in (0, 1)",
+                                 _check_mass, 0.5)
     scd, scd_teacher = _check_group_weight("scd_weight", scd_weight)
     wcd, wcd_teacher = _check_group_weight("wcd_weight", wcd_weight)
     return CAKDConfig(
@@ -232,16 +243,9 @@ def check_exponent(p) -> float:
 
 def check_feature_pair(student_hidden, teacher_hidden) -> None:
     """Hidden states [..., D_s] and [..., D_t]: same leading sizes, same device."""
-    check_tensor("student_hidden", student_hidden)
-    check_tensor("teacher_hidden", teacher_hidden)
-    if student_hidden.dim() < 2:
-        raise ValueError(f"student_hidden must be [..., D] with at least 2 dims, "
-                         f"got shape {tuple(student_hidden.shape)}")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden shape "
-            f"{tuple(student_hidden.shape)} in every dimension but the last")
-    _check_same_device("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
+    _check_pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden, min_dim=2,
+                layout="[..., D] with at least 2 dims", same=lambda a, b: a[:-1] == b[:-1],
+                how="match in every dimension but the last")
 
 
 def check_counted_finite(name: str, features: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -281,24 +285,18 @@ def check_mask(mask, batch_shape, device) -> Optional[torch.Tensor]:
 
 def check_attention_pair(student_features, teacher_features, channel_dim) -> None:
     """Feature maps [B, ...] pooled over channel_dim: equal sizes except along channel_dim."""
-    check_tensor("student_features", student_features)
-    check_tensor("teacher_features", teacher_features)
-    if student_features.dim() < 3:
-        raise ValueError(f"student_features must be [B, ...] with at least 3 dims (batch, channels and "
-                         f"positions), got shape {tuple(student_features.shape)}")
-    if teacher_features.dim() != student_features.dim():
-        raise ValueError(f"teacher_features must have {student_features.dim()} dims like student_features, "
-                         f"got shape {tuple(teacher_features.shape)}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-    rank = student_features.dim()
-    if not -rank <= channel_dim < rank or channel_dim % rank == 0:
+    check_int("channel_dim", channel_dim)
+    rank = student_features.dim() if isinstance(student_features, torch.Tensor) else 0
+    if rank >= 3 and (not -rank <= channel_dim < rank or channel_dim % rank == 0):
         raise ValueError(f"channel_dim must name a non-batch dimension of a rank-{rank} tensor, got {channel_dim}")
-    others = [d for d in range(rank) if d != channel_dim % rank]
-    if [student_features.shape[d] for d in others] != [teacher_features.shape[d] for d in others]:
-        raise ValueError(f"teacher_features shape {tuple(teacher_features.shape)} must match student_features "
-                         f"shape {tuple(student_features.shape)} except along channel_dim={channel_dim}")
-    _check_same_device("teacher_features", teacher_features, "student_features", student_features)
+
+    def same_but_channels(a, b) -> bool:
+        others = [d for d in range(len(a)) if d != channel_dim % len(a)]
+        return [a[d] for d in others] == [b[d] for d in others]
+
+    _check_pair("student_features", student_features, "teacher_features", teacher_features, min_dim=3,
+                layout="[B, ...] with at least 3 dims (batch, channels and positions)", same=same_but_channels,
+                how=f"match (but along channel_dim={channel_dim})")
 
 
 # --- fused lm_head + KD loss (kdkernels.fused_linear) ---------------------------------------------
@@ -313,17 +311,18 @@ def check_linear_head(hidden_name: str, hidden, weight_name: str, weight, bias_n
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{weight_name} must be [V, H] with V >= 1 and H = {hidden_name}.shape[-1] = "
                          f"{hidden.shape[-1]}, got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{weight_name} dtype {weight.dtype} must equal {hidden_name} dtype {hidden.dtype}")
-    _check_same_device(weight_name, weight, hidden_name, hidden)
+    def same_dtype_and_device(name: str, value: torch.Tensor) -> None:
+        if value.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {value.dtype} must equal {hidden_name} dtype {hidden.dtype}")
+        _check_same_device(name, value, hidden_name, hidden)
+
+    same_dtype_and_device(weight_name, weight)
     if bias is not None:
         check_tensor(bias_name, bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{bias_name} must be [V] = [{weight.shape[0]}] like {weight_name}'s rows, "
                              f"got shape {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{bias_name} dtype {bias.dtype} must equal {weight_name} dtype {weight.dtype}")
-        _check_same_device(bias_name, bias, hidden_name, hidden)
+        same_dtype_and_device(bias_name, bias)
 
 
 def check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
