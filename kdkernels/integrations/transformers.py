@@ -333,8 +333,9 @@ class KDTrainer(transformers.Trainer):
         teacher: the teacher, a causal LM over the same tokenizer (frozen here: eval mode, no
             gradients; moved to the student's device and cast to ``teacher_dtype``), or a
             :class:`TeacherSource` (its ``batch_keys`` entries of each batch go to it, not to the
-            student; with a ``datasets.Dataset`` pass ``remove_unused_columns=False``). Vocabularies may differ in size: the teacher's is cut or
-            ``-inf`` padded to the student's.
+            student; with a ``datasets.Dataset`` pass ``remove_unused_columns=False``).
+            Vocabularies may differ in size: the teacher's is cut or ``-inf`` padded to the
+            student's.
         divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, backend: the loss
             options of :func:`kdkernels.kd_loss`.
         chunk_size: tokens per chunk of the fused lm_head loss (None: kdkernels' default).
@@ -412,7 +413,8 @@ class KDTrainer(transformers.Trainer):
         if self._loss_parts is None or self._loss_parts.step != self.state.global_step:
             self._loss_parts = _LossParts(self.state.global_step)
         if options.kd_weight == 0:
-            self._loss_parts.add("ce_loss", loss / options.ce_weight)
+            if options.ce_weight > 0:
+                self._loss_parts.add("ce_loss", loss / options.ce_weight)
             return
         ce = torch.zeros(())
         if options.ce_weight > 0:
