@@ -193,38 +193,50 @@ def not_finite_error(name: str) -> ValueError:
 def check_values(teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], vocab: int,
                  ignore_index: int) -> None:
     """Data checks for backends whose kernels do not make them in-stream (the compiled CPU kernel
-    does): NaN/+inf teacher logits and labels outside [0, V)."""
-    check_finite("teacher_logits", teacher_logits)
+    does): NaN/+inf teacher logits and labels outside [0, V). Rows whose label is ignore_index
+    are never looked at."""
+    counted = None if labels is None else labels != ignore_index
+    check_finite("teacher_logits", teacher_logits if counted is None else teacher_logits[counted])
     if labels is not None:
-        used = labels[labels != ignore_index]
+        used = labels[counted]
         if used.numel() and (bool((used < 0).any()) or bool((used >= vocab).any())):
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index})")
 
 
 def check_student_support(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                          labels: Optional[torch.Tensor], cfg: KDConfig) -> None:
-    """Student logits [N, V] of a KD loss: no NaN / +inf, and no counted row (label not
-    ignore_index) whose loss would be +inf or undefined because of the student's -inf entries:
-    a row entirely -inf; with the divergence weighting log q by the teacher's probability
-    (forward_kl, skew_kl at beta = 0), a finite teacher logit where the student's is -inf; with
-    the CE term, the label on a student -inf entry. Entries -inf on both sides are masking."""
+                          labels: Optional[torch.Tensor], ignore_index: int, *, log_q_by_teacher: bool,
+                          ce_weight: float) -> None:
+    """Student logits [N, V]: no NaN / +inf, and no counted row (label not ignore_index) whose loss
+    would be +inf or undefined because of the student's -inf entries: a row entirely -inf where
+    the teacher's is not; when
+    the loss weights log q by the teacher's probability (log_q_by_teacher: forward KL and its
+    decompositions), a finite teacher logit where the student's is -inf; with a CE term, the
+    label on a student -inf entry. Entries -inf on both sides are masking."""
+    counted = None if labels is None else labels != ignore_index
+    if counted is not None:
+        student_logits, teacher_logits, labels = student_logits[counted], teacher_logits[counted], labels[counted]
     check_finite("student_logits", student_logits)
     student_masked = torch.isneginf(student_logits)
-    bad = student_masked.all(-1)
-    w_p, _ = cfg.mixture_weights
-    teacher_weighted = cfg.divergence == "forward_kl" or (cfg.divergence == "skew_kl" and w_p == 0.0)
-    if cfg.kd_weight > 0 and teacher_weighted:
-        bad |= (student_masked & ~torch.isneginf(teacher_logits)).any(-1)
-    if labels is not None:
-        counted = labels != cfg.ignore_index
-        if cfg.ce_weight > 0:
-            safe = torch.where(counted, labels, torch.zeros_like(labels)).long().clamp(0, student_logits.shape[-1] - 1)
-            bad |= student_masked.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        bad &= counted
+    teacher_live = ~torch.isneginf(teacher_logits)
+    # a row -inf on both sides is fully masked (no KD term); the student alone leaves q undefined
+    bad = student_masked.all(-1) & teacher_live.any(-1)
+    if log_q_by_teacher:
+        bad |= (student_masked & teacher_live).any(-1)
+    if labels is not None and ce_weight > 0:
+        bad |= student_masked.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
     if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"student_logits row {row} gives an infinite loss: it is -inf everywhere, or where the "
-                         f"teacher has probability (forward KL) or at the label (CE); mask an entry on both sides")
+        raise ValueError("student_logits make a row's loss infinite: a row that counts is -inf everywhere while "
+                         "the teacher's is not, or -inf where the teacher has probability (forward KL, CAKD/DKD) "
+                         "or at its label (CE); mask an entry on both sides")
+
+
+def check_logit_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                       ignore_index: int, log_q_by_teacher: bool, ce_weight: float) -> None:
+    """Every value rule of a loss on logits [N, V], [N, V], [N]: teacher and labels first, then the
+    student (check_values, check_student_support)."""
+    check_values(teacher_logits, labels, teacher_logits.shape[-1], ignore_index)
+    check_student_support(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher=log_q_by_teacher,
+                          ce_weight=ce_weight)
 
 
 def check_choice(name: str, value, choices) -> str:

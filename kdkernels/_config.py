@@ -76,6 +76,14 @@ class KDConfig(_TemperatureOptions):
         return self.kd_scale / self.temperature
 
     @property
+    def log_q_by_teacher(self) -> bool:
+        """Whether the loss weights log q by the teacher's probability (forward KL; skew KL at
+        beta = 0), so a student -inf where the teacher has mass makes it infinite."""
+        w_p, _ = self.mixture_weights
+        teacher_weighted = self.divergence == "forward_kl" or (self.divergence == "skew_kl" and w_p == 0.0)
+        return teacher_weighted and self.kd_weight > 0
+
+    @property
     def mixture_weights(self) -> Tuple[float, float]:
         """(w_p, w_q) of the mixture m = w_p p + w_q q that the divergence compares against;
         (0, 0) for divergences without one. Formed in float64 (a Python float), so 1 - beta
@@ -118,6 +126,10 @@ class CAKDConfig(_TemperatureOptions):
     wcd_weight: float = 1.0
     scd_teacher_mass: bool = False
     wcd_teacher_mass: bool = False
+
+    # The decomposition of forward KL: a student -inf where the teacher has mass is infinite; no CE.
+    log_q_by_teacher = True
+    ce_weight = 0.0
 
     @property
     def group_rule_id(self) -> int:

@@ -1,11 +1,30 @@
 """Fake (meta) implementations of the compiled ops, so shapes propagate under torch.compile and
-torch.library.opcheck passes. Registered only when the compiled library is loaded."""
+torch.library.opcheck passes (registered only when the compiled library is loaded), and the one
+op written in Python: the value checks of a loss on logits, opaque to torch.compile."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from kdkernels import _extension
+from kdkernels import _checks, _extension
+
+
+@torch.library.custom_op("kdkernels::check_logit_values", mutates_args=())
+def check_logit_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                       ignore_index: int, log_q_by_teacher: bool, ce_weight: float) -> torch.Tensor:
+    """The value checks of a loss on logits [N, V] (kdkernels._checks: teacher, labels, then the
+    student), as an op: under torch.compile they run when the graph runs, and still raise the
+    ValueError naming the argument. Returns a float32 zero that the caller adds to its reduction
+    scale, so the compiled graph keeps the op."""
+    _checks.check_logit_values(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher, ce_weight)
+    return torch.zeros((), dtype=torch.float32, device=student_logits.device)
+
+
+@check_logit_values.register_fake
+def _check_logit_values_fake(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher, ce_weight):
+    return torch.empty((), dtype=torch.float32, device=student_logits.device)
 
 
 def _register_fakes() -> None:

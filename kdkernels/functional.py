@@ -81,9 +81,10 @@ def kd_loss(
 
     Raises:
         ValueError naming ``student_logits`` for a non-ignored row whose loss would be infinite
-        because of the student's ``-inf`` entries: the whole row ``-inf``; with ``forward_kl``
-        (or ``skew_kl`` at ``beta=0``) a ``-inf`` where the teacher's logit is finite; with the
-        CE term, the label on a ``-inf`` entry. ``-inf`` on both sides is masking, not an error.
+        because of the student's ``-inf`` entries: the whole row ``-inf`` (the teacher's not);
+        with ``forward_kl`` (or ``skew_kl`` at ``beta=0``) a ``-inf`` where the teacher's logit
+        is finite; with the CE term, the label on a ``-inf`` entry. ``-inf`` on both sides is
+        masking, not an error.
     """
     _checks.check_logits_pair(student_logits, teacher_logits)
     labels = _checks.check_labels(labels, student_logits.shape[:-1], student_logits.device)

@@ -72,23 +72,27 @@ def scale_saved_grads(grads: Sequence[Optional[torch.Tensor]], grad_output: torc
     return [None if g is None else _scale_in_place(g, grad_output, per_row) for g in grads]
 
 
-def first_order(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
-    """grads as backward's result; when autograd records a graph of the backward pass
-    (create_graph=True), they come out attached to a node that raises FIRST_ORDER_MESSAGE if
-    anything differentiates through them, instead of silently lacking a second derivative."""
+class _RaisesWhenDifferentiated(torch.autograd.Function):
+    """grad, unchanged, attached to `anchor` (an output of the fused Function) so that it lies on
+    every path from a first-order gradient back to the loss's inputs; differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(FIRST_ORDER_MESSAGE)
+
+
+def first_order(grads: Sequence[Optional[torch.Tensor]], anchor: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """grads as backward's result. When autograd records a graph of the backward pass
+    (create_graph=True), each comes out of a node that raises FIRST_ORDER_MESSAGE if anything
+    differentiates through it, instead of silently lacking the second derivative. `anchor`: the
+    Function's loss output (saved for backward), which ties that node to the loss's inputs."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return tuple(grads)
-    raise_on_backward = torch._C._functions.DelayedError(FIRST_ORDER_MESSAGE.encode(), len(grads))
-
-    def attached(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if grad is None:
-            return None
-        grad = grad.detach()
-        grad.requires_grad_(True)
-        return grad
-
-    outputs = raise_on_backward(*[attached(g) for g in grads])
-    return outputs if isinstance(outputs, tuple) else (outputs,)
+    return tuple(None if g is None else _RaisesWhenDifferentiated.apply(g, anchor) for g in grads)
 
 
 class FusedRowsFunction(torch.autograd.Function):
@@ -100,15 +104,16 @@ class FusedRowsFunction(torch.autograd.Function):
                 labels: Optional[torch.Tensor], scale: torch.Tensor, cfg, reduction: str,
                 batch_shape: Tuple[int, ...], route) -> Tuple[torch.Tensor, torch.Tensor]:
         row_loss, extras, grad = route.rows(student_logits, teacher_logits, labels, scale, cfg, True)
-        ctx.save_for_backward(grad)
+        loss = reduce_rows(row_loss, scale, reduction, batch_shape)
+        ctx.save_for_backward(grad, loss)
         ctx.per_row = reduction == "none"
         extras = row_loss.new_empty(0) if extras is None else extras
         ctx.mark_non_differentiable(extras)
-        return reduce_rows(row_loss, scale, reduction, batch_shape), extras
+        return loss, extras
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_extras: torch.Tensor):
-        (grad,) = ctx.saved_tensors
+        grad, loss = ctx.saved_tensors
         with torch.no_grad():
             (grad,) = scale_saved_grads([grad], grad_output, ctx.per_row)
-        return (*first_order([grad]), None, None, None, None, None, None, None)
+        return (*first_order([grad], loss), None, None, None, None, None, None, None)

@@ -300,30 +300,33 @@ class FusedLinearKDFunction(torch.autograd.Function):
             # there, from tensors saved under autograd's version counter, so that an in-place
             # change of any of them after this call raises autograd's error.
             row_loss, _ = _run_chunks(plan, student, teacher, labels, grad_scale, Wanted.none())
-            teacher_tensors = teacher.tensors()
-            ctx.save_for_backward(student_hidden, student_weight, student_bias, labels, grad_scale,
-                                  *teacher_tensors)
+            loss = reduce_rows(row_loss, grad_scale, plan.reduction, plan.batch_shape)
+            ctx.save_for_backward(loss, student_hidden, student_weight, student_bias, labels, grad_scale,
+                                  *teacher.tensors())
             ctx.recompute = (plan, student, teacher, wanted)
         else:
             row_loss, grads = _run_chunks(plan, student, teacher, labels, grad_scale, wanted)
-            ctx.save_for_backward(*grads.results(student))
-        return reduce_rows(row_loss, grad_scale, plan.reduction, plan.batch_shape)
+            loss = reduce_rows(row_loss, grad_scale, plan.reduction, plan.batch_shape)
+            ctx.save_for_backward(loss, *grads.results(student))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         none = (None,) * 6
         if ctx.per_row:
             plan, student, teacher, wanted = ctx.recompute
-            hidden, weight, bias, labels, grad_scale, *teacher_tensors = ctx.saved_tensors
-            student = student.with_tensors((hidden, weight, bias))
-            teacher = teacher.with_tensors(teacher_tensors)
+            loss, hidden, weight, bias, labels, grad_scale, *teacher_tensors = ctx.saved_tensors
             with torch.no_grad():
+                student = student.with_tensors((hidden.detach(), weight.detach(),
+                                                None if bias is None else bias.detach()))
+                teacher = teacher.with_tensors(teacher_tensors)
                 _, grads = _run_chunks(plan, student, teacher, labels, grad_scale, wanted,
                                        row_weights=grad_output.reshape(-1))
-            return (*first_order(grads.results(student)), *none)
+            return (*first_order(grads.results(student), loss), *none)
+        loss, *saved = ctx.saved_tensors
         with torch.no_grad():
-            grads = scale_saved_grads(ctx.saved_tensors, grad_output, per_row=False)
-        return (*first_order(grads), *none)
+            grads = scale_saved_grads(saved, grad_output, per_row=False)
+        return (*first_order(grads, loss), *none)
 
 
 def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

@@ -71,11 +71,19 @@ class Route:
         return hasattr(self.module, "rows_inplace")
 
     def check_values(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     labels: Optional[torch.Tensor], cfg) -> None:
-        """The value checks the backend does not make itself while it streams. They read values
-        on the host, so under torch.compile only the kernels' own checks run."""
-        if not self.checks_values and not torch.compiler.is_compiling():
-            _check_values(self.family, student_logits, teacher_logits, labels, cfg)
+                     labels: Optional[torch.Tensor], cfg) -> Optional[torch.Tensor]:
+        """The value checks the backend does not make itself while it streams (rows [N, V]).
+        They read values on the host: under torch.compile they run as an op when the graph runs,
+        whose 0-dim zero result the caller adds to its reduction scale to keep it in the graph;
+        otherwise None."""
+        if self.checks_values:
+            return None
+        args = (student_logits.detach(), teacher_logits, labels, cfg.ignore_index, cfg.log_q_by_teacher,
+                cfg.ce_weight)
+        if torch.compiler.is_compiling():
+            return torch.ops.kdkernels.check_logit_values(*args)
+        _checks.check_logit_values(*args)
+        return None
 
     def grad_scale(self, labels: Optional[torch.Tensor], ignore_index: int, reduction: str, n_rows: int,
                    batch_shape: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -111,15 +119,8 @@ class Route:
         if student_logits is None:
             _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
             raise _checks.not_finite_error("student_logits")
-        _check_values(self.family, student_logits, teacher_logits, labels, cfg)
-
-
-def _check_values(family: Family, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  labels: Optional[torch.Tensor], cfg) -> None:
-    """Every value rule of a family's inputs [N, V], [N, V], [N]: teacher and labels first."""
-    _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
-    if family is KD:
-        _checks.check_student_support(student_logits, teacher_logits, labels, cfg)
+        _checks.check_logit_values(student_logits, teacher_logits, labels, cfg.ignore_index, cfg.log_q_by_teacher,
+                                   cfg.ce_weight)
 
 
 def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -135,8 +136,10 @@ def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: to
     # grad does not put a compiled op (which has no autograd formula) into the graph.
     teacher = teacher_logits.detach().reshape(-1, vocab)
     labels = labels.reshape(-1) if labels is not None else None
-    route.check_values(student, teacher, labels, cfg)
+    checked = route.check_values(student, teacher, labels, cfg)
     scale = route.grad_scale(labels, cfg.ignore_index, reduction, student.shape[0], batch_shape, student.device)
+    if checked is not None:
+        scale = scale + checked
 
     if route.differentiable:
         outputs = family.formula(student, teacher, labels, cfg)

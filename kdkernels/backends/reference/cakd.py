@@ -9,8 +9,10 @@ student mass of group g and p̂, q̂ the distributions renormalised inside each 
     row_loss = t2 * (w_b BCD + w_s SCD + w_w WCD)
 
 Conventions shared with the kernels: a group without teacher mass has SCD/WCD = 0 (the
-decomposition KL = BCD + P_S SCD + P_W WCD still holds); a row whose teacher or student is masked
-(-inf) everywhere, and an ignored row, has loss 0.
+decomposition KL = BCD + P_S SCD + P_W WCD still holds); a row whose teacher is masked (-inf)
+everywhere has loss 0 (no teacher distribution); an ignored row is never looked at (loss 0,
+gradient 0, whatever it holds). A counted row whose student makes the loss infinite is refused
+before this formula runs (kdkernels._checks.check_student_support).
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ def row_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     dtype = math_dtype(student_logits.dtype)
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
+    if labels is not None:
+        # any finite stand-in for rows not looked at: no NaN reaches the gradient through them
+        counted = (labels != cfg.ignore_index).unsqueeze(-1)
+        zero = torch.zeros((), dtype=dtype, device=student.device)
+        student, teacher = torch.where(counted, student, zero), torch.where(counted, teacher, zero)
     in_s = correlated_set(teacher, labels, cfg)
     bcd, scd, wcd, p_s, p_w = components(student, teacher, in_s, cfg.temperature)
     w_s = p_s if cfg.scd_teacher_mass else cfg.scd_weight
