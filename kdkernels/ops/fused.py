@@ -85,13 +85,19 @@ class _RaisesWhenDifferentiated(torch.autograd.Function):
         raise RuntimeError(FIRST_ORDER_MESSAGE)
 
 
-def first_order(grads: Sequence[Optional[torch.Tensor]], anchor: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+def first_order(grads: Sequence[Optional[torch.Tensor]],
+                anchor: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
     """grads as backward's result. When autograd records a graph of the backward pass
     (create_graph=True), each comes out of a node that raises FIRST_ORDER_MESSAGE if anything
-    differentiates through it, instead of silently lacking the second derivative. `anchor`: the
-    Function's loss output (saved for backward), which ties that node to the loss's inputs."""
+    differentiates through it, instead of silently lacking the second derivative.
+
+    anchor: the Function's loss output (saved for backward), which ties that node to the loss's
+    inputs, so that torch.autograd.grad(..., inputs) reaches it too. Without one the node hangs
+    from a detached copy, which only a backward over every leaf reaches (pass the anchor)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return tuple(grads)
+    if anchor is None:
+        anchor = torch.zeros((), requires_grad=True)
     return tuple(None if g is None else _RaisesWhenDifferentiated.apply(g, anchor) for g in grads)
 
 
