@@ -225,6 +225,8 @@ OPCHECKED_ELSEWHERE = {
     "kd_loss_fwd": "tests/test_kd_loss.py",
     "kd_loss_fwd_inplace_": "tests/test_kd_loss.py",
     "cakd_loss_fwd": "tests/test_cakd.py",
+    "sparse_kd_loss_fwd": "tests/test_sparse.py",
+    "sparse_kd_loss_fwd_inplace_": "tests/test_sparse.py",
 }
 # the other ops: (args, opcheck's test_utils or None for all of them)
 OPCHECK_HERE = {
