@@ -100,12 +100,21 @@ def rows_inplace_fn(name: str):
     return rows_inplace
 
 
+# The CPU kernel's words (csrc/cpu/row_ops.h) for a loss the student's -inf entries make +inf or
+# undefined, which the GPU kernels report as a NaN row loss.
+STUDENT_NEG_INF_MESSAGE = (
+    "student_logits is -inf where the loss needs a finite value (a whole row, the label's entry, or an "
+    "entry where the teacher has probability), so the loss would be +inf or undefined")
+
+
 def _raise_bad_input(teacher_logits, labels, vocab: int, cfg, student_logits) -> None:
     """The ValueError for a NaN row loss from a GPU kernel: bad teacher values or labels first,
-    else the student's (`student_logits` None: they were overwritten, so it can only be them)."""
+    else the student's: NaN / +inf, or -inf where the loss needs a finite value (`student_logits`
+    None: they were overwritten, so it can only be one of those)."""
     from kdkernels import _checks
 
     _checks.check_values(teacher_logits, labels, vocab, cfg.ignore_index)
     if student_logits is None:
-        raise _checks.not_finite_error("student_logits")
+        raise ValueError("student_logits contains NaN or +inf, or is -inf where the loss needs a finite value")
     _checks.check_finite("student_logits", student_logits)
+    raise ValueError(STUDENT_NEG_INF_MESSAGE)
