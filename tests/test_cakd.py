@@ -1,4 +1,4 @@
-"""CAKD / DKD (decomposed KL, DESIGN.md §3): every grouping rule against the float64 reference,
+"""CAKD / DKD (decomposed KL): every grouping rule against the float64 reference,
 the exact decomposition of forward KL, the closed-form gradient, DKD against the paper's formula,
 numerics at the edges (temperatures, masked vocabulary, underflowing groups, empty groups, ignored
 rows), ties, validation and the modules."""

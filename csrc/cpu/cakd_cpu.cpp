@@ -84,7 +84,7 @@ inline Vec by_group(const Vec& in_s, const Vec& on_s, const Vec& on_w) { return 
 inline float finite_shift(float max) { return max == kNegInf ? 0.f : max; }
 
 // Row sums (of exps, of KL terms) fold kFold vectors in float into a DoubleSum.
-constexpr int64_t kFold = DoubleSum::kFold;
+constexpr int64_t kFold = DoubleSum<>::kFold;
 
 // Online softmax statistics at scale 1/T of the S lanes and of the W lanes of a row, each group
 // with its own running max, block by block; stores exp((x - shift) / T) with the group's shift
@@ -121,7 +121,7 @@ struct GroupedSoftmax {
     *shift_s = finite_shift(s.max);
     *shift_w = finite_shift(w.max);
     const Vec vinv(inv_t), zero(0.f), vshift_s(*shift_s), vshift_w(*shift_w);
-    DoubleSum block_s, block_w;
+    DoubleSum<> block_s, block_w;
     for (int64_t c = 0; c < n; c += kFold * kW) {
       const int64_t cend = std::min(n, c + kFold * kW);
       Vec acc_s(0.f), acc_w(0.f);
@@ -184,7 +184,7 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
   const CakdRow row = cakd_row_constants(student.s, student.w, teacher.s, teacher.w, args.grad_scale, params);
 
   // Pass 2 (from L2): the group KL terms and the gradient.
-  DoubleSum scd, wcd;
+  DoubleSum<> scd, wcd;
   const Vec vinv(inv_t), zero(0.f);
   const Vec hi_u_s(row.s.hi_u), hi_u_w(row.w.hi_u), hi_a_s(row.s.hi_a), hi_a_w(row.w.hi_a);
   const Vec lo_s(row.s.lo_diff), lo_w(row.w.lo_diff);

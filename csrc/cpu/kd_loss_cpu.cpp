@@ -1,6 +1,6 @@
 // Fused KD loss on CPU: one row per task, at::vec SIMD inside a row, at::parallel_for across rows.
 //
-// Per row (DESIGN.md §3):
+// Per row (the math of csrc/include/kdkernels/divergence.h):
 //   1. statistics, the only pass that reads DRAM: block-wise online max / sum-of-exp of the
 //      student (at 1/T, and at T = 1 for the CE blend) and the teacher; the exps are kept in
 //      per-thread scratch (L2) so no later pass needs exp; forward KL also gets its value here;
@@ -145,7 +145,8 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
   // divergences keep their gradient's per-element quantity in place of the teacher's exps,
   // which pass 3 then no longer needs.
   const bool write_grad = args.grad != nullptr;
-  DoubleSum divergence, row_c_sum, row_c2_sum;
+  // one fold per block, as a block's vectors stream through the loops below
+  DoubleSum<kBlock / kW> divergence, row_c_sum, row_c2_sum;
   float row_c = 0.f, row_c2 = 0.f;
   if constexpr (Div::kRowSum) {
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
@@ -207,12 +208,7 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
       }
       if (!write_grad) return;
       if constexpr (Div::kRowSum) logs(i, n, z, logp, logq);
-      Vec g;
-      if constexpr (kSecondRowSum<Div>) {
-        g = v_kd * Div::grad2(logp, logq, p, q, params.mix, row_c, row_c2);
-      } else {
-        g = v_kd * Div::grad(logp, logq, p, q, params.mix, row_c);
-      }
+      Vec g = v_kd * divergence_grad<Div>(logp, logq, p, q, params.mix, row_c, row_c2);
       if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
       store_grad(i, n, g);
     });

@@ -44,9 +44,11 @@ inline float hsum(const Vec& v) {
 // partial sum is widened into double lanes, so the float rounding does not grow with the row (a
 // plain float sum over a row is less accurate than eager PyTorch's cascade sums, visibly so for
 // the KL at large T, where T^2 amplifies it). add() folds by itself; a loop that keeps its own
-// float partial of at most kFold vectors hands it to add_partial().
+// float partial of at most kFold vectors hands it to add_partial(). A hot loop that adds one
+// vector per step folds less often (a larger kFold) to keep the widening out of its way.
+template <int64_t kFoldVectors = 8>
 struct DoubleSum {
-  static constexpr int64_t kFold = 8;
+  static constexpr int64_t kFold = kFoldVectors;
   using VecD = at::vec::Vectorized<double>;
   VecD lo{0.0}, hi{0.0};
   Vec partial{0.f};

@@ -1,6 +1,6 @@
 // Fused KD loss on CUDA: one thread block per row, the math of csrc/include/kdkernels/divergence.h.
 //
-// Per row (DESIGN.md §3), each thread owning chunks of kChunk columns (16-byte loads):
+// Per row, each thread owning chunks of kChunk columns (16-byte loads):
 //   1. statistics: per-thread online max / sum-of-exp of the student at 1/T (and at T = 1 for the
 //      CE blend when T != 1) and of the teacher, then block reductions -> lse(u), lse(z), lse(a);
 //      the maxima propagate NaN, which flags rows with NaN / +inf;
@@ -326,12 +326,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
           fkl += loss;
         }
         if (grad == nullptr) continue;
-        float gk;
-        if constexpr (kSecondRowSum<Div>) {
-          gk = kd_grad_coef * Div::grad2(logp, logq, p, q, params.mix, row_c, row_c2);
-        } else {
-          gk = kd_grad_coef * Div::grad(logp, logq, p, q, params.mix, row_c);
-        }
+        float gk = kd_grad_coef * divergence_grad<Div>(logp, logq, p, q, params.mix, row_c, row_c2);
         if (use_ce) {  // ce_weight (softmax(z) - onehot(y))
           const float softmax_z = ce_separate ? kd_exp(z[k] - row_max_z - log_sum_z) : q;
           gk += ce_grad_coef * (softmax_z - (col + k == label ? 1.f : 0.f));

@@ -1,6 +1,6 @@
 // Decomposed KL (CAKD / DKD): the row constants and per-element terms of the CPU kernel
 // (csrc/cpu/cakd_cpu.cpp), written torch-free and host/device like divergence.h so that a CUDA
-// kernel can share them (DESIGN.md §3).
+// kernel can share them.
 //
 // Notation: u = z_s / T, a = z_t / T; the classes of a row split into the strongly correlated set
 // S and the rest W; for a group g, P_g / Q_g are the teacher / student mass and

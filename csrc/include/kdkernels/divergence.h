@@ -1,6 +1,6 @@
 // Divergence terms and their gradients: the one definition shared by the CPU and CUDA kernels.
 //
-// Notation (DESIGN.md §3): u = z_s / T, a = z_t / T, q = softmax(u), p = softmax(a).
+// Notation: u = z_s / T, a = z_t / T, q = softmax(u), p = softmax(a).
 // Every function takes the per-element log-probabilities and probabilities
 //   logp = a_i - lse(a),  logq = u_i - lse(u),  p = exp(logp),  q = exp(logq)
 // which may be -inf / 0 for masked vocabulary entries, and returns values in which a zero
@@ -300,6 +300,16 @@ template <class Div, class = void>
 constexpr bool kCachedGrad = false;
 template <class Div>
 constexpr bool kCachedGrad<Div, std::void_t<decltype(Div::kCachedGrad)>> = Div::kCachedGrad;
+
+// dD/du_i with the row constants a kernel carries: grad2 for the divergences with a second one.
+template <class Div, class F>
+KD_HD F divergence_grad(F logp, F logq, F p, F q, const Mixture& mix, float row_c, float row_c2) {
+  if constexpr (kSecondRowSum<Div>) {
+    return Div::grad2(logp, logq, p, q, mix, row_c, row_c2);
+  } else {
+    return Div::grad(logp, logq, p, q, mix, row_c);
+  }
+}
 
 // Whether `id` names a divergence of the enum above (the ops take it as an integer).
 KD_HD bool is_divergence_id(int64_t id) { return id >= 0 && id <= static_cast<int64_t>(Divergence::kTVD); }

@@ -1,7 +1,7 @@
 """Fused KD row loss in Triton: one program per row, online softmax over vocabulary tiles, the
 gradient written during the forward pass.
 
-Per row (DESIGN.md §3; the formulas mirror csrc/include/kdkernels/divergence.h term by term):
+Per row (the formulas mirror csrc/include/kdkernels/divergence.h term by term):
   1. statistics pass: running max (a finite sentinel, so -inf logits are masked entries with
      probability 0) and per-lane sums of exponentials of the student at 1/T and, for the CE blend
      at T != 1, at T = 1, and of the teacher at 1/T -> lse(u), lse(z), lse(a); the maxima
