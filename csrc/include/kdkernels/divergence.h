@@ -16,8 +16,8 @@
 //   grad_cached(q, x, C)   : the same dD/du_i from it,
 // so a kernel that keeps x_i from the row-constant pass (the CPU kernel stores it in its L2
 // scratch) computes the gradient without the logs and mixtures a second time.
-// Divergences with kSecondRowSum (skew KL) also give second_term, the share of a second row
-// constant C2, and grad2(..., C, C2), which every kernel uses instead of grad.
+// Divergences with kSecondRowSum (skew KL) give second_term, the share of a second row constant
+// C2, and grad2(..., C, C2) instead of grad; kernels call divergence_grad, which picks the one.
 // The kernels sum `loss` over the row for the divergence value. Everything is written for a
 // generic arithmetic type F: `float` (scalar CPU and CUDA code) or `at::vec::Vectorized<float>`
 // (CPU SIMD); the elementary functions below are overloaded for each.
