@@ -364,7 +364,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     variants += [(90, 0, False, False), (80, 0, True, True)]
     for arch, divergence, has_labels, compute_grad in variants:
         constexprs = {"DIVERGENCE": divergence, "HAS_LABELS": has_labels, "USE_CE": has_labels,
-                      "CE_SHARES_LSE": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
+                      "CE_REUSES_Q": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert compiled.asm["cubin"], (arch, divergence, has_labels)
