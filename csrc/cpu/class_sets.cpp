@@ -175,7 +175,7 @@ void select_mass(const float* teacher, const float* student, int64_t V, float in
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t n = std::min(kBlock, V - b);
     if (!raise_to_block_max(teacher + b, n, inv_t, lse)) return;  // bad rows are reported
-    add_block_exps(teacher + b, n, inv_t, lse, nullptr, nullptr);
+    add_block_exps<false>(teacher + b, n, inv_t, lse, nullptr, nullptr);
   }
   if (lse.empty()) return;  // rows without a teacher distribution give 0
   const double lse_a = lse.lse(inv_t);

@@ -85,12 +85,12 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
     if (raise_to_block_max(args.student + off, n, inv_t, lse_u, ce_lse)) {
-      add_block_exps(args.student + off, n, inv_t, lse_u, ce_lse, scratch.exp_s.data() + off);
+      add_block_exps<true>(args.student + off, n, inv_t, lse_u, ce_lse, scratch.exp_s.data() + off);
     } else {
       bad_student = true;
     }
     if (raise_to_block_max(args.teacher + off, n, inv_t, lse_a)) {
-      add_block_exps(args.teacher + off, n, inv_t, lse_a, nullptr, scratch.exp_t.data() + off);
+      add_block_exps<true>(args.teacher + off, n, inv_t, lse_a, nullptr, scratch.exp_t.data() + off);
     } else {
       bad_teacher = true;
     }

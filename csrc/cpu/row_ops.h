@@ -136,11 +136,12 @@ inline bool raise_to_block_max(const float* x, int64_t n, float inv_t, OnlineLse
 }
 
 // Adds exp((x - lse.max) / T) over a block to lse.sum (and exp(x - max) to unit->sum when `unit`
-// is given), storing the exps at scale 1/T into `exps` when that is given, so later passes need no
+// is given), storing the exps at scale 1/T into `exps` with kStoreExps, so later passes need no
 // exp. The max must already cover the block (raise_to_block_max).
+template <bool kStoreExps>
 inline void add_block_exps(const float* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit, float* exps) {
   if (lse.empty()) {  // everything so far masked
-    if (exps) std::fill(exps, exps + n, 0.f);
+    if constexpr (kStoreExps) std::fill(exps, exps + n, 0.f);
     return;
   }
   const Vec vmax(lse.max), vinv(inv_t);
@@ -149,7 +150,7 @@ inline void add_block_exps(const float* x, int64_t n, float inv_t, OnlineLse& ls
     const int64_t m = std::min(kW, n - i);
     const Vec xv = load_masked(x + i, m);
     const Vec e = exp_nonpositive((xv - vmax) * vinv);
-    if (exps) e.store(exps + i, m);
+    if constexpr (kStoreExps) e.store(exps + i, m);
     acc = acc + e;
     if (unit) acc_unit = acc_unit + exp_nonpositive(xv - vmax);
   }
