@@ -192,8 +192,8 @@ def _sweep(request: Dict[str, Any], student, teacher, timer: _Timer) -> List[Dic
     rows = []
     for block, num_warps in SWEEP:
         def step():
-            return triton_kd_loss.kd_loss_rows(detached, teacher, None, scale, cfg, True, block=block,
-                                               num_warps=num_warps)
+            return triton_kd_loss.rows(detached, teacher, None, scale, cfg, True, block=block,
+                                       num_warps=num_warps)
 
         try:
             rows.append({"block": block, "num_warps": num_warps,
