@@ -19,7 +19,7 @@
 //                   1 (renormalize: q_j − p̂_j [j ∈ S]), 0 (support).
 // So one pass over the dense row (online LSE, gather at S) and one gradient write
 // g_j = q_j · c_row, with the k support columns written from their own formula.
-// Divergence terms and G come from divergence.h: Div::grad(..., row_c = 0) is exactly G_b + a
+// Divergence terms and G come from divergence.h: bucket_log_q_derivative (below) is exactly G_b + a
 // multiple of Q_b for every divergence there.
 #pragma once
 
@@ -56,7 +56,7 @@ constexpr float kSparseNegInf = -__builtin_huge_valf();
 // log Σ_b exp(x_b) over k entries (-inf entries allowed; -inf when all are).
 KD_HD float log_sum_exp(const float* x, int64_t k) {
   float m = kSparseNegInf;
-  for (int64_t b = 0; b < k; ++b) m = kd_max(m, x[b]);
+  for (int64_t b = 0; b < k; ++b) m = x[b] > m ? x[b] : m;
   if (m == kSparseNegInf) return m;
   float s = 0.f;
   for (int64_t b = 0; b < k; ++b) s += kd_exp(x[b] - m);
@@ -117,6 +117,20 @@ KD_HD bool teacher_buckets(const int64_t* ids, const float* values, int64_t k, c
 }
 
 // The divergence between the teacher and student buckets and its u-space gradient.
+// g_i = dD/d(log q_i) of one bucket, before the softmax's -q_i·Σg: each divergence's grad with
+// no row constant; skew KL's kernels carry two row constants (grad2), whose split by w does not
+// take that form, so its g_i = -(1-α) q_i p_i / m_i is written here.
+template <class Div>
+KD_HD float bucket_log_q_derivative(float logp, float logq, float p, float q, const Mixture& mix) {
+  if constexpr (kSecondRowSum<Div>) {
+    if (!(mix.wq > 0.f)) return 0.f;
+    const float m = mixture_of(p, q, mix);
+    return m > 0.f ? -mix.wq * q * p / m : 0.f;
+  } else {
+    return Div::grad(logp, logq, p, q, mix, 0.f);
+  }
+}
+
 // logp / logq: [k] bucket log-probabilities (-inf at padding); the rest bucket (logp_rest,
 // logq_rest) takes part when `with_rest`. Writes d[b] = dD/du at support column b and returns
 // the divergence; *c_row is the off-support coefficient (dD/du_j = q_j · c_row).
@@ -129,7 +143,7 @@ KD_HD float bucket_divergence(const float* logp, const float* logq, int64_t k, b
     float term, unused;
     Div::terms(logp[b], logq[b], p, q, mix, term, unused);
     loss += term;
-    d[b] = Div::grad(logp[b], logq[b], p, q, mix, 0.f);
+    d[b] = bucket_log_q_derivative<Div>(logp[b], logq[b], p, q, mix);
     sum_g += d[b];
   }
   float g_rest_per_q = 0.f;  // G_rest / r_s
@@ -138,7 +152,7 @@ KD_HD float bucket_divergence(const float* logp, const float* logq, int64_t k, b
     float term, unused;
     Div::terms(logp_rest, logq_rest, p, q, mix, term, unused);
     loss += term;
-    const float g = Div::grad(logp_rest, logq_rest, p, q, mix, 0.f);
+    const float g = bucket_log_q_derivative<Div>(logp_rest, logq_rest, p, q, mix);
     sum_g += g;
     if (q > 0.f) g_rest_per_q = g / q;
   }
