@@ -7,7 +7,10 @@ scaled in place when the incoming gradient is not 1 (no copy; on CPU not even a 
 1). When the graph is kept, a later backward would read the buffer again, and a gradient handed
 out now can be written later (autograd accumulates into ``x.grad`` in place, and may adopt the
 handed-out tensor as ``x.grad``), so backward returns a new tensor and never writes the buffer.
-Under torch.compile it always returns a new tensor.
+Under torch.compile it always returns a new tensor. The product is formed in float32 and rounded
+once (:func:`times`); a per-row loss (reduction="none") of a bfloat16 / float16 student keeps its
+gradient in float32 until backward, so each row's incoming gradient multiplies it before that
+one rounding.
 
 The fused kernels are first-order: differentiating their gradient again raises (as
 ``torch.autograd.function.once_differentiable`` does) with a message pointing to
