@@ -1,24 +1,48 @@
-# The README's commands. `make demo` and `make test` install what they need first.
+# The README's commands. Each installs what it needs first, once:
+#   make demo   the runtime (requirements.txt) + the compiled kernels, then the reference trainer
+#   make test   the dev set (requirements-dev.txt) + the compiled kernels, then the test suite
 PYTHON ?= python3
-STAMP := build/.installed
+PIP := $(PYTHON) -m pip
+RUNTIME := build/.runtime-installed
+DEV := build/.dev-installed
+KERNELS := build/.kernels-built
+SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/include/kdkernels/*.h)
 
-.PHONY: install demo test bench clean
+.PHONY: install install-dev demo test bench wheel clean
+# pip installs must not run side by side
+.NOTPARALLEL:
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/include/kdkernels/*.h)
-	$(PYTHON) -m pip install -r requirements-dev.txt
-	$(PYTHON) -m pip install --no-build-isolation -e .
-	mkdir -p build && touch $(STAMP)
+$(RUNTIME): requirements.txt
+	$(PIP) install -r requirements.txt
+	mkdir -p build && touch $@
 
-install: $(STAMP)
+# The dev set includes the runtime, so it marks both as installed.
+$(DEV): requirements-dev.txt requirements.txt
+	$(PIP) install -r requirements-dev.txt
+	mkdir -p build && touch $@ $(RUNTIME)
 
-demo: $(STAMP)
+# -v shows the compiler's progress (one line per file) instead of a silent spinner.
+# Rebuilt when a source or the pinned torch changes; installing the dev set later does not rebuild.
+$(KERNELS): requirements.txt setup.py pyproject.toml $(SOURCES) | $(RUNTIME)
+	$(PIP) install -v --no-build-isolation -e .
+	touch $@
+
+install: $(KERNELS)
+
+install-dev: $(DEV) $(KERNELS)
+
+demo: $(KERNELS)
 	$(PYTHON) -m kdkernels.train
 
-test: $(STAMP)
+test: $(DEV) $(KERNELS)
 	$(PYTHON) -m pytest -q
 
-bench: $(STAMP)
+bench: $(KERNELS)
 	$(PYTHON) -m benchmarks.kd_loss
 
+# A wheel for other machines: every CPU ISA, against the installed torch.
+wheel: $(DEV)
+	KDKERNELS_CPU_ISAS=all $(PYTHON) -m build --wheel --no-isolation
+
 clean:
-	rm -rf build kdkernels/*.so *.egg-info
+	rm -rf build dist kdkernels/*.so *.egg-info

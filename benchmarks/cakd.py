@@ -129,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-peers", action="store_true", help="kdkernels rows only")
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None,
                          warmup_help="untimed steps (default: 2 for torch.compile, which compiles in them, 1 otherwise)")
+    harness.add_png_arg(parser, "cakd")
     return harness.parse_run_args(parser, argv)
 
 
@@ -146,39 +147,28 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
              "temperature": args.temperature},
             repeat=args.repeat if impl == "kdkernels" else min(args.repeat, 3), warmup=warmup,
             time_budget_s=args.time_budget, label=f"[{index}/{len(configs)}] {impl} {_label(config, args)} N={n_run}")
-        row = {"impl": impl, "loss": _label(config, args), "n_run": n_run}
-        if "error" in result:
-            row["error"] = result["error"]
-        else:
-            scale = args.n / n_run  # linear in rows: the peers run at --peer-n
-            row.update(median_ms=result["median_ms"] * scale, min_ms=result["min_ms"] * scale,
-                       extra_peak_mib=result["extra_peak_mib"] * scale,
-                       peak_per_grad=result["extra_peak_mib"] * scale * harness.MIB / (args.n * args.v * 4),
+        scale = args.n / n_run  # linear in rows: the peers run at --peer-n
+        row = {"impl": impl, "loss": _label(config, args), "n_run": n_run, **harness.result_fields(result, scale)}
+        if "error" not in row:
+            row.update(peak_per_grad=row["extra_peak_mib"] * harness.MIB / (args.n * args.v * 4),
                        scaled="" if scale == 1 else f"x{scale:g}")
         rows.append(row)
     harness.add_ratios(rows, "vs_fkl", baseline=lambda row: row["loss"] == "forward KL", group_by=())
     return rows
 
 
-COLUMNS = [
-    harness.Column("impl", "impl"),
-    harness.Column("loss", "loss"),
-    harness.Column("rows run", "n_run"),
-    harness.Column("scaled", "scaled"),
-    harness.Column("median ms", "median_ms", ".1f"),
-    harness.Column("min ms", "min_ms", ".1f"),
-    harness.Column("x fused KL", "vs_fkl", ".2f"),
-    harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
-    harness.Column("peak / grad", "peak_per_grad", ".2f"),
-]
+COLUMNS = [harness.IMPL_COLUMN, harness.Column("loss", "loss"), harness.Column("rows run", "n_run"),
+           harness.Column("scaled", "scaled")] + harness.measured_columns(
+               harness.Column("x fused KL", "vs_fkl", ".2f")) + [harness.PEAK_PER_GRAD_COLUMN]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_info, setup_line = harness.announce_setup()
     rows = run(args)
-    title = (f"CAKD / DKD, fp32, N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, "
-             f"{harness.available_cpus()} threads")
-    harness.print_table(rows, COLUMNS, markdown=args.markdown, title=title)
+    shape = f"fp32, N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, {harness.available_cpus()} threads"
+    print(f"\nSetup: {setup_line}")
+    harness.print_table(rows, COLUMNS, markdown=args.markdown, title=f"CAKD / DKD, {shape}")
     print("\n'scaled': the row ran at 'rows run' rows; its time and memory are multiplied to N. "
           "'x fused KL': median over kdkernels.kd_loss (forward KL) in this run.")
     for row in rows:
@@ -186,8 +176,12 @@ def main(argv=None) -> int:
             print(f"n/a: {row['impl']} {row['loss']}: {row['error']}")
     if args.json:
         meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "k": args.k, "mass": args.mass,
-                "peer_n": args.peer_n, "repeat": args.repeat, "threads": harness.available_cpus()}
+                "peer_n": args.peer_n, "repeat": args.repeat, "threads": harness.available_cpus(),
+                "setup": setup_info}
         harness.write_json(args.json, {"title": "cakd", "meta": meta, "rows": rows})
+    harness.plot_bars(args.png, rows, group=lambda row: row["loss"],
+                      title=f"CAKD / DKD beside the fused forward KL ({shape}; 'scaled' rows from --peer-n rows)",
+                      setup=setup_line)
     return 0
 
 

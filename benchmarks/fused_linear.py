@@ -83,7 +83,7 @@ def _loss_fn(impl: str, temperature: float, chunk_size) -> Callable[..., Any]:
 
 
 def _gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) -> Callable[[], None]:
-    """The four GEMMs of one fused-linear step, into outputs allocated (and touched) here."""
+    """The four GEMMs of one fused-linear step, into outputs allocated (and touched) in this setup."""
     import torch
 
     n, v, h = student_hidden.shape[0], student_weight.shape[0], student_hidden.shape[1]
@@ -149,6 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     parser.add_argument("--quick", action="store_true", help="N=1024 and 3 timed steps, for a fast look")
     harness.add_output_args(parser)
+    harness.add_png_arg(parser, "fused_linear")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = 1024 if args.quick else 4096
@@ -163,14 +164,7 @@ def _measure(args: argparse.Namespace, impl: str, h: int, v: int, label: str, re
         {"impl": impl, "n": args.n, "h": h, "v": v, "dtype": args.dtype, "temperature": args.temperature,
          "chunk_size": args.chunk_size},
         repeat=repeat, warmup=args.warmup, time_budget_s=args.time_budget, threads=args.threads, label=label)
-    row: Dict[str, Any] = {"impl": impl, "n": args.n, "h": h, "v": v, "dtype": args.dtype}
-    if "error" in result:
-        row["error"] = result["error"]
-    else:
-        row.update(median_ms=result["median_ms"], min_ms=result["min_ms"],
-                   extra_peak_mib=result["extra_peak_mib"], retained_mib=result["retained_mib"],
-                   steps=len(result["times_ms"]))
-    return row
+    return {"impl": impl, "n": args.n, "h": h, "v": v, "dtype": args.dtype, **harness.result_fields(result)}
 
 
 def _best_of_rounds(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -233,21 +227,18 @@ def _note_column(rows: List[Dict[str, Any]]) -> List[harness.Column]:
     return [harness.Column("note", "error")] if any("error" in row for row in rows) else []
 
 
-def report(results: Dict[str, Any], args: argparse.Namespace) -> None:
-    peer_columns = [
-        harness.Column("impl", "impl"), harness.Column("median ms", "median_ms", ".0f"),
-        harness.Column("x gemms", "vs_gemms", ".3f"), harness.Column("min ms", "min_ms", ".0f"),
+def report(results: Dict[str, Any], args: argparse.Namespace, setup_line: str) -> None:
+    print(f"\nSetup: {setup_line}")
+    peer_columns = [harness.IMPL_COLUMN] + harness.measured_columns(
+        harness.Column("x gemms", "vs_gemms", ".3f"), digits=0) + [
         harness.Column("min x gemms", "min_vs_gemms", ".3f"),
-        harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
         harness.Column("x liger peak", "peak_vs_liger", ".2f"), harness.Column("steps", "steps"),
         harness.Column("rounds", "rounds")]
     peer_columns += _note_column(results["peers"])
-    harness.print_table(results["peers"], peer_columns, markdown=args.markdown,
-                        title=f"fused lm_head + forward KL, fwd+bwd, {args.dtype}, N={args.n} H={args.h} "
-                              f"V={args.v} T={args.temperature}, {args.threads or harness.available_cpus()} threads")
+    harness.print_table(results["peers"], peer_columns, markdown=args.markdown, title=_peers_title(args))
     if results["vocab"]:
         vocab_columns = [
-            harness.Column("V", "v"), harness.Column("impl", "impl"),
+            harness.Column("V", "v"), harness.IMPL_COLUMN,
             harness.Column("one fp32 logits MiB", "logits_mib", ".0f"),
             harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
             harness.Column("median ms", "median_ms", ".0f")] + _note_column(results["vocab"])
@@ -255,12 +246,22 @@ def report(results: Dict[str, Any], args: argparse.Namespace) -> None:
                             title=f"extra peak memory against V, {args.dtype}, N={args.n} H={args.vocab_table_h}")
 
 
+def _peers_title(args: argparse.Namespace) -> str:
+    return (f"fused lm_head + forward KL, fwd+bwd, {args.dtype}, N={args.n} H={args.h} V={args.v} "
+            f"T={args.temperature}, {args.threads or harness.available_cpus()} threads")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_info, setup_line = harness.announce_setup()
     results = run(args)
-    report(results, args)
+    report(results, args, setup_line)
     if args.json:
-        harness.write_json(args.json, {"args": vars(args), **results})
+        harness.write_json(args.json, {"args": vars(args), "setup": setup_info, **results})
+    harness.plot_bars(args.png, results["peers"] + results["vocab"],
+                      group=lambda row: f"H={row['h']} V={row['v']}",
+                      title=_peers_title(args) + (f"; then V at H={args.vocab_table_h}" if results["vocab"] else ""),
+                      setup=setup_line)
     return 0
 
 

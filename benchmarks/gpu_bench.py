@@ -192,8 +192,8 @@ def _sweep(request: Dict[str, Any], student, teacher, timer: _Timer) -> List[Dic
     rows = []
     for block, num_warps in SWEEP:
         def step():
-            return triton_kd_loss.kd_loss_rows(detached, teacher, None, scale, cfg, True, block=block,
-                                               num_warps=num_warps)
+            return triton_kd_loss.rows(detached, teacher, None, scale, cfg, True, block=block,
+                                       num_warps=num_warps)
 
         try:
             rows.append({"block": block, "num_warps": num_warps,
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
         harness.progress(f"shape N={n} V={v} {args.dtype}")
         copy = timed(request("copy", n, v), f"{shape} device copy").get("divergences", {}).get("forward_kl", {})
         copy = copy or {"error": "no result"}
-        copy_gbs = None if "error" in copy else 2 * n * v * DTYPES[args.dtype][1] / (copy["median_ms"] * 1e-3) / 1e9
+        copy_gbs = None if "error" in copy else harness.copy_gbs(n * v * DTYPES[args.dtype][1], copy["median_ms"])
         results["copies"][shape] = {"copy_gbs": copy_gbs, **copy}
         for impl in args.impls:
             divergences = [d for d in args.divergences if impl != "liger" or d in LIGER_DIVERGENCES]

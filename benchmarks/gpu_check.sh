@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# One-shot check of kdkernels' GPU path on a CUDA machine without internet (torch, triton, nvcc and
-# ninja installed), in under 8 minutes:
+# Checks kdkernels' GPU path on a machine with an NVIDIA GPU (torch with CUDA, triton, nvcc and
+# ninja installed; no internet needed) and benchmarks it, in under 8 minutes:
 #   1. environment: GPU, driver, python / torch / triton / nvcc versions;
-#   2. Liger-Kernel from a carried wheel when it is not installed ($LIGER_WHEEL, shared/wheels/ or
-#      wheels/; skipped otherwise);
+#   2. Liger-Kernel from a local wheel when it is not installed (LIGER_WHEEL=path, or a
+#      liger_kernel-*.whl in wheels/); without one, its rows read n/a;
 #   3. builds the compiled kernels in place: the default-ISA CPU module (it carries the op schemas)
 #      and the CUDA module (KDKERNELS_BUILD_CUDA=1);
 #   4. the GPU tests (tests/test_gpu.py);
 #   5. the benchmark (benchmarks/gpu_bench.py): fwd+bwd at bf16, N=8192 V=128256 and N=4096
 #      V=32000, forward KL and JSD, kdkernels (Triton, CUDA) beside eager PyTorch, torch.compile
 #      and Liger-Kernel, plus a sweep of the Triton launch shapes.
-# A failing step is recorded and the next one runs. Results: $OUT (default ./gpu_results):
-# summary.md (step status + benchmark tables), one log per step, gpu_bench.md / gpu_bench.json.
+# A failing step is recorded and the next one runs; GPU_CHECK_BUDGET_S (default 470) bounds the
+# whole check. Results in $OUT (default ./gpu_results): summary.md (step status + benchmark
+# tables), one log per step, gpu_bench.md / gpu_bench.json.
 #
+#   bash benchmarks/gpu_check.sh
 #   OUT=/tmp/gpu_results bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -63,19 +65,19 @@ install_liger() {
     return 0
   fi
   local wheel=""
-  for candidate in ${LIGER_WHEEL:-} shared/wheels/liger_kernel-*.whl wheels/liger_kernel-*.whl; do
+  for candidate in ${LIGER_WHEEL:-} wheels/liger_kernel-*.whl; do
     [ -f "$candidate" ] && wheel=$candidate && break
   done
   if [ -z "$wheel" ]; then
-    echo "no liger-kernel wheel carried (LIGER_WHEEL, shared/wheels/ or wheels/): Liger rows will read n/a"
+    echo "liger-kernel is not installed and no wheel was given (LIGER_WHEEL or wheels/): Liger rows will read n/a"
     return 0
   fi
   "$PYTHON" -m pip install --no-index --no-deps "$wheel"
 }
 
 build() {
-  # The default-ISA CPU module is enough here (it declares the op schemas the CUDA module
-  # implements); nvcc compiles the two gencode targets in parallel.
+  # The default-ISA CPU module is enough for the GPU path (it declares the op schemas the CUDA
+  # module implements); nvcc compiles the two gencode targets in parallel.
   KDKERNELS_CPU_ISAS=default KDKERNELS_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
     NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --threads 0" \
     "$PYTHON" setup.py build_ext --inplace --build-temp build/gpu-check &&

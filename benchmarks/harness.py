@@ -8,7 +8,7 @@ API (everything a benchmark needs):
         ``"package.module:function"`` string; the child calls ``function(**kwargs)`` (kwargs must
         be JSON-serialisable), which builds the inputs and returns a zero-argument ``step``
         callable doing one full iteration (e.g. forward + backward, see ``fwd_bwd_step``). The
-        child then runs ``warmup`` untimed steps (torch.compile compiles here, so compile time is
+        child then runs ``warmup`` untimed steps (torch.compile compiles in them, so compile time is
         never timed) and ``repeat`` timed steps with ``torch.set_num_threads(threads)`` (default:
         every CPU this process may use).
         Returns {"median_ms", "min_ms", "times_ms", "extra_peak_mib", "warmup_extra_peak_mib",
@@ -34,9 +34,10 @@ API (everything a benchmark needs):
         gradient survives between steps (each step allocates its own, as training would after
         ``zero_grad(set_to_none=True)``).
 
-    copy_bandwidth_gbs(nbytes, *, repeat=10, threads=None) -> float
-        Measured memory-copy bandwidth, ``dst.copy_(src)`` between preallocated tensors of
-        ``nbytes`` each, counting read + write bytes: the yardstick for "% of copy".
+    copy_time_ms(nbytes, *, repeat=10, threads=None, label="") -> float
+        Median time of ``dst.copy_(src)`` between preallocated tensors of ``nbytes`` each: the
+        yardstick of a memory-bound step. copy_gbs(nbytes, copy_ms) turns it into read + write
+        bytes per second, the yardstick for "% of copy".
 
     bandwidth(bytes_moved, median_ms, copy_gbs) -> {"gbs", "pct_copy"}
         GB/s of a step that moves bytes_moved, and its percentage of the measured copy.
@@ -44,9 +45,22 @@ API (everything a benchmark needs):
         row[key] = row median / the fastest median among the rows of its group that satisfy
         ``baseline(row)`` (e.g. "x compile", "x best peer").
 
+    result_fields(result, scale=1.0) -> dict
+        A table row's fields from a measure() result (median_ms, min_ms, extra_peak_mib,
+        retained_mib, steps; times and memory multiplied by ``scale``), or {"error": reason}.
+
     Column(header, key, fmt="")
+    IMPL_COLUMN, PEAK_PER_GRAD_COLUMN, measured_columns(ratio=None, *, digits=1)
+        The columns the benchmarks share: impl; median ms, min ms, [ratio], extra peak MiB.
     format_table(rows, columns, *, markdown=False) -> str / print_table(...)
         Aligned plain-text (or markdown) table of dict rows; a missing or None cell prints "n/a".
+
+    setup_info() -> dict / describe_setup(info) -> str / announce_setup() -> (info, line)
+        The hardware and software of the run (CPU model, CPUs used and present, torch, kdkernels
+        and its CPU build, Python, OS): every benchmark prints it above its tables.
+    add_png_arg(parser, name) / plot_bars(path, rows, *, group, title, setup, floor_key=None)
+        ``--png PATH`` (default results/<name>.png) and the PNG it names: per configuration, a
+        bar per implementation for the median time and one for the extra peak memory.
 
     add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
                  quick_repeat=3)
@@ -68,12 +82,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_MARKER = "@@BENCH_RESULT "
@@ -145,13 +161,18 @@ def _summary(result: Dict[str, Any]) -> str:
             f"({result['wall_s']:.0f} s)")
 
 
-def copy_bandwidth_gbs(nbytes: int, *, repeat: int = 10, threads: Optional[int] = None) -> float:
-    """Read + write bytes per second of ``dst.copy_(src)``, both ``nbytes`` and preallocated."""
-    result = measure("benchmarks.harness:copy_setup", {"nbytes": int(nbytes)}, repeat=repeat,
-                     warmup=2, threads=threads, label=f"memory copy of {nbytes / MIB:.0f} MiB")
+def copy_time_ms(nbytes: int, *, repeat: int = 10, threads: Optional[int] = None, label: str = "") -> float:
+    """Median time of ``dst.copy_(src)`` between preallocated tensors of ``nbytes`` each."""
+    result = measure("benchmarks.harness:copy_setup", {"nbytes": int(nbytes)}, repeat=repeat, warmup=2,
+                     threads=threads, label=label or f"memory copy of {nbytes / MIB:.0f} MiB")
     if "error" in result:
-        raise RuntimeError(f"copy bandwidth measurement failed: {result['error']}")
-    return 2 * nbytes / (result["median_ms"] * 1e-3) / 1e9
+        raise RuntimeError(f"copy time measurement failed: {result['error']}")
+    return result["median_ms"]
+
+
+def copy_gbs(nbytes: int, copy_ms: float) -> float:
+    """Read + write bytes per second of a copy of ``nbytes`` that took ``copy_ms``."""
+    return 2 * nbytes / (copy_ms * 1e-3) / 1e9
 
 
 def copy_setup(nbytes: int) -> Callable[[], None]:
@@ -199,6 +220,28 @@ class Column:
     header: str
     key: str
     fmt: str = ""  # format spec for numbers, e.g. ".1f"
+
+
+IMPL_COLUMN = Column("impl", "impl")
+PEAK_PER_GRAD_COLUMN = Column("peak / grad", "peak_per_grad", ".2f")
+
+
+def measured_columns(ratio: Optional[Column] = None, *, digits: int = 1) -> List[Column]:
+    """The columns of result_fields() that every benchmark table shows: median and fastest step
+    in ms (``digits`` decimals), an optional ratio column (e.g. "x compile"), extra peak MiB."""
+    columns = [Column("median ms", "median_ms", f".{digits}f"), Column("min ms", "min_ms", f".{digits}f")]
+    return columns + ([ratio] if ratio else []) + [Column("extra peak MiB", "extra_peak_mib", ".0f")]
+
+
+def result_fields(result: Dict[str, Any], scale: float = 1.0) -> Dict[str, Any]:
+    """A row's fields from a measure() result: times and extra peak memory (multiplied by
+    ``scale`` when the configuration ran at a fraction of the size it stands for), the memory
+    the warmup left behind and the timed steps; or {"error": reason}."""
+    if "error" in result:
+        return {"error": result["error"]}
+    return {"median_ms": result["median_ms"] * scale, "min_ms": result["min_ms"] * scale,
+            "extra_peak_mib": result["extra_peak_mib"] * scale, "retained_mib": result["retained_mib"],
+            "steps": len(result["times_ms"])}
 
 
 def _cell(row: Dict[str, Any], column: Column) -> str:
@@ -286,22 +329,125 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     progress(f"wrote {path}")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("model name", "Model", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def setup_info() -> Dict[str, Any]:
+    """The hardware and software a benchmark ran on, for its tables and its --json."""
+    import torch
+
+    import kdkernels
+
+    info = kdkernels.backend_info()
+    return {"cpu": _cpu_model(), "cpus_used": available_cpus(), "cpus_total": os.cpu_count(),
+            "torch": torch.__version__, "kdkernels": kdkernels.__version__, "cpu_build": info.get("cpu_build"),
+            "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}"}
+
+
+def describe_setup(info: Dict[str, Any]) -> str:
+    """One line: CPU model and cores, torch, kdkernels and its CPU build, Python, OS."""
+    return (f"{info['cpu']}, {info['cpus_used']} of {info['cpus_total']} CPUs, torch {info['torch']}, "
+            f"kdkernels {info['kdkernels']} ({info['cpu_build'] or 'no'} CPU build), Python {info['python']}, "
+            f"{info['os']}")
+
+
+def announce_setup() -> Tuple[Dict[str, Any], str]:
+    """setup_info() and its describe_setup() line, which goes to stderr now (the tables print it
+    again above themselves)."""
+    info = setup_info()
+    line = describe_setup(info)
+    progress(line)
+    return info, line
+
+
+def add_png_arg(parser: argparse.ArgumentParser, name: str) -> None:
+    default = os.path.join("results", f"{name}.png")
+    parser.add_argument("--png", default=default, metavar="PATH",
+                        help=f"the plot of time and extra peak memory (default {default}; 'none' for no plot)")
+
+
+def plot_bars(path: Optional[str], rows: Sequence[Dict[str, Any]], *, group: Callable[[Dict[str, Any]], str],
+              title: str, setup: str, floor_key: Optional[str] = None,
+              floor_label: str = "floor") -> Optional[str]:
+    """Writes a PNG of two bar charts, one bar per implementation (``row["impl"]``) in each
+    configuration (``group(row)``): the median time of a step in ms (log scale when the bars
+    span more than 20x) and the extra peak memory in MiB. ``floor_key``: a per-configuration
+    time drawn as a black tick over the time bars (e.g. the memory floor). Rows without a
+    measurement are left out. Returns the path, or None when there is nothing to plot, no
+    ``path``, or no matplotlib."""
+    measured = [row for row in rows if row.get("median_ms") is not None]
+    if not path or path == "none" or not measured:
+        return None
+    from kdkernels.train.report import pyplot, save_figure
+
+    plt = pyplot()
+    if plt is None:
+        progress("no plot: matplotlib is not installed")
+        return None
+    groups = list(dict.fromkeys(group(row) for row in measured))
+    impls = list(dict.fromkeys(row["impl"] for row in measured))
+    width = 0.8 / len(impls)
+    figure_width = max(8.0, 1.0 + 1.2 * len(groups))
+    figure, (time_axes, memory_axes) = plt.subplots(2, 1, figsize=(figure_width, 8.5), sharex=True)
+    for index, impl in enumerate(impls):
+        offset = (index - (len(impls) - 1) / 2) * width
+        cells = [(groups.index(group(row)) + offset, row) for row in measured if row["impl"] == impl]
+        positions = [x for x, _ in cells]
+        for axes, key, fmt in ((time_axes, "median_ms", "{:.3g}"), (memory_axes, "extra_peak_mib", "{:.0f}")):
+            values = [max(row.get(key) or 0.0, 0.0) for _, row in cells]
+            bars = axes.bar(positions, values, width, label=impl)
+            axes.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, rotation=90, padding=2)
+    if floor_key:
+        floors = {group(row): row[floor_key] for row in measured if row.get(floor_key)}
+        for name, floor_ms in floors.items():
+            x = groups.index(name)
+            time_axes.hlines(floor_ms, x - 0.45, x + 0.45, colors="black", linewidth=2,
+                             label=floor_label if name == next(iter(floors)) else None)
+    times = [row["median_ms"] for row in measured if row["median_ms"] > 0]
+    if times and max(times) / min(times) > 20:
+        time_axes.set_yscale("log")
+    time_axes.margins(y=0.25)
+    memory_axes.margins(y=0.25)
+    time_axes.set_ylabel("median time per step (ms)")
+    memory_axes.set_ylabel("extra peak memory (MiB)")
+    time_axes.set_title("time, forward + backward (lower is better)", fontsize=10)
+    memory_axes.set_title("extra peak memory over the inputs (lower is better)", fontsize=10)
+    memory_axes.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    time_axes.legend(fontsize=8, ncols=min(len(impls) + 1, 5))
+    for axes in (time_axes, memory_axes):
+        axes.grid(axis="y", alpha=0.3)
+    wrap = int(figure_width * 11)  # characters per line at this font size
+    figure.suptitle("\n".join(textwrap.wrap(title, wrap) + textwrap.wrap(setup, wrap)), fontsize=9)
+    progress(f"wrote {save_figure(figure, path, dpi=110)}")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Child side
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+def _rss_kib(field: str) -> int:
+    from kdkernels.train.memory import status_kib
+
+    value = status_kib(field)
+    if value is None:
+        raise RuntimeError(f"{field} missing from /proc/self/status: peak memory needs Linux")
+    return value
 
 
 def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets VmHWM to the current VmRSS.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+    from kdkernels.train.memory import reset_peak_rss
+
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): peak memory needs Linux")
 
 
 def _import(qualified_name: str) -> Any:
@@ -322,14 +468,14 @@ def measure_steps(request: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(0)
     step = _import(request["setup"])(**request["kwargs"])
     gc.collect()
-    rss_inputs = _status_kib("VmRSS")
+    rss_inputs = _rss_kib("VmRSS")
 
     _reset_peak_rss()
     for _ in range(request["warmup"]):
         step()
     gc.collect()
-    warmup_peak = _status_kib("VmHWM")
-    rss_before_timed = _status_kib("VmRSS")
+    warmup_peak = _rss_kib("VmHWM")
+    rss_before_timed = _rss_kib("VmRSS")
 
     _reset_peak_rss()
     times_ms: List[float] = []
@@ -340,7 +486,7 @@ def measure_steps(request: Dict[str, Any]) -> Dict[str, Any]:
         times_ms.append((time.perf_counter() - start) * 1e3)
         if budget is not None and len(times_ms) >= 3 and sum(times_ms) > budget * 1e3:
             break
-    timed_peak = _status_kib("VmHWM")
+    timed_peak = _rss_kib("VmHWM")
     return {
         "median_ms": statistics.median(times_ms),
         "min_ms": min(times_ms),

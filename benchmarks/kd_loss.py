@@ -33,6 +33,7 @@ DTYPES = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2
 LIGER_DIVERGENCES = ("forward_kl", "jsd", "tvd")
 LOGIT_STD = 3.0  # spread of the random logits (LLM logits are of this order)
 TENSOR_PASSES = 3  # read student, read teacher, write gradient: the bandwidth floor
+FLOOR_COPIES = TENSOR_PASSES / 2  # a copy reads one tensor and writes one: the floor is 1.5 copies
 
 
 def _liger_loss(divergence: str, temperature: float, beta: float) -> Callable[..., Any]:
@@ -97,7 +98,7 @@ def _probe_liger(loss_fn: Callable[..., Any], dtype) -> None:
         loss_fn(student, torch.randn(2, 8, dtype=dtype)).backward()
     except Exception as exc:
         device = "CUDA" if torch.cuda.is_available() else "CPU"
-        raise RuntimeError(f"Liger-Kernel's Triton kernel does not run on {device} tensors here "
+        raise RuntimeError(f"Liger-Kernel's Triton kernel does not run on {device} tensors on this machine "
                            f"({type(exc).__name__}: {exc})") from exc
 
 
@@ -141,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None,
                          warmup_help="untimed steps (default: 2 for torch.compile, which compiles in "
                                      "them, 1 otherwise)")
+    harness.add_png_arg(parser, "kd_loss")
     return harness.parse_run_args(parser, argv)
 
 
@@ -163,14 +165,19 @@ def _warmup_for(impl: str, args: argparse.Namespace) -> int:
     return 2 if impl == "compile" else 1
 
 
+def _copy_ms(args: argparse.Namespace, dtype: str) -> float:
+    nbytes = args.n * args.v * DTYPES[dtype][1]
+    return harness.copy_time_ms(nbytes, label=f"memory copy of one [N, V] {dtype} tensor "
+                                              f"({nbytes / harness.MIB:.0f} MiB)")
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     env = {"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else {}
     configs = _configurations(args)
-    fp32_grad_bytes = args.n * args.v * 4
-    harness.progress(f"kd_loss benchmark: N={args.n} V={args.v} T={args.temperature}, "
-                     f"{len(configs)} configurations + a memory copy, {harness.available_cpus()} threads")
-    copy_gbs = harness.copy_bandwidth_gbs(fp32_grad_bytes)
-    harness.progress(f"memory copy: {copy_gbs:.1f} GB/s")
+    dtypes = list(dict.fromkeys(config["dtype"] for config in configs))
+    harness.progress(f"kd_loss benchmark: N={args.n} V={args.v} T={args.temperature}, {len(configs)} "
+                     f"configurations + a memory copy per dtype, {harness.available_cpus()} threads")
+    copy_ms = {dtype: _copy_ms(args, dtype) for dtype in dtypes}
 
     rows = []
     for index, config in enumerate(configs, 1):
@@ -181,34 +188,30 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
              "temperature": args.temperature, "beta": _beta_for(divergence, args)},
             repeat=args.repeat, warmup=_warmup_for(impl, args), time_budget_s=args.time_budget, env=env,
             label=f"[{index}/{len(configs)}] {divergence} {dtype} {impl}")
-        rows.append(_row(config, result, args, copy_gbs))
+        rows.append(_row(config, result, args, copy_ms[dtype]))
     harness.add_ratios(rows, "vs_compile", baseline=lambda row: row["impl"] == "compile",
                        group_by=("divergence", "dtype"))
-    return {"rows": rows, "copy_gbs": copy_gbs}
+    return {"rows": rows, "copy_ms": copy_ms}
 
 
 def _row(config: Dict[str, Any], result: Dict[str, Any], args: argparse.Namespace,
-         copy_gbs: float) -> Dict[str, Any]:
-    row = dict(config)
-    if "error" in result:
-        row["error"] = result["error"]
+         copy_ms: float) -> Dict[str, Any]:
+    """One table row. The memory floor of a fused loss is reading two [N, V] tensors and writing
+    one: FLOOR_COPIES times the copy of one [N, V] tensor of the same dtype."""
+    row = dict(config, **harness.result_fields(result))
+    if "error" in row:
         return row
     grad_bytes = args.n * args.v * DTYPES[config["dtype"]][1]
-    row.update(median_ms=result["median_ms"], min_ms=result["min_ms"],
-               extra_peak_mib=result["extra_peak_mib"],
-               peak_per_grad=result["extra_peak_mib"] * harness.MIB / grad_bytes,
-               retained_mib=result["retained_mib"], steps=len(result["times_ms"]),
-               **harness.bandwidth(TENSOR_PASSES * grad_bytes, result["median_ms"], copy_gbs))
+    row.update(peak_per_grad=row["extra_peak_mib"] * harness.MIB / grad_bytes,
+               floor_ms=FLOOR_COPIES * copy_ms, vs_floor=row["median_ms"] / (FLOOR_COPIES * copy_ms),
+               **harness.bandwidth(TENSOR_PASSES * grad_bytes, row["median_ms"],
+                                  harness.copy_gbs(grad_bytes, copy_ms)))
     return row
 
 
-COLUMNS_COMMON = [
-    harness.Column("impl", "impl"),
-    harness.Column("median ms", "median_ms", ".1f"),
-    harness.Column("min ms", "min_ms", ".1f"),
-    harness.Column("x compile", "vs_compile", ".2f"),
-    harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
-    harness.Column("peak / grad", "peak_per_grad", ".2f"),
+COLUMNS = [harness.IMPL_COLUMN] + harness.measured_columns(harness.Column("x compile", "vs_compile", ".2f")) + [
+    harness.Column("x floor", "vs_floor", ".2f"),
+    harness.PEAK_PER_GRAD_COLUMN,
     harness.Column("GB/s", "gbs", ".1f"),
     harness.Column("% copy", "pct_copy", ".0f"),
 ]
@@ -216,29 +219,37 @@ COLUMNS_COMMON = [
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_info, setup_line = harness.announce_setup()
     results = run(args)
     rows = results["rows"]
     meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "beta": args.beta,
             "skew_alpha": args.skew_alpha, "repeat": args.repeat, "warmup": args.warmup,
-            "threads": harness.available_cpus(), "copy_gbs": results["copy_gbs"], "thp": args.thp}
+            "threads": harness.available_cpus(), "copy_ms": results["copy_ms"], "thp": args.thp,
+            "setup": setup_info}
     shape = f"N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, {harness.available_cpus()} threads"
     forward_rows = [r for r in rows if r["divergence"] == "forward_kl" and r["dtype"] in args.dtypes]
     divergence_rows = [r for r in rows if r["dtype"] == "fp32" and r["divergence"] in args.divergences]
+    print(f"\nSetup: {setup_line}")
     if forward_rows:
-        harness.print_table(forward_rows, [harness.Column("dtype", "dtype")] + COLUMNS_COMMON,
+        harness.print_table(forward_rows, [harness.Column("dtype", "dtype")] + COLUMNS,
                             markdown=args.markdown, title=f"Forward KL ({shape})")
     if divergence_rows:
-        harness.print_table(divergence_rows, [harness.Column("divergence", "divergence")] + COLUMNS_COMMON,
+        harness.print_table(divergence_rows, [harness.Column("divergence", "divergence")] + COLUMNS,
                             markdown=args.markdown,
                             title=f"Divergences at fp32 ({shape}; jsd beta={args.beta}, "
                                   f"skew alpha={args.skew_alpha})")
-    print(f"\nmemory copy: {results['copy_gbs']:.1f} GB/s (read + write); "
-          f"GB/s counts {TENSOR_PASSES} passes over [N, V] in the logits' dtype")
+    copies = ", ".join(f"{dtype} {ms:.3g} ms" for dtype, ms in results["copy_ms"].items())
+    print(f"\ncopy of one [N, V] tensor: {copies}. 'x floor': median over the memory floor, "
+          f"{FLOOR_COPIES:g}x that copy (a fused loss reads two [N, V] tensors and writes one). "
+          f"GB/s counts {TENSOR_PASSES} passes over [N, V] in the logits' dtype; '% copy' relates it to the copy.")
     for row in rows:
         if "error" in row:
             print(f"n/a: {row['impl']} {row['divergence']} {row['dtype']}: {row['error']}")
     if args.json:
         harness.write_json(args.json, {"title": "kd_loss", "meta": meta, "rows": rows})
+    harness.plot_bars(args.png, rows, group=lambda row: f"{row['divergence']} {row['dtype']}",
+                      title=f"kd_loss beside its peers ({shape})", setup=setup_line, floor_key="floor_ms",
+                      floor_label=f"memory floor ({FLOOR_COPIES:g}x copy)")
     return 0
 
 

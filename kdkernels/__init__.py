@@ -6,6 +6,7 @@ from kdkernels import _extension, _ops  # noqa: F401  (loads the compiled kernel
 from kdkernels import nn
 from kdkernels.functional import (attention_transfer_loss, cakd_loss, dkd_loss, feature_alignment_loss,
                                   fused_linear_kd_loss, kd_loss)
+from kdkernels.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,4 @@ def empty_cpu_cache() -> int:
 
 
 __all__ = ["kd_loss", "feature_alignment_loss", "attention_transfer_loss", "cakd_loss", "dkd_loss",
-           "fused_linear_kd_loss", "nn", "backend_info", "empty_cpu_cache", "__version__"]
+           "fused_linear_kd_loss", "sparse_kd_loss", "fused_linear_sparse_kd_loss", "nn", "backend_info", "empty_cpu_cache", "__version__"]

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from kdkernels import _checks, distributed
+from kdkernels._amp import autocast_as_matmul_inputs
 from kdkernels.ops import features as _features
 from kdkernels.ops.fused_linear import fused_linear_loss
 from kdkernels.ops.reduction import reduce_masked
@@ -100,6 +101,8 @@ def kd_loss(
     return loss
 
 
+@autocast_as_matmul_inputs("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
+                           "teacher_bias")
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -133,7 +136,9 @@ def fused_linear_kd_loss(
     processed ``chunk_size`` rows at a time: per chunk the logits GEMMs, the fused KD row kernel
     of ``backend`` (the one ``kd_loss`` uses), then the gradient GEMMs, so memory beyond the
     inputs and gradients is one chunk's logits. Gradients are computed in the forward pass, only
-    for the tensors that require grad, and not at all under ``torch.no_grad()``.
+    for the tensors that require grad, and not at all under ``torch.no_grad()``. Under
+    ``torch.autocast`` the lm_head inputs (hidden states, weights, biases) are cast to the
+    autocast dtype, as a matmul's are; the loss math stays float32.
 
     Args:
         student_hidden: ``[N, H_s]`` or ``[B, S, H_s]`` final hidden states, float32 / bfloat16 /

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from kdkernels import _checks, functional
+from kdkernels import _checks, functional, sparse
 from kdkernels.ops.features import FEATURE_KINDS
 
 
@@ -141,3 +141,34 @@ class AttentionTransferLoss(_LossModule):
     def _probe(self) -> None:
         probe = torch.zeros(1, 2, 2)
         functional.attention_transfer_loss(probe, probe, **self.options)
+
+
+class SparseKDLoss(_LossModule):
+    """Module form of :func:`kdkernels.sparse_kd_loss` (a top-k / sampled teacher); keyword
+    arguments are its options. ``forward(student_logits, teacher_ids, teacher_values, labels=None)``.
+
+    Example::
+
+        criterion = SparseKDLoss(missing_mass="residual", ce_weight=0.5, kd_weight=0.5)
+        loss = criterion(student_logits, teacher_ids, teacher_logprobs, labels)
+    """
+
+    loss_fn = staticmethod(sparse.sparse_kd_loss)
+
+    def _probe(self) -> None:
+        labels = torch.zeros(1, dtype=torch.long)
+        sparse.sparse_kd_loss(torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), labels,
+                              **{**self.options, "backend": "reference"})
+
+
+class FusedLinearSparseKDLoss(_LossModule):
+    """Module form of :func:`kdkernels.fused_linear_sparse_kd_loss`; keyword arguments are its
+    options. ``forward(student_hidden, student_weight, teacher_ids, teacher_values, labels=None, *,
+    student_bias=None)``."""
+
+    loss_fn = staticmethod(sparse.fused_linear_sparse_kd_loss)
+
+    def _probe(self) -> None:
+        labels = torch.zeros(1, dtype=torch.long)
+        sparse.fused_linear_sparse_kd_loss(torch.zeros(1, 1), torch.zeros(2, 1), torch.zeros(1, 1, dtype=torch.long),
+                                           torch.zeros(1, 1), labels, **{**self.options, "backend": "reference"})

@@ -10,6 +10,7 @@ both errors measure computation, not input rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,3 +128,62 @@ else:
     settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK,
                               print_blob=True)
     settings.load_profile("ci")
+
+
+def masked_teacher_row_oracle(student, teacher, labels, row: int, *, grad_output=None, **kd_kwargs) -> LossAndGrad:
+    """The float64 row losses and gradient (reduction "none") of a batch whose teacher row `row` is
+    entirely -inf: that row has no teacher distribution, so no KD term, and keeps its CE term
+    ce_weight * CE(z, y); the other rows are the reference's. grad_output: [N] (default ones)."""
+    if grad_output is None:
+        grad_output = torch.ones(student.shape[0])
+    stand_in = teacher.double().clone()
+    stand_in[row] = 0.0
+    oracle = loss_and_grad(student.double(), stand_in, labels, grad_output=grad_output.double(),
+                           backend="reference", reduction="none", **kd_kwargs)
+    z = student[row].double().detach().requires_grad_(True)
+    ce = kd_kwargs.get("ce_weight", 0.0) * torch.nn.functional.cross_entropy(z[None], labels[row:row + 1])
+    (grad,) = torch.autograd.grad(ce * float(grad_output[row]), z)
+    oracle.loss[row] = ce.detach()
+    oracle.grad[row] = grad
+    return oracle
+
+
+def check_masked_teacher_row(backend: str, *, divergence: str, temperature: float, dtype=torch.float32) -> None:
+    """kd_loss on `backend` for a batch whose teacher row 1 is entirely -inf, against
+    masked_teacher_row_oracle: no KD term for that row, its CE term (and gradient) kept."""
+    student, teacher = make_pair((3, 37), dtype, seed=40)
+    teacher[1] = -math.inf
+    labels = torch.tensor([4, 9, 30])
+    grad_output = torch.tensor([0.5, 2.0, 1.0])
+    options = dict(divergence=divergence, temperature=temperature, ce_weight=0.7, beta=0.3)
+    result = loss_and_grad(student, teacher, labels, grad_output=grad_output, backend=backend, reduction="none",
+                           **options)
+    oracle = masked_teacher_row_oracle(student, teacher, labels, 1, grad_output=grad_output, **options)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(result.loss.double(), oracle.loss, **tolerance)
+    torch.testing.assert_close(result.grad.double(), oracle.grad, **tolerance)
+    assert result.loss[1] > 0 and (result.grad[1] != 0).any()
+
+
+STUDENT_NEG_INF_CASES = ("whole_row", "whole_row_ce", "forward_kl_mass", "label_on_neg_inf")
+
+
+def student_neg_inf_case(case):
+    """(student [3, 37], teacher, labels or None, kd_loss options) whose row 1 has a loss that the
+    student's -inf entries make +inf or undefined (STUDENT_NEG_INF_CASES)."""
+    student, teacher = make_pair((3, 37), seed=42)
+    labels = torch.tensor([4, 9, 30])
+    if case == "whole_row":  # a finite teacher against a student with no distribution
+        student[1] = -math.inf
+        return student, teacher, None, dict(divergence="tvd")
+    if case == "whole_row_ce":  # masked on both sides, but the CE term needs the student's label
+        student[1] = -math.inf
+        teacher[1] = -math.inf
+        return student, teacher, labels, dict(divergence="reverse_kl", ce_weight=0.5)
+    if case == "forward_kl_mass":  # teacher mass where the student has none: KL(p || q) = +inf
+        student[1, 5] = -math.inf
+        return student, teacher, None, dict(divergence="forward_kl")
+    # the label on a student -inf entry (masked for the teacher too): CE = +inf
+    student[1, 9] = -math.inf
+    teacher[1, 9] = -math.inf
+    return student, teacher, labels, dict(divergence="jsd", ce_weight=0.5)

@@ -38,7 +38,7 @@ def test_reset_peak_rss_forgets_earlier_allocations():
     big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
     del big
     harness._reset_peak_rss()
-    assert harness._status_kib("VmHWM") - harness._status_kib("VmRSS") < 32 * 1024
+    assert harness._rss_kib("VmHWM") - harness._rss_kib("VmRSS") < 32 * 1024
 
 
 def test_format_table_aligns_columns_and_prints_missing_cells_as_na():
@@ -78,26 +78,64 @@ def test_eager_formula_equals_kd_loss_batchmean(divergence, beta):
 
 
 def test_kd_loss_benchmark_prints_a_row_per_configuration(tmp_path):
-    json_path = tmp_path / "kd_loss.json"
+    json_path, png_path = tmp_path / "kd_loss.json", tmp_path / "kd_loss.png"
     command = [sys.executable, "-m", "benchmarks.kd_loss", "--n", "16", "--v", "96", "--repeat", "1",
                "--warmup", "1", "--dtypes", "fp32,bf16", "--divergences", "forward_kl,tvd",
-               "--impls", "eager,kdkernels", "--json", str(json_path)]
+               "--impls", "eager,kdkernels", "--json", str(json_path), "--png", str(png_path)]
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Forward KL" in proc.stdout and "Divergences at fp32" in proc.stdout
-    assert "memory copy:" in proc.stdout
+    assert "copy of one [N, V] tensor: fp32" in proc.stdout and "bf16" in proc.stdout
+    assert "x floor" in proc.stdout
+    assert f"Setup: {harness.describe_setup(harness.setup_info())}" in proc.stdout
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    rows = json.loads(json_path.read_text())["rows"]
+    payload = json.loads(json_path.read_text())
+    rows = payload["rows"]
+    assert set(payload["meta"]["copy_ms"]) == {"fp32", "bf16"}
     expected = {("forward_kl", "fp32"), ("forward_kl", "bf16"), ("tvd", "fp32")}
     for impl in ("eager", "kdkernels"):
         measured = {(r["divergence"], r["dtype"]) for r in rows if r["impl"] == impl and "error" not in r}
         assert measured == expected, rows
     for row in rows:
+        # the floor is 1.5 copies of one [N, V] tensor of the row's own dtype
+        floor_ms = 1.5 * payload["meta"]["copy_ms"][row["dtype"]]
+        assert row["floor_ms"] == pytest.approx(floor_ms)
+        assert row["vs_floor"] == pytest.approx(row["median_ms"] / floor_ms)
         if row["impl"] == "kdkernels":
             assert row["median_ms"] > 0 and row["gbs"] > 0 and row["pct_copy"] > 0
     table_rows = [line.split() for line in proc.stdout.splitlines()]
     assert sum(1 for cells in table_rows if cells[:2] == ["fp32", "kdkernels"]) == 1
     assert sum(1 for cells in table_rows if cells[:2] == ["tvd", "kdkernels"]) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["benchmarks.cakd", "--n", "16", "--v", "64", "--k", "3", "--no-peers", "--repeat", "1"],
+    ["benchmarks.fused_linear", "--n", "16", "--h", "8", "--v", "64", "--impls", "kdkernels", "gemms",
+     "--skip-vocab-table", "--repeat", "1"],
+], ids=["cakd", "fused_linear"])
+def test_benchmarks_name_their_setup_and_write_a_png(tmp_path, argv):
+    png_path, json_path = tmp_path / "plot.png", tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", *argv, "--warmup", "1", "--png", str(png_path),
+                           "--json", str(json_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Setup: {harness.describe_setup(harness.setup_info())}" in proc.stdout
+    payload = json.loads(json_path.read_text())
+    rows = payload.get("rows") or payload["peers"] + payload["vocab"]
+    assert rows and not [row for row in rows if "error" in row], rows
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_bars_draws_every_measured_row_and_skips_failed_ones(tmp_path):
+    rows = [{"impl": impl, "config": config, "median_ms": ms, "extra_peak_mib": mib, "floor_ms": 1.0}
+            for config, impl, ms, mib in (("a fp32", "eager", 100.0, 50.0), ("a fp32", "kdkernels", 5.0, 10.0),
+                                          ("b bf16", "eager", 80.0, 40.0))]
+    rows.append({"impl": "liger", "config": "a fp32", "error": "not installed"})
+    path = harness.plot_bars(str(tmp_path / "p.png"), rows, group=lambda row: row["config"], title="t",
+                             setup="s", floor_key="floor_ms")
+    assert path and os.path.getsize(path) > 1000
+    assert harness.plot_bars(None, rows, group=lambda row: row["config"], title="t", setup="s") is None
+    assert harness.plot_bars("none", rows, group=lambda row: row["config"], title="t", setup="s") is None
 
 
 def test_liger_peer_runs_or_says_why_not():

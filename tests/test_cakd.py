@@ -1,4 +1,4 @@
-"""CAKD / DKD (decomposed KL, DESIGN.md §3): every grouping rule against the float64 reference,
+"""CAKD / DKD (decomposed KL): every grouping rule against the float64 reference,
 the exact decomposition of forward KL, the closed-form gradient, DKD against the paper's formula,
 numerics at the edges (temperatures, masked vocabulary, underflowing groups, empty groups, ignored
 rows), ties, validation and the modules."""
@@ -423,6 +423,33 @@ def test_bad_data_raises(backend):
         kdkernels.cakd_loss(student, teacher[:, :9], groups="teacher_top1", backend=backend)
     with pytest.raises(TypeError, match="labels"):
         kdkernels.dkd_loss(student, teacher, labels.float(), backend=backend)
+
+
+@pytest.mark.parametrize("case", ("whole_row", "strong_class", "weak_class"))
+def test_student_neg_inf_where_the_teacher_has_mass_raises(case):
+    # KL(p || q) and each of its parts is +inf where the teacher has mass and the student none.
+    student, teacher = make_pair((3, 30), seed=24)
+    if case == "whole_row":
+        student[1] = -math.inf
+    elif case == "strong_class":  # S of teacher_top1 has no student mass: BCD = +inf
+        student[1, int(teacher[1].argmax())] = -math.inf
+    else:  # a class of W: WCD = +inf
+        student[1, int(teacher[1].argmin())] = -math.inf
+    with pytest.raises(ValueError, match="student_logits"):
+        kdkernels.cakd_loss(student, teacher, groups="teacher_top1", backend="cpu")
+    labels = teacher.argmax(-1)
+    with pytest.raises(ValueError, match="student_logits"):
+        kdkernels.dkd_loss(student.requires_grad_(), teacher, labels, backend="cpu")
+
+
+def test_student_neg_inf_where_the_teacher_is_masked_too_is_accepted():
+    # -inf on both sides is masking, for an entry or a whole row (which then gives 0).
+    student, teacher = make_pair((3, 30), seed=25)
+    student[0, 4] = teacher[0, 4] = -math.inf
+    student[1] = teacher[1] = -math.inf
+    result, grad = run_loss(student, teacher, groups="teacher_topk", k=3, backend="cpu", reduction="none")
+    assert result.loss[1] == 0 and (grad[1] == 0).all()
+    assert torch.isfinite(result.loss).all() and torch.isfinite(grad).all()
 
 
 def test_dkd_bad_arguments():

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DIVERGENCE_NAMES, assert_within_eager_error, make_labels, make_logits, make_pair
+from conftest import (DIVERGENCE_NAMES, STUDENT_NEG_INF_CASES, assert_within_eager_error, make_labels, make_logits,
+                      make_pair, masked_teacher_row_oracle, student_neg_inf_case)
 from kdkernels import _checks
 from kdkernels.backends import reference
 
@@ -217,7 +218,7 @@ int main(int argc, char** argv) {
   problem.vocab = vocab;
   const KDParams params = kdkernels::make_kd_params(
       static_cast<int64_t>(meta["divergence"]), static_cast<float>(meta["temperature"]),
-      static_cast<float>(meta["beta"]), static_cast<float>(meta["kd_weight"]),
+      meta["beta"], static_cast<float>(meta["kd_weight"]),
       static_cast<float>(meta["ce_weight"]), meta["scale_by_t2"] != 0,
       static_cast<int64_t>(meta["ignore_index"]));
   const cudaError_t status = kdkernels::cuda::launch_kd_loss_fwd(problem, params, nullptr);
@@ -372,9 +373,38 @@ def test_emulated_masked_columns_and_rows(emulated_kernels, tmp_path):
     problem = Problem(student, teacher, torch.tensor([3, 9, 41]), config(divergence="tvd", ce_weight=0.3))
     _, grad = check_emulated(emulated_kernels, tmp_path, problem)
     assert (grad[:, columns] == 0).all()
-    teacher[1] = -float("inf")  # a fully masked row: loss 0, gradient 0
-    row_loss, grad = run_emulated(emulated_kernels, tmp_path, problem)
+    student[1] = teacher[1] = -float("inf")  # a fully masked row without a CE term: loss 0, gradient 0
+    row_loss, grad = run_emulated(emulated_kernels, tmp_path, Problem(student, teacher, None, config(divergence="tvd")))
     assert row_loss[1] == 0 and (grad[1] == 0).all() and torch.isfinite(row_loss).all()
+
+
+@pytest.mark.parametrize("divergence,temperature", (("forward_kl", 1.0), ("reverse_kl", 2.0), ("skew_kl", 2.0),
+                                                    ("tvd", 2.0)))
+def test_emulated_teacher_row_entirely_masked_keeps_its_ce_term(emulated_kernels, tmp_path, divergence, temperature):
+    # No teacher distribution: the row's KD term is 0, its CE term (and gradient) stays.
+    student, teacher = make_pair((3, 77), seed=40)
+    teacher[1] = -float("inf")
+    labels = torch.tensor([4, 9, 70])
+    problem = Problem(student, teacher, labels, config(divergence=divergence, temperature=temperature, ce_weight=0.7))
+    row_loss, grad = run_emulated(emulated_kernels, tmp_path, problem)
+    oracle = masked_teacher_row_oracle(student, teacher, labels, 1, grad_output=torch.full((3,), problem.grad_scale),
+                                       divergence=divergence, temperature=temperature, ce_weight=0.7, beta=0.3)
+    torch.testing.assert_close(row_loss.double(), oracle.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), oracle.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", STUDENT_NEG_INF_CASES)
+def test_emulated_student_neg_inf_that_makes_the_loss_infinite_is_a_nan_row(emulated_kernels, tmp_path, case):
+    student, teacher, labels, options = student_neg_inf_case(case)
+    row_loss, _ = run_emulated(emulated_kernels, tmp_path, Problem(student, teacher, labels, config(**options)))
+    assert torch.isnan(row_loss[1]) and torch.isfinite(row_loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("divergence", ("jsd", "skew_kl", "skew_reverse_kl"))
+def test_emulated_mixture_weights_near_one_keep_full_precision(emulated_kernels, tmp_path, divergence):
+    student, teacher = make_pair((3, 77), seed=44)
+    check_emulated(emulated_kernels, tmp_path, Problem(student, teacher, None,
+                                                       config(divergence=divergence, beta=0.999999)))
 
 
 def test_emulated_bad_values_make_their_row_nan(emulated_kernels, tmp_path):

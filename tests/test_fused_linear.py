@@ -203,10 +203,10 @@ def test_longer_teacher_vocab_sees_the_students_missing_columns_as_masked(diverg
 
 
 def test_teacher_mass_on_ids_the_student_lacks_is_refused_under_forward_kl():
-    # -inf, not 0, for the student's missing columns: the student gives those ids probability 0,
-    # so forward KL would be infinite
-    with pytest.raises(ValueError, match="student_logits"):
-        run_fused(make_case(vocab=(67, 80), chunk_size=8, backend="reference"))
+    # The student's missing columns are -inf (probability 0), so KL(p || q) would be +inf there.
+    for backend in ("auto", "reference"):
+        with pytest.raises(ValueError, match="student_logits"):
+            run_fused(make_case(vocab=(67, 80), chunk_size=8, backend=backend))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -450,7 +450,8 @@ class RowsSpy:
 
 def test_every_chunk_runs_the_cpu_row_kernel_with_one_global_grad_scale(monkeypatch):
     spy = RowsSpy(monkeypatch)
-    run_fused(make_case(vocab=(67, 80), chunk_size=7, labels=True, ignored=[1, 2]))
+    # reverse KL: the student's padded columns (-inf) where the teacher has mass keep it finite
+    run_fused(make_case(vocab=(67, 80), chunk_size=7, labels=True, ignored=[1, 2], divergence="reverse_kl"))
     assert [shape for shape, _, _ in spy.calls] == [(7, 80)] * 4 + [(1, 80)]
     scales = {id(scale) for _, scale, _ in spy.calls}
     assert len(scales) == 1

@@ -14,8 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import kdkernels
 import kdkernels.backends.cpu as cpu_backend
-from conftest import (DIVERGENCE_NAMES, check_against_reference, loss_and_grad,
-                      make_labels, make_pair)
+from conftest import (DIVERGENCE_NAMES, STUDENT_NEG_INF_CASES, check_against_reference, check_masked_teacher_row,
+                      loss_and_grad, make_labels, make_pair, student_neg_inf_case)
 
 BACKENDS = ("cpu", "auto")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -239,6 +239,52 @@ def test_all_ignored_batch_gives_zero_loss_and_gradient(dtype, reduction, diverg
     assert not torch.isnan(result.loss).any()
     assert (result.loss == 0).all()
     assert (result.grad == 0).all() and result.grad.dtype == dtype
+
+
+# --- rows the teacher or the student leaves without a distribution -------------------------------
+
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+@pytest.mark.parametrize("temperature", (1.0, 2.0))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_teacher_row_entirely_masked_keeps_its_ce_term(dtype, temperature, divergence):
+    # No teacher distribution: the row's KD term is 0, its CE term (and gradient) stays.
+    check_masked_teacher_row("cpu", divergence=divergence, temperature=temperature, dtype=dtype)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_fully_masked_row_without_ce_gives_zero(divergence):
+    # -inf on both sides is masking, even for a whole row: loss 0, gradient 0.
+    student, teacher = make_pair((3, 37), seed=41)
+    student[1] = -math.inf
+    teacher[1] = -math.inf
+    result = loss_and_grad(student, teacher, backend="cpu", reduction="none", divergence=divergence)
+    assert result.loss[1] == 0 and (result.grad[1] == 0).all()
+    assert torch.isfinite(result.loss).all() and torch.isfinite(result.grad).all()
+
+
+@pytest.mark.parametrize("case", STUDENT_NEG_INF_CASES)
+@pytest.mark.parametrize("grad", (True, False), ids=("grad", "no_grad"))
+def test_student_neg_inf_that_makes_the_loss_infinite_raises(case, grad):
+    student, teacher, labels, options = student_neg_inf_case(case)
+    with pytest.raises(ValueError, match="student_logits"):
+        kdkernels.kd_loss(student.requires_grad_(grad), teacher, labels, backend="cpu", temperature=2.0, **options)
+
+
+@pytest.mark.parametrize("divergence", ("reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"))
+def test_student_neg_inf_that_leaves_the_loss_finite_is_accepted(divergence):
+    # Only forward KL (and CE) need the student finite where the teacher has mass.
+    student, teacher = make_pair((3, 37), seed=43)
+    student[1, 5] = -math.inf
+    check_against_reference(student, teacher, divergence=divergence, temperature=2.0, beta=0.3)
+
+
+@pytest.mark.parametrize("divergence", ("jsd", "skew_kl", "skew_reverse_kl"))
+@pytest.mark.parametrize("beta", (0.999999, 1e-6))
+def test_mixture_weights_near_the_ends_keep_full_precision(divergence, beta):
+    # 1 - beta is formed in double from the op's double beta: from a beta rounded to float32 first,
+    # the small weight would be off by up to 1e-2 relative at beta = 0.999999.
+    student, teacher = make_pair((4, 53), seed=44)
+    check_against_reference(student, teacher, divergence=divergence, beta=beta, temperature=2.0)
 
 
 # --- incoming gradient != 1 ------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def test_quick_run_writes_results_table_and_plot(tmp_path, cache_dir, capsys):
     assert os.path.getsize(tmp_path / "curves.png") > 1000
     printed = capsys.readouterr().out
     assert "val loss" in printed and "top-1 agree" in printed and "baseline" in printed
+    # --quick says what it is, before the table and after the verdict
+    assert printed.count("a smoke test") == 2 and "Smoke test (--quick), teacher" in printed
+    assert "2 student runs of 60 steps" in printed
+    assert results["smoke_test"] is True
 
 
 def test_same_seed_same_numbers_and_cached_teacher(tmp_path, cache_dir):
@@ -62,16 +66,19 @@ def test_same_seed_same_numbers_and_cached_teacher(tmp_path, cache_dir):
     assert other_seed["runs"][0]["val_loss"] != first["runs"][0]["val_loss"]
 
 
-def test_sweeps_give_one_row_per_value(tmp_path, cache_dir):
+def test_sweeps_give_one_row_per_value_and_never_repeat_the_default_run(tmp_path, cache_dir, capsys):
     results = run_trainer(tmp_path, cache_dir, *FEW_STEPS, "--sweep-temperature", "1,2,5,10",
                           "--sweep-kd-weight", "0.1,0.5,0.9")
-    assert names(results) == ["baseline", "kd", "kd-T1", "kd-T2", "kd-T5", "kd-T10",
-                              "kd-lambda0.1", "kd-lambda0.5", "kd-lambda0.9"]
+    # The preset KD run is T=1, λ=0.5: the sweeps' kd-T1 and kd-lambda0.5 are that run, run once.
+    assert names(results) == ["baseline", "kd", "kd-T2", "kd-T5", "kd-T10", "kd-lambda0.1", "kd-lambda0.9"]
     by_name = {run["name"]: run for run in results["runs"]}
-    assert [by_name[f"kd-T{t}"]["temperature"] for t in (1, 2, 5, 10)] == [1.0, 2.0, 5.0, 10.0]
-    assert [by_name[f"kd-lambda{w}"]["kd_weight"] for w in (0.1, 0.5, 0.9)] == [0.1, 0.5, 0.9]
-    # The preset KD run is T=1, λ=0.5: its sweep twins are the same run, not a different result.
-    assert by_name["kd-T1"]["val_loss"] == by_name["kd-lambda0.5"]["val_loss"] == by_name["kd"]["val_loss"]
+    assert by_name["kd"]["also"] == ["kd-T1", "kd-lambda0.5"]
+    assert (by_name["kd"]["temperature"], by_name["kd"]["kd_weight"]) == (1.0, 0.5)
+    assert [by_name[f"kd-T{t}"]["temperature"] for t in (2, 5, 10)] == [2.0, 5.0, 10.0]
+    assert [by_name[f"kd-lambda{w}"]["kd_weight"] for w in (0.1, 0.9)] == [0.1, 0.9]
+    printed = capsys.readouterr().out
+    assert "7 student runs of 6 steps" in printed  # the header counts the runs that run
+    assert "kd-T1, kd-lambda0.5: the same run as kd" in printed
 
 
 def test_losses_divergences_feature_alignment_and_sizes(tmp_path, cache_dir):

@@ -23,8 +23,8 @@ import torch
 pytest.importorskip("triton")
 
 import kdkernels  # noqa: E402
-from conftest import (DIVERGENCE_NAMES, check_against_reference, loss_and_grad, make_labels,  # noqa: E402
-                      make_logits, make_pair)
+from conftest import (DIVERGENCE_NAMES, STUDENT_NEG_INF_CASES, check_against_reference, loss_and_grad,  # noqa: E402
+                      check_masked_teacher_row, make_labels, make_logits, make_pair, student_neg_inf_case)
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the inf - inf or
 # log(0) that the kernel then discards.
@@ -221,6 +221,35 @@ def test_fully_masked_row_gives_zero_loss_and_gradient():
 
 
 @interpreter_case
+@pytest.mark.parametrize("divergence,temperature", (("forward_kl", 1.0), ("reverse_kl", 2.0), ("skew_kl", 2.0)))
+def test_teacher_row_entirely_masked_keeps_its_ce_term(divergence, temperature):
+    # No teacher distribution: the row's KD term is 0, its CE term (and gradient) stays.
+    check_masked_teacher_row("triton", divergence=divergence, temperature=temperature)
+
+
+@interpreter_case
+@pytest.mark.parametrize("case", STUDENT_NEG_INF_CASES)
+def test_student_neg_inf_that_makes_the_loss_infinite_is_a_nan_row_and_raises(case):
+    from kdkernels.backends import triton as triton_backend
+
+    student, teacher, labels, options = student_neg_inf_case(case)
+    cfg = kdkernels._checks.make_config(temperature=2.0, beta=0.5, kd_weight=1.0, scale_by_t2=True,
+                                        ignore_index=-100, has_labels=labels is not None,
+                                        **{"ce_weight": 0.0, **options})
+    row_loss, _ = triton_backend.rows(student, teacher, labels, torch.tensor(1.0), cfg, True)
+    assert torch.isnan(row_loss[1]) and torch.isfinite(row_loss[[0, 2]]).all()
+    with pytest.raises(ValueError, match="student_logits"):
+        kdkernels.kd_loss(student.requires_grad_(), teacher, labels, backend="triton", temperature=2.0, **options)
+
+
+@interpreter_case
+@pytest.mark.parametrize("divergence", ("jsd", "skew_kl", "skew_reverse_kl"))
+def test_mixture_weights_near_one_keep_full_precision(divergence):
+    student, teacher = make_pair((3, 20), seed=44)
+    check(student, teacher, divergence=divergence, beta=0.999999, temperature=2.0)
+
+
+@interpreter_case
 @pytest.mark.parametrize("bad,argument", (("nan_teacher", "teacher_logits"), ("inf_teacher", "teacher_logits"),
                                           ("nan_student", "student_logits"), ("label_too_large", "labels"),
                                           ("negative_label", "labels")))
@@ -335,7 +364,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     variants += [(90, 0, False, False), (80, 0, True, True)]
     for arch, divergence, has_labels, compute_grad in variants:
         constexprs = {"DIVERGENCE": divergence, "HAS_LABELS": has_labels, "USE_CE": has_labels,
-                      "CE_SHARES_LSE": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
+                      "CE_REUSES_Q": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert compiled.asm["cubin"], (arch, divergence, has_labels)

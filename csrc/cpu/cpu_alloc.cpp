@@ -22,7 +22,7 @@ struct Mapping {
 
 // Freed gradient (and fused-linear chunk) mappings kept for the next call. A training loop asks
 // for the same [N, V] gradient every step; a mapping whose pages are already resident costs no
-// page faults and no kernel zeroing (~10-20 ms per 512 MB here), a sixth of the fused kernel's time.
+// page faults and no kernel zeroing (for 512 MB, a sizeable share of the fused kernel's own time).
 class BufferCache {
  public:
   BufferCache() {

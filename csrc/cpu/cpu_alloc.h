@@ -1,9 +1,9 @@
 // Large CPU outputs backed by transparent huge pages.
 //
-// A fresh multi-hundred-MB tensor pays one page fault per 4 KB page on first touch (~95 ms for
-// 512 MB on the reference machine); with 2 MB pages that cost drops ~4x. The default allocator
+// A fresh multi-hundred-MB tensor pays one page fault per 4 KB page on first touch (tens of ms
+// for 512 MB, comparable to the loss itself); with 2 MB pages that cost drops ~4x. The default allocator
 // only asks for huge pages when THP_MEM_ALLOC_ENABLE=1 is set process-wide, so the gradient
-// buffers the kernels write are mapped here directly with madvise(MADV_HUGEPAGE). A freed
+// buffers the kernels write are mapped by this allocator directly with madvise(MADV_HUGEPAGE). A freed
 // buffer's mapping is reused by the next call of the same size, whose pages are then resident.
 #pragma once
 

@@ -1,13 +1,16 @@
 // Fused KD loss on CPU: one row per task, at::vec SIMD inside a row, at::parallel_for across rows.
 //
-// Per row (DESIGN.md §3):
+// Per row (the math of csrc/include/kdkernels/divergence.h):
 //   1. statistics, the only pass that reads DRAM: block-wise online max / sum-of-exp of the
 //      student (at 1/T, and at T = 1 for the CE blend) and the teacher; the exps are kept in
 //      per-thread scratch (L2) so no later pass needs exp; forward KL also gets its value here;
 //   2. the divergence value and its row constant C (divergences with kRowSum only), from L2;
 //   3. the gradient dL/dz, written once in the input dtype and scaled by grad_scale.
-// Rows whose labels equal ignore_index give loss 0 and gradient 0. Non-finite teacher/student
-// entries other than -inf (masking) and out-of-range labels are reported as ValueError.
+// Rows whose labels equal ignore_index give loss 0 and gradient 0. A teacher row that is entirely
+// -inf has no distribution: its KD term is 0 and its CE term stays. Non-finite teacher/student
+// entries other than -inf (masking), out-of-range labels, and a student that is -inf where the
+// loss needs it finite (RowError) are reported as ValueError.
+#include "kernels.h"
 #include "row_ops.h"
 
 #include <kdkernels/divergence.h>
@@ -35,117 +38,91 @@ struct RowScratch {
   std::vector<float> factor_s, factor_t;        // [blocks] turns the stored exps into probabilities
 };
 
-// Online softmax statistics of one row at scale 1/T (and at scale 1 for the CE blend), filled
-// block by block: each block's max is found in L1, the running sums are rescaled when the max
-// grows, and exp((x - running max) / T) is stored so later passes need no exp.
-struct OnlineSoftmax {
-  float max = kNegInf;
-  double sum_t = 0.0;  // sum exp((x - max) / T)
-  double sum_1 = 0.0;  // sum exp(x - max)
-  bool bad = false;    // NaN or +inf seen
+// CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max), from the student's statistics at T = 1.
+double cross_entropy(const OnlineLse& lse_z, float z_label) {
+  return static_cast<double>(lse_z.max - z_label) + std::log(lse_z.sum);
+}
 
-  // Moves the running max to the block's max if larger; returns false for a bad block.
-  bool advance(const float* x, int64_t n, float inv_t) {
-    const float bmax = block_max(x, n);
-    if (std::isnan(bmax) || bmax == std::numeric_limits<float>::infinity()) {
-      bad = true;
-      return false;
-    }
-    if (bmax > max) {
-      const double shrink = std::exp(static_cast<double>(max - bmax) * inv_t);
-      sum_t *= shrink;
-      sum_1 *= std::exp(static_cast<double>(max - bmax));
-      max = bmax;
-    }
-    return true;
+// A row whose teacher is entirely -inf has no teacher distribution, so no KD term: its loss is
+// the CE term ce_weight (lse(z) - z_y) with gradient ce_weight (softmax(z) - e_y) when the row
+// has one, else 0 and 0. lse_z: the student's statistics at T = 1.
+float ce_only_row(const RowArgs& args, const KDParams& params, const OnlineLse& lse_z, float z_label, bool use_ce) {
+  const int64_t V = args.vocab;
+  if (!use_ce) {
+    if (args.grad) std::fill(args.grad, args.grad + V, 0.f);
+    return 0.f;
   }
-
-  // Stores e = exp((x - max) / T) for the block into `out` and adds it to the sums.
-  void accumulate(const float* x, int64_t n, float inv_t, bool want_unit, float* out) {
-    if (max == kNegInf) {  // everything so far masked
-      std::fill(out, out + n, 0.f);
-      return;
+  if (args.grad) {
+    const float coef = params.ce_weight * args.grad_scale;
+    const Vec v_coef(coef), v_max(lse_z.max), v_log_sum(static_cast<float>(std::log(lse_z.sum)));
+    for (int64_t i = 0; i < V; i += kW) {
+      const int64_t n = std::min(kW, V - i);
+      (v_coef * exp_nonpositive(load_masked(args.student + i, n) - v_max - v_log_sum)).store(args.grad + i, n);
     }
-    const Vec vmax(max), vinv(inv_t);
-    Vec acc(0.f), acc_1(0.f);
-    for (int64_t i = 0; i < n; i += kW) {
-      const int64_t m = std::min(kW, n - i);
-      const Vec xv = load_masked(x + i, m);
-      const Vec e = exp_nonpositive((xv - vmax) * vinv);
-      e.store(out + i, m);
-      acc = acc + e;
-      if (want_unit) acc_1 = acc_1 + exp_nonpositive(xv - vmax);
-    }
-    sum_t += hsum(acc);
-    if (want_unit) sum_1 += hsum(acc_1);
+    args.grad[args.label] -= coef;
   }
-
-  bool empty() const { return max == kNegInf; }
-  // log-softmax is formed as (x - max) / T - log(sum): the shifted logit is exact and the
-  // normaliser stays small, which keeps precision when all logits are large.
-  float log_sum_t() const { return static_cast<float>(std::log(sum_t)); }
-  float log_sum_1() const { return static_cast<float>(std::log(sum_1)); }
-
-  // factor[b] * exp_stored = probability, for every block.
-  void probability_factors(const std::vector<float>& block_max, float inv_t,
-                           std::vector<float>& factor) const {
-    factor.resize(block_max.size());
-    for (size_t b = 0; b < block_max.size(); ++b)
-      factor[b] = block_max[b] == kNegInf
-                      ? 0.f
-                      : static_cast<float>(std::exp(static_cast<double>(block_max[b] - max) * inv_t) / sum_t);
-  }
-};
-
-// Divergences that carry a second row constant for precision (see SkewKL).
-template <class Div, class = void>
-constexpr bool kSecondRowSum = false;
-template <class Div>
-constexpr bool kSecondRowSum<Div, std::void_t<decltype(Div::kSecondRowSum)>> = Div::kSecondRowSum;
-
-// Divergences whose gradient comes from a per-element quantity kept by pass 2 (see divergence.h).
-template <class Div, class = void>
-constexpr bool kCachedGrad = false;
-template <class Div>
-constexpr bool kCachedGrad<Div, std::void_t<decltype(Div::kCachedGrad)>> = Div::kCachedGrad;
+  return static_cast<float>(params.ce_weight * cross_entropy(lse_z, z_label));
+}
 
 // Returns the row loss; writes the gradient when args.grad != nullptr.
 template <class Div>
-float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int* error) {
+float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, int* error) {
   const int64_t V = args.vocab;
   const int64_t blocks = (V + kBlock - 1) / kBlock;
-  const float inv_t = prm.inv_temperature;
-  const bool use_ce = prm.ce_weight != 0.f && args.label != prm.ignore_index;
-  const bool ce_separate = use_ce && inv_t != 1.f;
+  const float inv_t = params.inv_temperature;
+  const bool use_ce = params.ce_weight != 0.f && args.label != params.ignore_index;
+  const bool ce_separate = use_ce && !params.ce_reuses_q;
 
-  // Pass 1 (reads DRAM): statistics, and the exps kept in scratch.
+  // Pass 1 (reads DRAM): statistics of u = z / T, of z at T = 1 for the CE term when it cannot
+  // reuse q, and of a = t / T; the exps at 1/T kept in scratch.
   scratch.exp_s.resize(V);
   scratch.exp_t.resize(V);
   scratch.block_max_s.resize(blocks);
   scratch.block_max_t.resize(blocks);
-  OnlineSoftmax st, tt;
+  OnlineLse lse_u, lse_z, lse_a;
+  OnlineLse* const ce_lse = ce_separate ? &lse_z : nullptr;
+  bool bad_student = false, bad_teacher = false;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
-    if (st.advance(args.student + off, n, inv_t))
-      st.accumulate(args.student + off, n, inv_t, ce_separate, scratch.exp_s.data() + off);
-    if (tt.advance(args.teacher + off, n, inv_t))
-      tt.accumulate(args.teacher + off, n, inv_t, false, scratch.exp_t.data() + off);
-    scratch.block_max_s[b] = st.max;
-    scratch.block_max_t[b] = tt.max;
+    if (raise_to_block_max(args.student + off, n, inv_t, lse_u, ce_lse)) {
+      add_block_exps<true>(args.student + off, n, inv_t, lse_u, ce_lse, scratch.exp_s.data() + off);
+    } else {
+      bad_student = true;
+    }
+    if (raise_to_block_max(args.teacher + off, n, inv_t, lse_a)) {
+      add_block_exps<true>(args.teacher + off, n, inv_t, lse_a, nullptr, scratch.exp_t.data() + off);
+    } else {
+      bad_teacher = true;
+    }
+    scratch.block_max_s[b] = lse_u.max;
+    scratch.block_max_t[b] = lse_a.max;
   }
-  if (tt.bad) *error |= kBadTeacher;
-  if (st.bad) *error |= kBadStudent;
-  if (st.bad || tt.bad || st.empty() || tt.empty()) {
+  if (bad_teacher) *error |= kBadTeacher;
+  if (bad_student) *error |= kBadStudent;
+  // A student row that is entirely -inf has no distribution: the loss is undefined unless the
+  // teacher row is masked too and there is no CE term (a fully masked row).
+  if (lse_u.empty() && (use_ce || !lse_a.empty())) *error |= kStudentMassOnNegInf;
+  if (bad_student || bad_teacher || lse_u.empty()) {
     if (args.grad) std::fill(args.grad, args.grad + V, 0.f);
     return 0.f;
   }
-  st.probability_factors(scratch.block_max_s, inv_t, scratch.factor_s);
-  tt.probability_factors(scratch.block_max_t, inv_t, scratch.factor_t);
+  // z_y is read before the gradient passes: in the in-place op the gradient overwrites the row.
+  const float z_label = use_ce ? args.student[args.label] : 0.f;
+  if (use_ce && z_label == kNegInf) *error |= kStudentMassOnNegInf;  // CE = +inf
+  if (lse_a.empty()) return ce_only_row(args, params, ce_separate ? lse_z : lse_u, z_label, use_ce);
+  scratch.factor_s.resize(blocks);
+  scratch.factor_t.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    scratch.factor_s[b] = lse_u.probability_factor(scratch.block_max_s[b], inv_t);
+    scratch.factor_t[b] = lse_a.probability_factor(scratch.block_max_t[b], inv_t);
+  }
 
+  // log-softmax is formed as (x - max) / T - log(sum): the shifted logit is exact and the
+  // normaliser stays small, which keeps precision when all logits are large.
+  const Vec v_inv_t(inv_t), v_max_s(lse_u.max), v_max_t(lse_a.max);
+  const Vec v_log_sum_s(static_cast<float>(std::log(lse_u.sum))), v_log_sum_t(static_cast<float>(std::log(lse_a.sum)));
   // Visits every vector of the row (from L2) with the tempered student logit z, the teacher
   // and student log-probabilities and probabilities.
-  const Vec v_inv_t(inv_t), v_max_s(st.max), v_max_t(tt.max);
-  const Vec v_log_sum_s(st.log_sum_t()), v_log_sum_t(tt.log_sum_t());
   auto for_each_vector = [&](auto&& body) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
@@ -164,31 +141,12 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
     logp = (load_masked(args.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
   };
 
-  // Sums vector partials in fp32 and folds them into double once per block, for accuracy.
-  struct RowSum {
-    Vec partial = Vec(0.f);
-    double total = 0.0;
-    int64_t count = 0;
-    void add(const Vec& v) {
-      partial = partial + v;
-      if (++count == kBlock / kW) flush();
-    }
-    void flush() {
-      total += hsum(partial);
-      partial = Vec(0.f);
-      count = 0;
-    }
-    double value() {
-      flush();
-      return total;
-    }
-  };
-
   // Pass 2: the divergence value and its row constant C (kRowSum divergences). kCachedGrad
   // divergences keep their gradient's per-element quantity in place of the teacher's exps,
   // which pass 3 then no longer needs.
   const bool write_grad = args.grad != nullptr;
-  RowSum divergence, row_c_sum, row_c2_sum;
+  // one fold per block, as a block's vectors stream through the loops below
+  DoubleSum<kBlock / kW> divergence, row_c_sum, row_c2_sum;
   float row_c = 0.f, row_c2 = 0.f;
   if constexpr (Div::kRowSum) {
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
@@ -196,26 +154,24 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
       logs(i, n, z, logp, logq);
       if constexpr (kCachedGrad<Div>) {
         Vec cached;
-        Div::terms(logp, logq, p, q, prm.mix, loss, c, cached);
+        Div::terms(logp, logq, p, q, params.mix, loss, c, cached);
         if (write_grad) cached.store(scratch.exp_t.data() + i, n);
       } else {
-        Div::terms(logp, logq, p, q, prm.mix, loss, c);
+        Div::terms(logp, logq, p, q, params.mix, loss, c);
       }
       divergence.add(loss);
       row_c_sum.add(c);
-      if constexpr (kSecondRowSum<Div>) row_c2_sum.add(Div::second_term(p, q, prm.mix));
+      if constexpr (kSecondRowSum<Div>) row_c2_sum.add(Div::second_term(p, q, params.mix));
     });
-    row_c = static_cast<float>(row_c_sum.value());
-    row_c2 = static_cast<float>(row_c2_sum.value());
+    row_c = static_cast<float>(row_c_sum.total());
+    row_c2 = static_cast<float>(row_c2_sum.total());
   }
 
   // Pass 3: the gradient dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y), times the
   // reduction factor; divergences without a row constant add up their value here.
-  // z_y is read before pass 3: in the in-place op the gradient overwrites the student row.
-  const float z_label = use_ce ? args.student[args.label] : 0.f;
   const float scale = args.grad_scale;
-  const Vec v_kd(prm.kd_coef * scale), v_ce(prm.ce_weight * scale);
-  const Vec v_log_sum_1(ce_separate ? st.log_sum_1() : 0.f);
+  const Vec v_kd(params.kd_coef * scale), v_ce(params.ce_weight * scale);
+  const Vec v_log_sum_1(ce_separate ? static_cast<float>(std::log(lse_z.sum)) : 0.f);
   auto store_grad = [&](int64_t i, int64_t n, const Vec& g) {
     if (n == kW && args.stream_grad) {
       store_streaming(g, args.grad + i);
@@ -236,7 +192,7 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
       for (int64_t i = off; i < bend; i += kW) {
         const int64_t n = std::min(kW, bend - i);
         const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-        Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), prm.mix, row_c);
+        Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), params.mix, row_c);
         if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
         store_grad(i, n, g);
       }
@@ -247,31 +203,27 @@ float kd_row(const RowArgs& args, const KDParams& prm, RowScratch& scratch, int*
       if constexpr (!Div::kRowSum) {
         Vec loss, c;
         logs(i, n, z, logp, logq);
-        Div::terms(logp, logq, p, q, prm.mix, loss, c);
+        Div::terms(logp, logq, p, q, params.mix, loss, c);
         divergence.add(loss);
       }
       if (!write_grad) return;
       if constexpr (Div::kRowSum) logs(i, n, z, logp, logq);
-      Vec g;
-      if constexpr (kSecondRowSum<Div>) {
-        g = v_kd * Div::grad2(logp, logq, p, q, prm.mix, row_c, row_c2);
-      } else {
-        g = v_kd * Div::grad(logp, logq, p, q, prm.mix, row_c);
-      }
+      Vec g = v_kd * divergence_grad<Div>(logp, logq, p, q, params.mix, row_c, row_c2);
       if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
       store_grad(i, n, g);
     });
   }
   if (write_grad && use_ce) {
     stream_fence();
-    args.grad[args.label] -= prm.ce_weight * scale;
+    args.grad[args.label] -= params.ce_weight * scale;
   }
 
-  double loss = prm.kd_scale * divergence.value();
-  if (use_ce) {  // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
-    const double log_sum = std::log(ce_separate ? st.sum_1 : st.sum_t);
-    loss += prm.ce_weight * (static_cast<double>(st.max - z_label) + log_sum);
-  }
+  const double kd = divergence.total();
+  // forward KL is +inf only where the teacher has mass on a student -inf entry
+  if constexpr (std::is_same_v<Div, ForwardKL>)
+    if (!std::isfinite(kd)) *error |= kStudentMassOnNegInf;
+  double loss = params.kd_scale * kd;
+  if (use_ce) loss += params.ce_weight * cross_entropy(ce_separate ? lse_z : lse_u, z_label);
   return static_cast<float>(loss);
 }
 
@@ -287,17 +239,15 @@ RowFn row_kernel_for(Divergence div) {
 at::Tensor kd_rows_cpu(const RowInputs& in, at::Tensor* grad, const at::Tensor& grad_scale,
                        int64_t divergence, double temperature, double beta, double kd_weight,
                        double ce_weight, bool scale_by_t2, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
-                    "unknown divergence id ", divergence);
-  const KDParams prm = make_kd_params(divergence, static_cast<float>(temperature),
-                                      static_cast<float>(beta), static_cast<float>(kd_weight),
+  TORCH_CHECK_VALUE(is_divergence_id(divergence), "unknown divergence id ", divergence);
+  const KDParams params = make_kd_params(divergence, static_cast<float>(temperature), beta, static_cast<float>(kd_weight),
                                       static_cast<float>(ce_weight), scale_by_t2, ignore_index);
   const float scale = grad_scale.item<float>();
   at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(at::kFloat));
-  const RowFn row_fn = row_kernel_for(prm.divergence);
+  const RowFn row_fn = row_kernel_for(params.divergence);
   run_rows(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), grad, [&]() {
-    return [&prm, row_fn, scratch = RowScratch{}](const RowArgs& args, int64_t, int* error) mutable {
-      return row_fn(args, prm, scratch, error);
+    return [&params, row_fn, scratch = RowScratch{}](const RowArgs& args, int64_t, int* error) mutable {
+      return row_fn(args, params, scratch, error);
     };
   });
   return row_loss;

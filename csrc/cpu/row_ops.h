@@ -5,6 +5,8 @@
 
 #include "vec_math.h"
 
+#include <kdkernels/divergence.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -38,13 +40,26 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
-// A double-precision running sum of float vectors: each add widens the lanes to double, so
-// summing many partial sums adds no float rounding (accurate like torch.sum's cascade).
+// A row sum of float vectors kept in double: up to kFold vectors add in float (cheap), then the
+// partial sum is widened into double lanes, so the float rounding does not grow with the row (a
+// plain float sum over a row is less accurate than eager PyTorch's cascade sums, visibly so for
+// the KL at large T, where T^2 amplifies it). add() folds by itself; a loop that keeps its own
+// float partial of at most kFold vectors hands it to add_partial(). A hot loop that adds one
+// vector per step folds less often (a larger kFold) to keep the widening out of its way.
+template <int64_t kFoldVectors = 8>
 struct DoubleSum {
+  static constexpr int64_t kFold = kFoldVectors;
   using VecD = at::vec::Vectorized<double>;
   VecD lo{0.0}, hi{0.0};
+  Vec partial{0.f};
+  int64_t count = 0;
 
   void add(const Vec& v) {
+    partial = partial + v;
+    if (++count == kFold) flush();
+  }
+
+  void add_partial(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 x = v;
     lo = lo + VecD(_mm512_cvtps_pd(_mm512_castps512_ps256(x)));
@@ -63,13 +78,21 @@ struct DoubleSum {
 #endif
   }
 
-  double total() const {
+  double total() {
+    flush();
     alignas(64) double lanes[2 * VecD::size()];
     lo.store(lanes);
     hi.store(lanes + VecD::size());
     double s = 0.0;
     for (int64_t i = 0; i < 2 * VecD::size(); ++i) s += lanes[i];
     return s;
+  }
+
+ private:
+  void flush() {
+    add_partial(partial);
+    partial = Vec(0.f);
+    count = 0;
   }
 };
 
@@ -94,9 +117,46 @@ inline bool any_lane(const Vec& mask) {
   return mask.zero_mask() != kAllZero;
 }
 
-enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4 };
+// What a row kernel reports (or-ed over the rows; run_rows turns them into one ValueError):
+// NaN / +inf logits, a label outside [0, V), and a student that is -inf where the loss needs a
+// finite value (the whole row, the label's entry, or an entry the teacher gives probability to
+// under a KL from the teacher), which would make the row's loss +inf or undefined.
+enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4, kStudentMassOnNegInf = 8 };
 
 inline bool bad_logit(float x) { return std::isnan(x) || x == std::numeric_limits<float>::infinity(); }
+
+// Raises `lse`'s max to the block's max logit; false (`lse` untouched) when the block holds NaN or
+// +inf. `unit`, when given, follows the same max at scale 1 (the CE term's log-sum-exp at T != 1).
+inline bool raise_to_block_max(const float* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit = nullptr) {
+  const float bmax = block_max(x, n);
+  if (bad_logit(bmax)) return false;
+  lse.raise_max(bmax, inv_t);
+  if (unit) unit->raise_max(bmax, 1.f);
+  return true;
+}
+
+// Adds exp((x - lse.max) / T) over a block to lse.sum (and exp(x - max) to unit->sum when `unit`
+// is given), storing the exps at scale 1/T into `exps` with kStoreExps, so later passes need no
+// exp. The max must already cover the block (raise_to_block_max).
+template <bool kStoreExps>
+inline void add_block_exps(const float* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit, float* exps) {
+  if (lse.empty()) {  // everything so far masked
+    if constexpr (kStoreExps) std::fill(exps, exps + n, 0.f);
+    return;
+  }
+  const Vec vmax(lse.max), vinv(inv_t);
+  Vec acc(0.f), acc_unit(0.f);
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min(kW, n - i);
+    const Vec xv = load_masked(x + i, m);
+    const Vec e = exp_nonpositive((xv - vmax) * vinv);
+    if constexpr (kStoreExps) e.store(exps + i, m);
+    acc = acc + e;
+    if (unit) acc_unit = acc_unit + exp_nonpositive(xv - vmax);
+  }
+  lse.sum += hsum(acc);
+  if (unit) unit->sum += hsum(acc_unit);
+}
 
 struct RowArgs {
   const float* student;  // [V] raw student logits z
@@ -153,6 +213,11 @@ void dispatch_float_types(at::ScalarType type, const char* name, Fn&& fn) {
     default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", type);
   }
 }
+
+// The error for kStudentMassOnNegInf; kdkernels/_dispatch.py words the GPU kernels' report alike.
+constexpr const char* kStudentNegInfMessage =
+    "student_logits is -inf where the loss needs a finite value (a whole row, the label's entry, or an "
+    "entry where the teacher has probability), so the loss would be +inf or undefined";
 
 // Runs a row kernel over every row of [N, V] student / teacher logits with at::parallel_for.
 // Rows whose label is ignore_index get loss 0 and gradient 0 without calling the kernel;
@@ -248,6 +313,7 @@ void run_rows(const RowInputs& in, int64_t ignore_index, float grad_scale, float
   TORCH_CHECK_VALUE(!(err & kBadStudent), "student_logits contains NaN or +inf");
   TORCH_CHECK_VALUE(!(err & kBadLabel), "labels must lie in [0, ", in.vocab, ") or equal ignore_index (",
                     ignore_index, ")");
+  TORCH_CHECK_VALUE(!(err & kStudentMassOnNegInf), kStudentNegInfMessage);
 }
 
 }  // namespace kdkernels

@@ -17,8 +17,8 @@ using Vec = at::vec::Vectorized<float>;
 
 inline Vec kd_exp(Vec x) { return x.exp(); }
 inline Vec kd_log(Vec x) { return x.log(); }
+inline Vec kd_min(Vec a, Vec b) { return at::vec::minimum(a, b); }
 inline Vec kd_abs(Vec x) { return x.abs(); }
-inline Vec kd_max(Vec a, Vec b) { return at::vec::maximum(a, b); }
 inline Vec kd_where_gt(Vec a, Vec b, Vec x, Vec y) { return Vec::blendv(y, x, a > b); }
 inline Vec kd_splat(float v, Vec) { return Vec(v); }
 

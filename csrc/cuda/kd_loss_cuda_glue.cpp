@@ -36,8 +36,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
                     "student_logits and teacher_logits must be [N, V] of equal shape");
   TORCH_CHECK_VALUE(teacher_logits.device() == student_logits.device(),
                     "teacher_logits must be on the device of student_logits");
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
-                    "unknown divergence id ", divergence);
+  TORCH_CHECK_VALUE(is_divergence_id(divergence), "unknown divergence id ", divergence);
   const c10::cuda::CUDAGuard device_guard(student_logits.device());
   const at::Tensor student = with_unit_column_stride(student_logits);
   const at::Tensor teacher = with_unit_column_stride(teacher_logits);
@@ -67,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   problem.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
   problem.rows = rows;
   problem.vocab = vocab;
-  const KDParams params = make_kd_params(divergence, static_cast<float>(temperature), static_cast<float>(beta),
+  const KDParams params = make_kd_params(divergence, static_cast<float>(temperature), beta,
                                          static_cast<float>(kd_weight), static_cast<float>(ce_weight),
                                          scale_by_t2, ignore_index);
   const cudaError_t status = cuda::launch_kd_loss_fwd(problem, params, c10::cuda::getCurrentCUDAStream());

@@ -1,6 +1,6 @@
 // Fused KD loss on CUDA: one thread block per row, the math of csrc/include/kdkernels/divergence.h.
 //
-// Per row (DESIGN.md §3), each thread owning chunks of kChunk columns (16-byte loads):
+// Per row, each thread owning chunks of kChunk columns (16-byte loads):
 //   1. statistics: per-thread online max / sum-of-exp of the student at 1/T (and at T = 1 for the
 //      CE blend when T != 1) and of the teacher, then block reductions -> lse(u), lse(z), lse(a);
 //      the maxima propagate NaN, which flags rows with NaN / +inf;
@@ -30,12 +30,6 @@ constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr int kMaxReduced = 4;     // values reduced together at most
 constexpr float kNegBig = -3.0e38f;  // finite start of running maxima: a fully masked row keeps it
-
-// Divergences that carry a second row constant for precision (divergence.h, SkewKL).
-template <class Div, class = void>
-constexpr bool kSecondRowSum = false;
-template <class Div>
-constexpr bool kSecondRowSum<Div, std::void_t<decltype(Div::kSecondRowSum)>> = Div::kSecondRowSum;
 
 // ---- storage types: raw bits <-> fp32 ----------------------------------------------------------
 struct Float32 {
@@ -161,7 +155,7 @@ __device__ void fill_row(typename Type::Raw* row, int64_t vocab, bool vector_ok,
 
 template <class Div, class SType, class TType>
 __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsProblem problem,
-                                                                  const KDParams prm) {
+                                                                  const KDParams params) {
   using SRaw = typename SType::Raw;
   using TRaw = typename TType::Raw;
   __shared__ float scratch[kMaxReduced][kMaxWarps];
@@ -175,21 +169,21 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
   const bool store_vector_ok = grad != nullptr && aligned16(grad);
   const int64_t n_chunks = (vocab + kChunk - 1) / kChunk;
   const int64_t n_steps = (n_chunks + blockDim.x - 1) / blockDim.x;
-  const float inv_t = prm.inv_temperature;
+  const float inv_t = params.inv_temperature;
 
-  int64_t label = prm.ignore_index;
+  int64_t label = params.ignore_index;
   bool bad_label = false;
   if (problem.labels != nullptr) {
     label = problem.labels[row];
-    if (label == prm.ignore_index) {  // ignored row: loss 0, gradient 0, nothing read
+    if (label == params.ignore_index) {  // ignored row: loss 0, gradient 0, nothing read
       if (threadIdx.x == 0) problem.row_loss[row] = 0.f;
       if (grad) fill_row<SType>(grad, vocab, store_vector_ok, 0.f);
       return;
     }
     bad_label = label < 0 || label >= vocab;
   }
-  const bool use_ce = problem.labels != nullptr && prm.ce_weight != 0.f;
-  const bool ce_separate = use_ce && inv_t != 1.f;  // at T = 1 the CE softmax is q itself
+  const bool use_ce = problem.labels != nullptr && params.ce_weight != 0.f;
+  const bool ce_separate = use_ce && !params.ce_reuses_q;
 
   // ---- 1. statistics ----
   float max_z = kNegBig, max_t = kNegBig;  // of the raw logits; max of u = z / T is max_z / T
@@ -230,9 +224,12 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
 
   // NaN or +inf in either row (the maxima propagate NaN), or a label outside [0, vocab).
   const bool poisoned = !(maxima[0] < INFINITY) || !(maxima[1] < INFINITY) || bad_label;
-  const bool live = maxima[0] > kNegBig && maxima[1] > kNegBig;  // else a fully masked row
-  if (!live || poisoned) {  // loss 0 and gradient 0 for a masked row, NaN for bad values
-    const float value = poisoned ? NAN : 0.f;
+  const bool has_student = maxima[0] > kNegBig, has_teacher = maxima[1] > kNegBig;
+  // A student row entirely -inf has no distribution: its loss is undefined (reported as NaN, like
+  // bad values) unless the teacher row is masked too and there is no CE term: a fully masked row,
+  // loss 0 and gradient 0.
+  if (!has_student || poisoned) {
+    const float value = (poisoned || use_ce || has_teacher) ? NAN : 0.f;
     if (threadIdx.x == 0) problem.row_loss[row] = value;
     if (grad) fill_row<SType>(grad, vocab, store_vector_ok, value);
     return;
@@ -243,6 +240,27 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
   const float log_sum_u = kd_log(sums[0]);
   const float log_sum_a = kd_log(sums[2]);
   const float log_sum_z = ce_separate ? kd_log(sums[1]) : log_sum_u;
+  // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max); a label on a student -inf entry
+  // makes it +inf, reported as NaN.
+  auto ce_loss = [&]() {
+    const float z_label = SType::to_float(student[label]);
+    return z_label == -INFINITY ? NAN : params.ce_weight * ((row_max_z - z_label) + log_sum_z);
+  };
+
+  if (!has_teacher) {  // a teacher row entirely -inf: no teacher distribution, no KD term; CE alone
+    const float ce_grad_coef = params.ce_weight * *problem.grad_scale;
+    for (int64_t chunk = threadIdx.x; grad != nullptr && chunk < n_chunks; chunk += blockDim.x) {
+      const int64_t col = chunk * kChunk;
+      float z[kChunk], g[kChunk];
+      load_chunk<SType>(student, col, vocab, load_vector_ok, z);
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k)
+        g[k] = use_ce ? ce_grad_coef * (kd_exp(z[k] - row_max_z - log_sum_z) - (col + k == label ? 1.f : 0.f)) : 0.f;
+      store_chunk<SType>(grad, col, vocab, store_vector_ok, g);
+    }
+    if (threadIdx.x == 0) problem.row_loss[row] = use_ce ? ce_loss() : 0.f;
+    return;
+  }
 
   // Column chunk of this thread at `step` of a pass, walking the row forwards or backwards.
   auto chunk_at = [&](int64_t step, bool backwards) {
@@ -269,10 +287,10 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
         float logp, logq, loss, c;
         log_probs(z, t, k, logp, logq);
         const float p = kd_exp(logp), q = kd_exp(logq);
-        Div::terms(logp, logq, p, q, prm.mix, loss, c);
+        Div::terms(logp, logq, p, q, params.mix, loss, c);
         acc[0] += loss;
         acc[1] += c;
-        if constexpr (kSecondRowSum<Div>) acc[2] += Div::second_term(p, q, prm.mix);
+        if constexpr (kSecondRowSum<Div>) acc[2] += Div::second_term(p, q, params.mix);
         acc[3] += q;
       }
     }
@@ -287,8 +305,8 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
   // ---- 3. gradient (and forward KL's value) ----
   if (grad != nullptr || !Div::kRowSum) {
     const float grad_scale = *problem.grad_scale;
-    const float kd_grad_coef = prm.kd_coef * grad_scale;
-    const float ce_grad_coef = prm.ce_weight * grad_scale;
+    const float kd_grad_coef = params.kd_coef * grad_scale;
+    const float ce_grad_coef = params.ce_weight * grad_scale;
     float fkl = 0.f;
     for (int64_t step = 0; step < n_steps; ++step) {
       const int64_t chunk = chunk_at(step, /*backwards=*/!Div::kRowSum);
@@ -304,16 +322,11 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
         const float p = kd_exp(logp), q = kd_exp(logq);
         if constexpr (!Div::kRowSum) {
           float loss, c;
-          Div::terms(logp, logq, p, q, prm.mix, loss, c);
+          Div::terms(logp, logq, p, q, params.mix, loss, c);
           fkl += loss;
         }
         if (grad == nullptr) continue;
-        float gk;
-        if constexpr (kSecondRowSum<Div>) {
-          gk = kd_grad_coef * Div::grad2(logp, logq, p, q, prm.mix, row_c, row_c2);
-        } else {
-          gk = kd_grad_coef * Div::grad(logp, logq, p, q, prm.mix, row_c);
-        }
+        float gk = kd_grad_coef * divergence_grad<Div>(logp, logq, p, q, params.mix, row_c, row_c2);
         if (use_ce) {  // ce_weight (softmax(z) - onehot(y))
           const float softmax_z = ce_separate ? kd_exp(z[k] - row_max_z - log_sum_z) : q;
           gk += ce_grad_coef * (softmax_z - (col + k == label ? 1.f : 0.f));
@@ -330,9 +343,12 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
   }
 
   if (threadIdx.x == 0) {
-    float loss = prm.kd_scale * divergence;
-    // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
-    if (use_ce) loss += prm.ce_weight * ((row_max_z - SType::to_float(student[label])) + log_sum_z);
+    // forward KL is +inf only where the teacher has mass on a student -inf entry: reported as NaN
+    if constexpr (std::is_same_v<Div, ForwardKL>) {
+      if (!(divergence < INFINITY)) divergence = NAN;
+    }
+    float loss = params.kd_scale * divergence;
+    if (use_ce) loss += ce_loss();
     problem.row_loss[row] = loss;
   }
 }
@@ -361,8 +377,7 @@ bool dispatch_type(LogitsType type, Fn&& fn) {
 cudaError_t launch_kd_loss_fwd(const KDRowsProblem& problem, const KDParams& params, cudaStream_t stream) {
   if (problem.rows < 0 || problem.vocab < 1 || problem.rows > 0x7fffffff) return cudaErrorInvalidValue;
   if (problem.rows == 0) return cudaSuccess;
-  const int divergence = static_cast<int>(params.divergence);
-  if (divergence < 0 || divergence > static_cast<int>(Divergence::kTVD)) return cudaErrorInvalidValue;
+  if (!is_divergence_id(static_cast<int64_t>(params.divergence))) return cudaErrorInvalidValue;
   cudaError_t status = cudaErrorInvalidValue;
   KDRowsProblem problem_arg = problem;
   KDParams params_arg = params;

@@ -31,8 +31,11 @@ struct KDRowsProblem {
 };
 
 // Enqueues the kernel on `stream`. Per row: loss = kd_scale * D + ce_weight * CE, gradient
-// dL/dz * (*grad_scale) in the student dtype; rows labelled ignore_index give 0 and 0; rows with
-// NaN/+inf logits or a label outside [0, vocab) give NaN (no host synchronisation to report them).
+// dL/dz * (*grad_scale) in the student dtype; rows labelled ignore_index give 0 and 0; a teacher
+// row entirely -inf gives the CE term alone (no KD term). Rows with NaN/+inf logits, a label
+// outside [0, vocab), or a loss made +inf or undefined by student -inf entries (the whole row, the
+// label's entry, forward KL's teacher mass on one) give NaN (no host synchronisation to report
+// them).
 // Returns the launch status (cudaErrorInvalidValue for an unsupported problem).
 cudaError_t launch_kd_loss_fwd(const KDRowsProblem& problem, const KDParams& params, cudaStream_t stream);
 

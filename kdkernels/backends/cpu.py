@@ -44,3 +44,10 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
         cfg.bcd_weight, cfg.scd_weight, cfg.wcd_weight, cfg.scd_teacher_mass, cfg.wcd_teacher_mass,
         cfg.temperature, cfg.scale_by_t2, cfg.ignore_index, compute_grad)
     return row_loss, components, (grad if compute_grad else None)
+
+
+# The sparse-teacher family (kdkernels.sparse_kd_loss), where the loaded build has its ops.
+from kdkernels.backends import cpu_sparse  # noqa: E402
+
+if cpu_sparse.available():
+    sparse_rows, sparse_rows_inplace = cpu_sparse.sparse_rows, cpu_sparse.sparse_rows_inplace

@@ -101,11 +101,16 @@ class _LinearLogits:
         logits = buffer[: end - start]
         own = logits[:, : self.vocab]
         hidden = self.hidden[start:end]
-        if self.bias is None:  # beta=0: own's previous content is ignored, not read
-            torch.addmm(own, hidden, self.weight.t(), beta=0, alpha=self.logit_scale, out=own)
+        # torch.compile refuses an out= view with gaps (own, when the common vocabulary is wider)
+        out = own if own.is_contiguous() or not torch.compiler.is_compiling() else torch.empty_like(
+            own, memory_format=torch.contiguous_format)
+        if self.bias is None:  # beta=0: out's previous content is ignored, not read
+            torch.addmm(out, hidden, self.weight.t(), beta=0, alpha=self.logit_scale, out=out)
         else:
             torch.addmm(self.bias, hidden, self.weight.t(), beta=self.logit_scale, alpha=self.logit_scale,
-                        out=own)
+                        out=out)
+        if out is not own:
+            own.copy_(out)
         _apply_softcap_(own, self.softcap)
         return logits
 

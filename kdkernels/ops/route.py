@@ -118,7 +118,8 @@ class Route:
             return
         if student_logits is None:
             _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
-            raise _checks.not_finite_error("student_logits")
+            raise ValueError("student_logits contains NaN or +inf, or is -inf where the loss needs a finite "
+                             "value (a whole row, the label's entry, or where forward KL's teacher has mass)")
         _checks.check_logit_values(student_logits, teacher_logits, labels, cfg.ignore_index, cfg.log_q_by_teacher,
                                    cfg.ce_weight)
 

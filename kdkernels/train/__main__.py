@@ -20,9 +20,12 @@ from typing import List, Optional, Sequence
 import torch
 
 import kdkernels
-from kdkernels.train import data, experiments, loop, models, parallel, report
+from kdkernels.train import data, experiments, loop, models, parallel, report, sparse_runs, study
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DEFAULT_OUT = os.path.join("runs", "train")
+SMOKE_TEST_NOTE = ("--quick: a smoke test of the pipeline (tiny models, few steps). Its numbers say nothing "
+                   "about distillation; run without --quick for a comparison.")
 
 
 def _float_list(text: str) -> List[float]:
@@ -45,9 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdkernels-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_argument_group("what and where")
-    where.add_argument("--quick", action="store_true", help="tiny models and few steps (tests, CI: < 2 min)")
-    where.add_argument("--out", default=os.path.join("runs", "train"),
+    where.add_argument("--quick", action="store_true",
+                       help="smoke test: tiny models and few steps, for tests and CI; its numbers mean nothing")
+    where.add_argument("--out", default=DEFAULT_OUT,
                        help="folder for results.json and curves.png (%(default)s)")
+    where.add_argument("--study", nargs="?", const="full", choices=tuple(study.PROTOCOLS), metavar="quick",
+                       help="run the distillation study instead (a fixed protocol over several seeds: T x capacity, "
+                            "λ, feature alignment, methods): report.md, results.json and figures in --out; "
+                            "`--study quick` is a smaller version")
+    where.add_argument("--jobs", type=int, default=1,
+                       help="--study: train runs in this many processes, one thread each (%(default)s)")
     where.add_argument("--data", metavar="FILE", help="a UTF-8 text file instead of CPython's help texts")
     where.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where trained teachers are kept (%(default)s; env KDKERNELS_CACHE)")
@@ -55,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--teacher", metavar="PATH", help="local Hugging Face causal-LM checkpoint as the teacher")
     where.add_argument("--student", metavar="PATH", help="local Hugging Face causal-LM checkpoint as the student")
     parallel.add_argument(where)
+    where.add_argument("--teacher-cache", metavar="DIR", help="add a run distilled from this teacher cache (built "
+                       "there first with --sparse-teacher; see kdkernels.teacher_cache)")
     where.add_argument("--student-sizes", type=_name_list, default=[], metavar="LxD,...",
                        help="more built-in student sizes, e.g. 1x32,2x128: a baseline and a KD run each")
 
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, help="student steps (preset: 300; --quick: 60)")
-    training.add_argument("--teacher-steps", type=int, help="teacher steps (preset: 800; --quick: 150)")
+    training.add_argument("--teacher-steps", type=int, help="teacher steps (preset: 500; --quick: 150)")
     training.add_argument("--batch-size", type=int, help="sequences per step")
     training.add_argument("--lr", type=float, help="student peak learning rate")
     training.add_argument("--seed", type=int, default=0, help="same seed, same numbers (%(default)s)")
@@ -75,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--divergence", type=_name_list, default=["forward_kl"],
                       help="forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd; a comma list "
                            "gives one KD run each (%(default)s)")
+    loss.add_argument("--sparse-teacher", type=int, metavar="K", help="add a run distilled from the teacher's "
+                      "top-K log-probs, cached first (kdkernels.fused_linear_sparse_kd_loss)")
+    loss.add_argument("--sparse-missing-mass", choices=("renormalize", "residual", "support"), default="residual",
+                      help="the sparse run's treatment of the teacher mass outside its top K (%(default)s)")
     loss.add_argument("--beta", type=float, default=0.5, help="jsd mixing / skew weight (%(default)s)")
     loss.add_argument("--loss", type=_name_list, default=["kd"],
                       help="distillation losses to run, comma list of kd, cakd, dkd (%(default)s)")
@@ -167,6 +183,8 @@ def _preset_with_flags(args: argparse.Namespace) -> experiments.Preset:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.study or args.jobs != 1:
+        return study.main(parser, args)
     kinds = _check_options(parser, args)
     parallel.check(parser, args, kinds)
     args.no_progress |= not parallel.init(args.parallel)
@@ -200,13 +218,17 @@ def _write_outputs(args: argparse.Namespace, runs: List[dict], info: experiments
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     report.write_json(results_path, runs, teacher=dataclasses.asdict(info), corpus=corpus.name, context=context,
-                      seed=args.seed, options=vars(args))
+                      seed=args.seed, smoke_test=args.quick, options=vars(args))
+    smoke = "smoke test (--quick), " if args.quick else ""
     plot_path = report.plot_curves(os.path.join(args.out, "curves.png"), runs, info.val_loss,
-                                   title=f"Validation loss, {corpus.name} (teacher {info.description})")
+                                   title=f"Validation loss, {smoke}{corpus.name} (teacher {info.description})")
     print()
-    print(report.format_table(runs, title=f"teacher {info.description}: validation loss {info.val_loss:.4f}"))
+    print(report.format_table(runs, title=f"{smoke.capitalize()}teacher {info.description}: validation loss "
+                                          f"{info.val_loss:.4f}"))
     print()
     print(report.verdict(runs))
+    if args.quick:
+        print(SMOKE_TEST_NOTE)
     print(f"wrote {results_path}" + (f" and {plot_path}" if plot_path else " (no plot: matplotlib is missing)")
           + f"; total {time.perf_counter() - started:.0f} s")
 
@@ -233,6 +255,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: List[
     del probe_student
     eval_windows = data.validation_windows(corpus.validation, context=context, max_windows=preset.eval_windows)
     fused = "yes" if loop.fused_linear_available() else "no (kd_loss on logits)"
+    if args.quick:
+        print(SMOKE_TEST_NOTE)
     print(f"kdkernels {kdkernels.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
           f"{platform.machine()} | fused linear KD: {fused}")
     print(f"corpus {corpus.name}: {len(corpus.train):,} train / {len(corpus.validation):,} validation tokens, "
@@ -252,12 +276,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: List[
                                   divergences=args.divergence, temperatures=args.sweep_temperature,
                                   kd_weights=args.sweep_kd_weight, feature_align=args.feature_align,
                                   extra_students=extra)
-    session = experiments.Session(corpus=corpus, context=context, eval_windows=eval_windows, teacher=teacher,
-                                  teacher_top1=loop.top1_predictions(teacher, eval_windows, vocab),
-                                  optim=preset.student_optim, seed=args.seed, progress=not args.no_progress)
-    print(f"{len(plans)} student runs of {preset.student_optim.steps} steps, batch {preset.student_optim.batch_size}")
-    experiments.warm_up(plans, session, vocab)
-    runs = [experiments.run_one(plan, session, vocab) for plan in plans]
+    setup = experiments.RunSetup(corpus=corpus, context=context, eval_windows=eval_windows, teacher=teacher,
+                                 teacher_top1=loop.top1_predictions(teacher, eval_windows, vocab),
+                                 optim=preset.student_optim, seed=args.seed, progress=not args.no_progress)
+    print(f"{len(plans)} student run{'s' if len(plans) != 1 else ''} of {preset.student_optim.steps} steps, "
+          f"batch {preset.student_optim.batch_size}")
+    for plan in plans:
+        if plan.also:
+            print(f"  {', '.join(plan.also)}: the same run as {plan.name} ({experiments.describe_loss(plan.loss)}), "
+                  "run once")
+    experiments.warm_up(plans, setup, vocab)
+    runs = [experiments.run_one(plan, setup, vocab) for plan in plans]
+    runs += sparse_runs.sparse_runs(args, setup, vocab, base_loss, student)
 
     if parallel.is_main():
         _write_outputs(args, runs, info, corpus, context, started)

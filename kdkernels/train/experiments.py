@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,21 +35,21 @@ class Preset:
     max_bytes: Optional[int] = None  # keep only the start of the corpus
     temperature: float = 1.0
     kd_weight: float = 0.5
-    # torch threads unless --threads says. One: these models' matrices are small, and on a shared
-    # 2-core machine two threads measured 5.6x slower than one (568 s against 102 s for the cached
-    # default demo), their synchronisation waiting on whatever else runs.
+    # torch threads unless --threads says. One: these models' matrices are too small for a second
+    # thread to pay for its synchronisation, which also waits on whatever else the machine runs
+    # (two threads measured several times slower than one on a busy machine).
     threads: Optional[int] = 1
 
 
 PRESETS: Dict[str, Preset] = {
-    # Sized for a 2-core machine: on one core the teacher trains in about 4 minutes (once; then
-    # it is cached) and the two student runs take about 1.5 minutes together. Distillation lowers
-    # the student's validation loss by 0.13-0.15 nats/byte against the same student trained on hard
-    # labels alone (seeds 0 and 1); a 4x256 teacher costs 1.6x more time and gains no more.
+    # Sized for a short first run on one thread: the teacher's steps (trained once, then read from
+    # the cache) cost about 1.6x the two student runs together. Distillation lowers the student's
+    # validation loss by ~0.13 nats/byte against the same student trained on hard labels alone
+    # (seed 0), the teacher being ~0.29 nats/byte better than that baseline.
     "default": Preset(
-        teacher=models.transformer_shape(4, 192, context=64),
-        teacher_optim=loop.OptimSettings(steps=800, batch_size=32, lr=2e-3, eval_every=200),
-        student=models.transformer_shape(2, 128, context=64),
+        teacher=models.transformer_shape(4, 128, context=64),
+        teacher_optim=loop.OptimSettings(steps=500, batch_size=32, lr=2e-3, eval_every=250),
+        student=models.transformer_shape(2, 96, context=64),
         student_optim=loop.OptimSettings(steps=300, batch_size=32, lr=3e-3, eval_every=25),
         eval_windows=128,
     ),
@@ -73,6 +73,7 @@ class RunPlan:
     name: str
     student: StudentSource
     loss: loop.LossSpec
+    also: Tuple[str, ...] = ()  # names of requested runs that are this same run (e.g. a sweep's kd-T1)
 
 
 def describe_student(student: StudentSource) -> str:
@@ -111,6 +112,8 @@ def plan_runs(*, student: StudentSource, base_loss: loop.LossSpec, loss_kinds: S
     ``baseline`` (CE only) and one run per distillation loss kind and divergence on the main student;
     ``kd-T<t>`` per swept temperature and ``kd-lambda<w>`` per swept KD weight; with feature
     alignment, ``kd+<kind>`` next to ``kd``; and ``baseline@<size>``/``kd@<size>`` per extra student.
+    A requested run identical to an earlier one (same student, same loss: e.g. ``kd-T1`` when the
+    preset's temperature is 1) is not planned again; its name is kept in the earlier plan's ``also``.
     """
     plans = [RunPlan("baseline", student, dataclasses.replace(base_loss, kind="ce", feature_align="off"))]
     plain_kd = dataclasses.replace(base_loss, kind="kd", feature_align="off")
@@ -132,7 +135,21 @@ def plan_runs(*, student: StudentSource, base_loss: loop.LossSpec, loss_kinds: S
         suffix = describe_student(other)
         plans.append(RunPlan(f"baseline@{suffix}", other, plans[0].loss))
         plans.append(RunPlan(f"kd@{suffix}", other, plain_kd))
-    return plans
+    return _fold_identical(plans)
+
+
+def _fold_identical(plans: Sequence[RunPlan]) -> List[RunPlan]:
+    first: Dict[Tuple, int] = {}
+    kept: List[RunPlan] = []
+    for plan in plans:
+        key = (plan.student, plan.loss)
+        if key in first:
+            earlier = kept[first[key]]
+            kept[first[key]] = dataclasses.replace(earlier, also=earlier.also + (plan.name,))
+        else:
+            first[key] = len(kept)
+            kept.append(plan)
+    return kept
 
 
 # --- the teacher -----------------------------------------------------------------------------------
@@ -198,8 +215,9 @@ def built_in_teacher(cfg: models.TransformerConfig, optim: loop.OptimSettings, c
 # --- the runs --------------------------------------------------------------------------------------
 
 @dataclass
-class Session:
-    """What every run shares: corpus, evaluation windows, the frozen teacher and its predictions."""
+class RunSetup:
+    """What every student run of one invocation shares: corpus, evaluation windows, the frozen
+    teacher and its predictions, the schedule and the seed."""
 
     corpus: data.Corpus
     context: int
@@ -209,7 +227,6 @@ class Session:
     optim: loop.OptimSettings
     seed: int
     progress: bool = True
-    finished: Dict[Tuple, dict] = field(default_factory=dict)  # identical runs are run once
 
 
 def build_student(source: StudentSource, vocab: int) -> nn.Module:
@@ -218,59 +235,57 @@ def build_student(source: StudentSource, vocab: int) -> nn.Module:
     return models.load_hf_model(source)
 
 
-def _train_student(plan: RunPlan, session: Session, vocab: int, optim: loop.OptimSettings,
+def _train_student(plan: RunPlan, setup: RunSetup, vocab: int, optim: loop.OptimSettings,
                    progress: bool) -> Tuple[nn.Module, loop.FitResult]:
     spec = plan.loss
-    if spec.uses_teacher and session.teacher is None:
+    if spec.uses_teacher and setup.teacher is None:
         raise ValueError(f"run {plan.name!r} needs a teacher")
     # The same seed before every student: all runs start from the same weights and see the
     # same batches, so they differ only in the loss.
-    torch.manual_seed(session.seed)
+    torch.manual_seed(setup.seed)
     student = build_student(plan.student, vocab)
     student = parallel.prepare_student(student)
     align = None
     if spec.feature_align != "off":
-        align = kdkernels.nn.FeatureAlignmentLoss(student.hidden_size, session.teacher.hidden_size,
+        align = kdkernels.nn.FeatureAlignmentLoss(student.hidden_size, setup.teacher.hidden_size,
                                                   kind=spec.feature_align)
-    teacher = session.teacher if spec.uses_teacher else None
+    teacher = setup.teacher if spec.uses_teacher else None
 
     def batch_loss(inputs, targets):
         inputs, targets = parallel.local_rows(inputs), parallel.local_rows(targets)
         return loop.student_objective(spec, student, teacher, inputs, targets, align)
 
-    batches = data.train_batches(session.corpus.train, batch_size=optim.batch_size, context=session.context,
-                                 steps=optim.steps, seed=session.seed + 1)
+    batches = data.train_batches(setup.corpus.train, batch_size=optim.batch_size, context=setup.context,
+                                 steps=optim.steps, seed=setup.seed + 1)
     fitted = loop.fit(student, align.parameters() if align is not None else [], batch_loss, batches, optim,
-                      lambda: loop.evaluate(student, session.eval_windows, session.teacher_top1),
+                      lambda: loop.evaluate(student, setup.eval_windows, setup.teacher_top1),
                       desc=plan.name, progress=progress)
     return student, fitted
 
 
-def warm_up(plans: Sequence[RunPlan], session: Session, vocab: int) -> None:
+def warm_up(plans: Sequence[RunPlan], setup: RunSetup, vocab: int) -> None:
     """One unmeasured step per kind of run, so that one-time costs (code paths run for the first
     time, thread pools, allocator growth) land in no run's time or memory."""
-    one_step = dataclasses.replace(session.optim, steps=1, warmup_steps=1, eval_every=1)
+    one_step = dataclasses.replace(setup.optim, steps=1, warmup_steps=1, eval_every=1)
     seen = set()
     for plan in plans:
         kind = (plan.student, plan.loss.kind, plan.loss.feature_align)
         if kind not in seen:
             seen.add(kind)
-            _train_student(plan, dataclasses.replace(session, eval_windows=session.eval_windows[:1],
+            _train_student(plan, dataclasses.replace(setup, eval_windows=setup.eval_windows[:1],
                                                      teacher_top1=None), vocab, one_step, progress=False)
 
 
-def run_one(plan: RunPlan, session: Session, vocab: int, log=print) -> dict:
+def run_one(plan: RunPlan, setup: RunSetup, vocab: int, log=print) -> dict:
     """Trains one student per ``plan`` and returns its results record."""
-    key = (plan.student, plan.loss)
-    if key in session.finished:
-        return {**session.finished[key], "name": plan.name}
     with PeakMemory() as memory:
         start = time.perf_counter()
-        student, fitted = _train_student(plan, session, vocab, session.optim, session.progress)
+        student, fitted = _train_student(plan, setup, vocab, setup.optim, setup.progress)
         wall = time.perf_counter() - start
     spec = plan.loss
     record = {
         "name": plan.name,
+        "also": list(plan.also),
         "objective": describe_loss(spec),
         "kind": spec.kind,
         "divergence": spec.divergence if spec.uses_teacher else None,
@@ -280,7 +295,7 @@ def run_one(plan: RunPlan, session: Session, vocab: int, log=print) -> dict:
         "fused_linear": spec.kind == "kd" and loop.fused_linear_available(),
         "student": describe_student(plan.student),
         "student_parameters": models.count_parameters(student),
-        "steps": session.optim.steps,
+        "steps": setup.optim.steps,
         "val_loss": fitted.final.val_loss,
         "perplexity": math.exp(fitted.final.val_loss),
         "top1_agreement": fitted.final.top1_agreement,
@@ -288,6 +303,5 @@ def run_one(plan: RunPlan, session: Session, vocab: int, log=print) -> dict:
         "peak_rss_mib": memory.peak_mib,
         "curve": fitted.curve,
     }
-    session.finished[key] = record
     log(f"  {plan.name:<16} val loss {record['val_loss']:.4f}  ({wall:.1f} s)")
     return record

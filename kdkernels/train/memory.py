@@ -1,4 +1,4 @@
-"""Peak resident memory of a stretch of work in this process.
+"""Peak resident memory of a stretch of work in this process (also the benchmarks' reader).
 
 tracemalloc does not see torch's allocations, so this reads the kernel's counters: VmHWM (peak
 RSS) from /proc/self/status, reset at the start of each run by writing 5 to
@@ -13,9 +13,12 @@ import ctypes.util
 import gc
 import resource
 import sys
+from typing import Optional
 
 
-def _status_kib(field: str):
+def status_kib(field: str) -> Optional[int]:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in KiB, from
+    /proc/self/status; None where the file or the field does not exist."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -26,7 +29,9 @@ def _status_kib(field: str):
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
+    """Resets ``VmHWM`` to the current ``VmRSS`` (Linux: writing 5 to /proc/self/clear_refs);
+    False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -57,13 +62,13 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         _release_free_memory()
-        self._resettable = _reset_peak()
-        current = _status_kib("VmRSS") if self._resettable else None
+        self._resettable = reset_peak_rss()
+        current = status_kib("VmRSS") if self._resettable else None
         self._start_kib = current if current is not None else _max_rss_kib()
         self.peak_mib = 0.0
         return self
 
     def __exit__(self, *exc) -> None:
-        peak = _status_kib("VmHWM") if self._resettable else None
+        peak = status_kib("VmHWM") if self._resettable else None
         peak = peak if peak is not None else _max_rss_kib()
         self.peak_mib = max(peak - self._start_kib, 0) / 1024.0

@@ -1,7 +1,7 @@
 """The trainer's models: a small pure-PyTorch causal transformer, and a wrapper that gives a local
 Hugging Face causal LM the same three-part interface.
 
-Every model here exposes
+Every model in this module exposes
     ``hidden_states(input_ids [B, S]) -> [B, S, D]``   (the final, normalised hidden states),
     ``lm_head``                                       (an ``nn.Linear`` from D to the vocabulary),
     ``forward(input_ids) -> logits [B, S, V]``,

@@ -65,15 +65,34 @@ def write_json(path: str, runs: Sequence[dict], **extra) -> None:
         handle.write("\n")
 
 
-def plot_curves(path: str, runs: Sequence[dict], teacher_val_loss: Optional[float] = None,
-                title: str = "Validation loss") -> Optional[str]:
-    """Writes the runs' validation curves to ``path`` (PNG); returns None when matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display needed), or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(figure, path: str, dpi: int = 120) -> str:
+    """Writes ``figure`` to ``path`` (its folder created), closes it, returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
+def plot_curves(path: str, runs: Sequence[dict], teacher_val_loss: Optional[float] = None,
+                title: str = "Validation loss") -> Optional[str]:
+    """Writes the runs' validation curves to ``path`` (PNG); returns None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(8, 5))
     for run in runs:
@@ -88,8 +107,4 @@ def plot_curves(path: str, runs: Sequence[dict], teacher_val_loss: Optional[floa
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

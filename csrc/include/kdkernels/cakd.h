@@ -1,5 +1,6 @@
-// Decomposed KL (CAKD / DKD): the row constants and per-element terms shared by the CPU and CUDA
-// kernels (DESIGN.md §3).
+// Decomposed KL (CAKD / DKD): the row constants and per-element terms of the CPU kernel
+// (csrc/cpu/cakd_cpu.cpp), written torch-free and host/device like divergence.h so that a CUDA
+// kernel can share them.
 //
 // Notation: u = z_s / T, a = z_t / T; the classes of a row split into the strongly correlated set
 // S and the rest W; for a group g, P_g / Q_g are the teacher / student mass and
@@ -66,7 +67,7 @@ KD_HD CakdParams make_cakd_params(int64_t group_rule, int64_t top_k, float mass,
   p.scd_teacher_mass = scd_teacher_mass;
   p.wcd_teacher_mass = wcd_teacher_mass;
   p.inv_temperature = 1.f / temperature;
-  p.t2 = scale_by_t2 ? temperature * temperature : 1.f;
+  p.t2 = t2_scale(temperature, scale_by_t2);
   p.grad_coef = p.t2 / temperature;
   p.ignore_index = ignore_index;
   return p;
@@ -75,17 +76,6 @@ KD_HD CakdParams make_cakd_params(int64_t group_rule, int64_t top_k, float mass,
 KD_HD double kd_softplus(double x) {
   // max(x, 0) + log1p(exp(-|x|)): exact at +-inf, no overflow.
   return (x > 0.0 ? x : 0.0) + ::log1p(::exp(-::fabs(x)));
-}
-
-// One group's online softmax statistics over a row: max logit (raw units, -inf when the group
-// holds no finite logit) and sum of exp((x - max) / T).
-struct GroupStats {
-  float max;
-  double sum;
-};
-
-KD_HD double group_lse(const GroupStats& g, float inv_t) {
-  return g.max == -INFINITY ? -INFINITY : static_cast<double>(g.max) * inv_t + ::log(g.sum);
 }
 
 // One group's per-element constants (see Precision above):
@@ -105,8 +95,6 @@ struct CakdGroup {
 // What a row's loss and gradient need, from the groups' statistics.
 struct CakdRow {
   float bcd;
-  float p_s;
-  float p_w;
   CakdGroup s;
   CakdGroup w;
 };
@@ -114,7 +102,7 @@ struct CakdRow {
 // x (log x - log y), 0 where x = 0.
 KD_HD double xlogratio(double x, double log_x, double log_y) { return x > 0.0 ? x * (log_x - log_y) : 0.0; }
 
-KD_HD CakdGroup cakd_group(const GroupStats& u, const GroupStats& a, float inv_t, double grad_bcd,
+KD_HD CakdGroup cakd_group(const OnlineLse& u, const OnlineLse& a, float inv_t, double grad_bcd,
                            double grad_kl, double weight) {
   const bool has_u = u.max > -INFINITY, has_a = a.max > -INFINITY;
   CakdGroup g;
@@ -127,34 +115,32 @@ KD_HD CakdGroup cakd_group(const GroupStats& u, const GroupStats& a, float inv_t
   return g;
 }
 
-// u_s, u_w, a_s, a_w: student / teacher statistics of S and W; at least one group of each side
+// u_s, u_w, a_s, a_w: student / teacher statistics of S and W (max, sum exp((x - max) / T)); at least one group of each side
 // holds a finite logit.
-KD_HD CakdRow cakd_row_constants(const GroupStats& u_s, const GroupStats& u_w, const GroupStats& a_s,
-                                 const GroupStats& a_w, float grad_scale, const CakdParams& prm) {
-  const float inv_t = prm.inv_temperature;
-  const double d_a = group_lse(a_w, inv_t) - group_lse(a_s, inv_t);
-  const double d_u = group_lse(u_w, inv_t) - group_lse(u_s, inv_t);
+KD_HD CakdRow cakd_row_constants(const OnlineLse& u_s, const OnlineLse& u_w, const OnlineLse& a_s,
+                                 const OnlineLse& a_w, float grad_scale, const CakdParams& params) {
+  const float inv_t = params.inv_temperature;
+  const double d_a = a_w.lse(inv_t) - a_s.lse(inv_t);
+  const double d_u = u_w.lse(inv_t) - u_s.lse(inv_t);
   const double log_ps = -kd_softplus(d_a), log_pw = -kd_softplus(-d_a);
   const double log_qs = -kd_softplus(d_u), log_qw = -kd_softplus(-d_u);
   const double p_s = ::exp(log_ps), p_w = ::exp(log_pw), q_s = ::exp(log_qs), q_w = ::exp(log_qw);
   // Q_S - P_S = P_W - Q_W: taken from the smaller group, where it is not a difference of two
   // numbers close to 1.
   const double delta_s = (d_a + d_u > 0.0) ? q_s - p_s : p_w - q_w;
-  const double w_s = a_s.max > -INFINITY ? (prm.scd_teacher_mass ? p_s : prm.scd_weight) : 0.0;
-  const double w_w = a_w.max > -INFINITY ? (prm.wcd_teacher_mass ? p_w : prm.wcd_weight) : 0.0;
-  const double coef = static_cast<double>(grad_scale) * prm.grad_coef;
+  const double w_s = a_s.max > -INFINITY ? (params.scd_teacher_mass ? p_s : params.scd_weight) : 0.0;
+  const double w_w = a_w.max > -INFINITY ? (params.wcd_teacher_mass ? p_w : params.wcd_weight) : 0.0;
+  const double coef = static_cast<double>(grad_scale) * params.grad_coef;
   CakdRow row;
   row.bcd = static_cast<float>(xlogratio(p_s, log_ps, log_qs) + xlogratio(p_w, log_pw, log_qw));
-  row.p_s = static_cast<float>(p_s);
-  row.p_w = static_cast<float>(p_w);
-  row.s = cakd_group(u_s, a_s, inv_t, coef * prm.bcd_weight * delta_s, coef * w_s, w_s);
-  row.w = cakd_group(u_w, a_w, inv_t, -coef * prm.bcd_weight * delta_s, coef * w_w, w_w);
+  row.s = cakd_group(u_s, a_s, inv_t, coef * params.bcd_weight * delta_s, coef * w_s, w_s);
+  row.w = cakd_group(u_w, a_w, inv_t, -coef * params.bcd_weight * delta_s, coef * w_w, w_w);
   return row;
 }
 
 // Row loss from its components: t2 (w_b BCD + w_S SCD + w_W WCD).
-KD_HD float cakd_row_loss(const CakdRow& row, float scd, float wcd, const CakdParams& prm) {
-  return prm.t2 * (prm.bcd_weight * row.bcd + row.s.weight * scd + row.w.weight * wcd);
+KD_HD float cakd_row_loss(const CakdRow& row, float scd, float wcd, const CakdParams& params) {
+  return params.t2 * (params.bcd_weight * row.bcd + row.s.weight * scd + row.w.weight * wcd);
 }
 
 // Element i of group g: its term of KL(p̂_g || q̂_g) and its dL/dz_i, from the renormalised

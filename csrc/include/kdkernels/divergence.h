@@ -1,6 +1,6 @@
 // Divergence terms and their gradients: the one definition shared by the CPU and CUDA kernels.
 //
-// Notation (DESIGN.md §3): u = z_s / T, a = z_t / T, q = softmax(u), p = softmax(a).
+// Notation: u = z_s / T, a = z_t / T, q = softmax(u), p = softmax(a).
 // Every function takes the per-element log-probabilities and probabilities
 //   logp = a_i - lse(a),  logq = u_i - lse(u),  p = exp(logp),  q = exp(logq)
 // which may be -inf / 0 for masked vocabulary entries, and returns values in which a zero
@@ -16,6 +16,8 @@
 //   grad_cached(q, x, C)   : the same dD/du_i from it,
 // so a kernel that keeps x_i from the row-constant pass (the CPU kernel stores it in its L2
 // scratch) computes the gradient without the logs and mixtures a second time.
+// Divergences with kSecondRowSum (skew KL) give second_term, the share of a second row constant
+// C2, and grad2(..., C, C2) instead of grad; kernels call divergence_grad, which picks the one.
 // The kernels sum `loss` over the row for the divergence value. Everything is written for a
 // generic arithmetic type F: `float` (scalar CPU and CUDA code) or `at::vec::Vectorized<float>`
 // (CPU SIMD); the elementary functions below are overloaded for each.
@@ -23,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KD_HD __host__ __device__ __forceinline__
@@ -44,8 +47,8 @@ enum class Divergence : int64_t {
 // ---- scalar elementary functions -------------------------------------------------------------
 KD_HD float kd_exp(float x) { return ::expf(x); }
 KD_HD float kd_log(float x) { return ::logf(x); }
+KD_HD float kd_min(float a, float b) { return a < b ? a : b; }
 KD_HD float kd_abs(float x) { return ::fabsf(x); }
-KD_HD float kd_max(float a, float b) { return a > b ? a : b; }
 // a > b ? x : y
 KD_HD float kd_where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
 KD_HD float kd_splat(float v, float) { return v; }
@@ -57,21 +60,63 @@ KD_HD F kd_if_pos(F prob, F value) {
   return kd_where_gt(prob, zero, value, zero);
 }
 
+// ---- online log-sum-exp --------------------------------------------------------------------------
+// Running log-sum-exp of a stream of logits at scale 1/T: the largest logit seen (raw units, -inf
+// while every logit seen is -inf) and sum exp((x - max) / T), rescaled whenever the max grows.
+// The kernels add the exps themselves (SIMD, per thread); this keeps the pair and what follows
+// from it, in double.
+struct OnlineLse {
+  float max = -INFINITY;
+  double sum = 0.0;
+
+  // Moves the running max up to `new_max` when that is larger, rescaling the sum.
+  KD_HD void raise_max(float new_max, float inv_t) {
+    if (new_max > max) {
+      sum *= ::exp(static_cast<double>(max - new_max) * inv_t);
+      max = new_max;
+    }
+  }
+  KD_HD bool empty() const { return max == -INFINITY; }
+  // lse(x / T); -inf for an empty stream.
+  KD_HD double lse(float inv_t) const {
+    return empty() ? -INFINITY : static_cast<double>(max) * inv_t + ::log(sum);
+  }
+  // The factor turning exp((x - shift) / T) into the probability exp(x / T - lse); 0 when empty.
+  KD_HD float probability_factor(float shift, float inv_t) const {
+    return empty() ? 0.f : static_cast<float>(::exp(static_cast<double>(shift - max) * inv_t) / sum);
+  }
+};
+
 // Weights of the mixture m = w_p p + w_q q used by jsd and the skew divergences.
 struct Mixture {
   float wp;
   float wq;
 };
 
-KD_HD Mixture make_mixture(float wp, float wq) { return Mixture{wp, wq}; }
-
-// m = wp p + wq q. The mixture divergences below use the ratios p/m and q/m formed from the
-// probabilities: when student and teacher nearly agree a ratio is ~1 and its log keeps full
-// precision (log p - log m from the logits would not), and entries where both probabilities are
-// tiny still give a well-scaled ratio. Entries with zero probability are guarded by kd_if_pos.
+// m = wp p + wq q. The mixture divergences below work from the probabilities, not from log p -
+// log m of the logits, so that entries where both probabilities are tiny still give well-scaled
+// ratios. Entries with zero probability are guarded by kd_if_pos.
 template <class F>
 KD_HD F mixture_of(F p, F q, const Mixture& mix) {
   return kd_splat(mix.wp, p) * p + kd_splat(mix.wq, q) * q;
+}
+
+// log(m / x) for the mixture m = (1 - w) x + w y of x (p or q) and the other distribution y, to
+// full precision both where m is close to x (student and teacher nearly agree, or w is near 0:
+// the log of a ratio rounded near 1 would be off by ~eps per element, a bias of that size in a
+// KL(x || m) that is itself tiny there) and where m is far from it (log1p of t = m/x - 1 near -1
+// would cancel). With t = w (y - x) / x, exact near m = x, and u = (1 - w) + w y / x, a sum of
+// positive terms and so exact in relative terms everywhere: log(m/x) = log(u) t / (u - 1), whose
+// factor log(u) / (u - 1) varies slowly enough near u = 1 to absorb u's rounding (the log1p
+// trick); t itself where u rounds to 1. Both are capped so that a denormal x gives a large finite
+// log, not inf or NaN. x > 0.
+template <class F>
+KD_HD F log_mixture_over(F x, F y, float w) {
+  const F cap = kd_splat(1e30f, x);
+  const F t = kd_min(kd_splat(w, x) * ((y - x) / x), cap);  // not (w (y - x)) / x: w (y - x) may be denormal
+  const F u = kd_min(kd_splat(1.f - w, x) + kd_splat(w, x) * (y / x), cap);
+  const F u_minus_1 = u - kd_splat(1.f, x);
+  return kd_where_gt(kd_abs(u_minus_1), kd_splat(0.f, x), kd_log(u) * (t / u_minus_1), t);
 }
 
 // ---- forward KL: KL(p || q) = sum p (log p - log q);  dD/du_i = q_i - p_i ------------------
@@ -122,17 +167,18 @@ struct ReverseKL : CachedGrad<ReverseKL> {
 
 // ---- generalized JSD(beta): m = beta p + (1-beta) q,
 //      D = beta KL(p||m) + (1-beta) KL(q||m);  s = log(q/m),  C = sum q s,
-//      dD/du_i = (1-beta) q_i (s_i - C).  D = 0 at beta in {0, 1} (continuous convention). ------
+//      dD/du_i = (1-beta) q_i (s_i - C).  D = 0 at beta in {0, 1} (continuous convention).
+//      log(p/m), log(q/m) come from log_mixture_over (beta near 0 or 1 puts m near q or p). -----
 struct JSD : CachedGrad<JSD> {
   using CachedGrad<JSD>::terms;
   static constexpr bool kRowSum = true;
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
-    const F m = mixture_of(p, q, mix);
-    cached = kd_if_pos(q, kd_log(q / m));  // s
+    const F zero = kd_splat(0.f, p);
+    cached = kd_if_pos(q, zero - log_mixture_over(q, p, mix.wp));  // s
     const F kl_q = q * cached;
-    loss = kd_splat(0.f, p);
-    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, p * kd_log(p / m));
+    loss = zero;
+    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, zero - p * log_mixture_over(p, q, mix.wq));
     if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
     c = kl_q;
   }
@@ -144,8 +190,8 @@ struct JSD : CachedGrad<JSD> {
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wq > 0.f) || !(mix.wp > 0.f)) return kd_splat(0.f, q);
-    const F m = mixture_of(p, q, mix);
-    return kd_splat(mix.wq, q) * kd_if_pos(q, q * (kd_log(q / m) - kd_splat(row_c, q)));
+    const F s = kd_splat(0.f, q) - log_mixture_over(q, p, mix.wp);
+    return kd_splat(mix.wq, q) * kd_if_pos(q, q * (s - kd_splat(row_c, q)));
   }
 };
 
@@ -153,31 +199,22 @@ struct JSD : CachedGrad<JSD> {
 //      w = p/m,  C = W = sum q w,  dD/du_i = (1-alpha) q_i (W - w_i).
 //      W - w_i cancels when w_i ~ W. Small w are exact enough directly; for w near 1 the small
 //      quantity w - 1 = (1-alpha)(p - q)/m keeps the precision, with C2 = sum q (w - 1) = W - 1.
-//      Kernels that can carry a second row constant use grad2 (CPU); grad is the one-constant form.
+//      The kernels carry both constants and use grad2. log(p/m) comes from log_mixture_over
+//      (alpha near 1 puts m near p, where D is tiny).
 struct SkewKL {
   static constexpr bool kRowSum = true;
   static constexpr bool kSecondRowSum = true;
   template <class F>
-  KD_HD static F q_times_w(F p, F q, const Mixture& mix) {
-    const F m = mixture_of(p, q, mix);
-    return kd_if_pos(m, q * p / m);  // m = 0 only where p = q = 0
-  }
-  template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
     const F m = mixture_of(p, q, mix);
-    loss = kd_if_pos(p, p * kd_log(p / m));
-    c = kd_if_pos(m, q * p / m);
+    loss = kd_if_pos(p, kd_splat(0.f, p) - p * log_mixture_over(p, q, mix.wq));
+    c = kd_if_pos(m, q * p / m);  // m = 0 only where p = q = 0
   }
   // c2_i = q_i (w_i - 1)
   template <class F>
   KD_HD static F second_term(F p, F q, const Mixture& mix) {
     const F m = mixture_of(p, q, mix);
     return kd_if_pos(m, kd_splat(mix.wq, q) * q * (p - q) / m);
-  }
-  template <class F>
-  KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
-    if (!(mix.wq > 0.f)) return kd_splat(0.f, q);
-    return kd_splat(mix.wq, q) * (q * kd_splat(row_c, q) - q_times_w(p, q, mix));
   }
   template <class F>
   KD_HD static F grad2(F, F, F p, F q, const Mixture& mix, float row_c, float row_c2) {
@@ -192,24 +229,23 @@ struct SkewKL {
 };
 
 // ---- skew reverse KL(alpha): m = (1-alpha) p + alpha q,  D = KL(q || m);
-//      h = log(q/m) - alpha q/m,  C = sum q h,  dD/du_i = q_i (h_i - C). -------------------------
+//      h = log(q/m) - alpha q/m,  C = sum q h,  dD/du_i = q_i (h_i - C).
+//      Near alpha = 1 (m near q) h is close to -1 and h - C cancels: the kernels carry the
+//      shifted h' = h + 1 = (1-alpha) p/m - log(m/q) instead (alpha q/m + (1-alpha) p/m = 1),
+//      small there and exact from log_mixture_over; the shift cancels in h - C. ----------------
 struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   using CachedGrad<SkewReverseKL>::terms;
   static constexpr bool kRowSum = true;
+  // h' from log(m/q) (q > 0)
   template <class F>
-  KD_HD static F h_from(F log_ratio, F ratio, const Mixture& mix) {
-    return log_ratio - kd_splat(mix.wq, ratio) * ratio;
-  }
-  template <class F>
-  KD_HD static F h_term(F ratio, const Mixture& mix) {
-    return h_from(kd_log(ratio), ratio, mix);
+  KD_HD static F h_shifted(F p, F q, F log_m_over_q, const Mixture& mix) {
+    return kd_splat(mix.wp, p) * p / mixture_of(p, q, mix) - log_m_over_q;
   }
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
-    const F ratio = q / mixture_of(p, q, mix);
-    const F log_ratio = kd_log(ratio);
-    loss = kd_if_pos(q, q * log_ratio);
-    cached = kd_if_pos(q, h_from(log_ratio, ratio, mix));
+    const F log_m_over_q = log_mixture_over(q, p, mix.wp);
+    loss = kd_if_pos(q, kd_splat(0.f, q) - q * log_m_over_q);
+    cached = kd_if_pos(q, h_shifted(p, q, log_m_over_q, mix));
     c = q * cached;
   }
   template <class F>
@@ -220,8 +256,8 @@ struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wp > 0.f)) return kd_splat(0.f, q);  // alpha = 1: m = q, D = 0 for every q
-    const F ratio = q / mixture_of(p, q, mix);
-    return kd_if_pos(q, q * (h_term(ratio, mix) - kd_splat(row_c, q)));
+    const F h = h_shifted(p, q, log_mixture_over(q, p, mix.wp), mix);
+    return kd_if_pos(q, q * (h - kd_splat(row_c, q)));
   }
 };
 
@@ -252,16 +288,45 @@ struct TVD : CachedGrad<TVD> {
   }
 };
 
-// The mixture each divergence uses, from its `beta` argument.
-KD_HD Mixture mixture_for(Divergence div, float beta) {
+// Divergences that carry a second row constant for precision (see SkewKL): they give
+// second_term and grad2.
+template <class Div, class = void>
+constexpr bool kSecondRowSum = false;
+template <class Div>
+constexpr bool kSecondRowSum<Div, std::void_t<decltype(Div::kSecondRowSum)>> = Div::kSecondRowSum;
+
+// Divergences whose gradient comes from a per-element quantity a kernel may keep (see CachedGrad).
+template <class Div, class = void>
+constexpr bool kCachedGrad = false;
+template <class Div>
+constexpr bool kCachedGrad<Div, std::void_t<decltype(Div::kCachedGrad)>> = Div::kCachedGrad;
+
+// dD/du_i with the row constants a kernel carries: grad2 for the divergences with a second one.
+template <class Div, class F>
+KD_HD F divergence_grad(F logp, F logq, F p, F q, const Mixture& mix, float row_c, float row_c2) {
+  if constexpr (kSecondRowSum<Div>) {
+    return Div::grad2(logp, logq, p, q, mix, row_c, row_c2);
+  } else {
+    return Div::grad(logp, logq, p, q, mix, row_c);
+  }
+}
+
+// Whether `id` names a divergence of the enum above (the ops take it as an integer).
+KD_HD bool is_divergence_id(int64_t id) { return id >= 0 && id <= static_cast<int64_t>(Divergence::kTVD); }
+
+// The mixture each divergence uses, from its `beta` argument. Both weights are formed in double
+// and then rounded: 1 - beta from a beta already rounded to float loses the digits that matter
+// when beta is close to 1 (a relative error of 1e-2 in w at beta = 0.999999).
+KD_HD Mixture mixture_for(Divergence div, double beta) {
+  const float beta_f = static_cast<float>(beta), rest_f = static_cast<float>(1.0 - beta);
   switch (div) {
     case Divergence::kJSD:
     case Divergence::kSkewKL:
-      return make_mixture(beta, 1.f - beta);  // m = beta p + (1 - beta) q
+      return Mixture{beta_f, rest_f};  // m = beta p + (1 - beta) q
     case Divergence::kSkewReverseKL:
-      return make_mixture(1.f - beta, beta);  // m = (1 - alpha) p + alpha q
+      return Mixture{rest_f, beta_f};  // m = (1 - alpha) p + alpha q
     default:
-      return make_mixture(0.f, 0.f);
+      return Mixture{0.f, 0.f};
   }
 }
 
@@ -278,9 +343,13 @@ inline void dispatch_divergence(Divergence div, Fn&& fn) {
   }
 }
 
+// The factor on a distillation term: T^2 when scale_by_t2 (its gradient then keeps the scale of
+// the CE term's as T grows), else 1.
+KD_HD float t2_scale(float temperature, bool scale_by_t2) { return scale_by_t2 ? temperature * temperature : 1.f; }
+
 // Per-call parameters of the fused KD row loss
 //   loss_row = ce_weight * (lse(z) - z_y) + kd_weight * t2 * D(p_T || q_T)
-// with t2 = T^2 when scale_by_t2 else 1; dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y)
+// with t2 = t2_scale(T); dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y)
 // where kd_coef = kd_weight * t2 / T.
 struct KDParams {
   Divergence divergence;
@@ -288,18 +357,22 @@ struct KDParams {
   float kd_scale;  // kd_weight * t2   (multiplies D in the loss)
   float kd_coef;   // kd_scale / T     (multiplies dD/du in dL/dz)
   float ce_weight;
+  // T == 1: the CE term's softmax(z) is the student's q, and its log-sum-exp the student's one,
+  // so a kernel computes neither a second time.
+  bool ce_reuses_q;
   int64_t ignore_index;
   Mixture mix;
 };
 
-KD_HD KDParams make_kd_params(int64_t divergence, float temperature, float beta, float kd_weight,
+KD_HD KDParams make_kd_params(int64_t divergence, float temperature, double beta, float kd_weight,
                               float ce_weight, bool scale_by_t2, int64_t ignore_index) {
   KDParams p;
   p.divergence = static_cast<Divergence>(divergence);
   p.inv_temperature = 1.f / temperature;
-  p.kd_scale = kd_weight * (scale_by_t2 ? temperature * temperature : 1.f);
+  p.kd_scale = kd_weight * t2_scale(temperature, scale_by_t2);
   p.kd_coef = p.kd_scale / temperature;
   p.ce_weight = ce_weight;
+  p.ce_reuses_q = p.inv_temperature == 1.f;
   p.ignore_index = ignore_index;
   p.mix = mixture_for(p.divergence, beta);
   return p;

@@ -2,5 +2,6 @@
 interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which the tests use."""
 
 from kdkernels.backends.triton.kd_loss import BAD_INPUT_AS_NAN, CHECKS_VALUES, rows, rows_inplace
+from kdkernels.backends.triton.sparse import sparse_rows, sparse_rows_inplace
 
-__all__ = ["BAD_INPUT_AS_NAN", "CHECKS_VALUES", "rows", "rows_inplace"]
+__all__ = ["BAD_INPUT_AS_NAN", "CHECKS_VALUES", "rows", "rows_inplace", "sparse_rows", "sparse_rows_inplace"]

@@ -1,7 +1,7 @@
 """Fused KD row loss in Triton: one program per row, online softmax over vocabulary tiles, the
 gradient written during the forward pass.
 
-Per row (DESIGN.md §3; the formulas mirror csrc/include/kdkernels/divergence.h term by term):
+Per row (the formulas mirror csrc/include/kdkernels/divergence.h term by term):
   1. statistics pass: running max (a finite sentinel, so -inf logits are masked entries with
      probability 0) and per-lane sums of exponentials of the student at 1/T and, for the CE blend
      at T != 1, at T = 1, and of the teacher at 1/T -> lse(u), lse(z), lse(a); the maxima
@@ -15,17 +15,19 @@ tiles read last, which are still in L2.
 
 Temperature, beta and the weights are runtime scalars (no recompilation when they change); the
 divergence, whether labels / the CE term exist, whether T == 1 (the CE term then reuses the
-student's softmax) and whether a gradient is wanted are compile-time switches.
+student's softmax, ``ce_reuses_q``) and whether a gradient is wanted are compile-time switches.
 
-Bad values cost no host synchronisation: a row whose logits contain NaN or +inf, or whose label
-is neither ``ignore_index`` nor in [0, V), gets a NaN loss and a NaN gradient row, so the error
-shows in the loss (and trips AMP's inf/NaN check) instead of raising.
+A teacher row that is entirely -inf has no distribution: its KD term is 0 and its CE term stays.
+Bad values cost no host synchronisation: a row whose logits contain NaN or +inf, whose label is
+neither ``ignore_index`` nor in [0, V), or whose loss the student's -inf entries make +inf or
+undefined (the whole row; the label's entry; forward KL's teacher mass on one) gets a NaN loss,
+so the error shows in the loss (and trips AMP's inf/NaN check) instead of raising; rows with bad
+values also get a NaN gradient row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -54,13 +56,13 @@ MAX_BLOCK = 8192
 
 
 @triton.jit
-def _log_mixture(logp, logq, log_wp, log_wq):
-    # log(wp p + wq q) = logaddexp(logp + log wp, logq + log wq), -inf (not NaN) when both vanish.
-    x = logp + log_wp
-    y = logq + log_wq
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    return tl.where(hi > -float("inf"), hi + tl.log(1.0 + tl.exp(lo - hi)), -float("inf"))
+def _log_mixture_over(x, y, w):
+    """log(m / x) for the mixture m = (1 - w) x + w y, exact near m = x and far from it
+    (divergence.h log_mixture_over): log(u) t / (u - 1) with t = w (y - x) / x and
+    u = (1 - w) + w y / x, capped so that a denormal x gives a large finite log. x > 0."""
+    t = tl.minimum(w * ((y - x) / x), 1e30)
+    u = tl.minimum((1.0 - w) + w * (y / x), 1e30)
+    return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
 
 
 @triton.jit
@@ -80,7 +82,7 @@ def _load_tile(student_row, teacher_row, offs, vocab):
 
 
 @triton.jit
-def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq, DIVERGENCE: tl.constexpr):
+def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, DIVERGENCE: tl.constexpr):
     """Per-element loss term, share c_i of the row constant C (divergence.h `terms`) and share
     c2_i of the second row constant that skew KL carries (`second_term`; 0 for the others)."""
     zero = tl.zeros_like(p)
@@ -91,23 +93,20 @@ def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq, 
     elif DIVERGENCE == _REVERSE_KL:  # KL(q || p); c = q (log q - log p)
         loss = tl.where(q > 0, q * (logq - logp), zero)
         c = loss
-    elif DIVERGENCE == _JSD:  # wp KL(p || m) + wq KL(q || m); c = q (log q - log m)
-        logm = _log_mixture(logp, logq, mix_log_wp, mix_log_wq)
-        kl_q = tl.where(q > 0, q * (logq - logm), zero)
-        kl_p = tl.where(p > 0, p * (logp - logm), zero)
+    elif DIVERGENCE == _JSD:  # wp KL(p || m) + wq KL(q || m); c = q log(q / m)
+        kl_q = tl.where(q > 0, -q * _log_mixture_over(q, p, mix_wp), zero)
+        kl_p = tl.where(p > 0, -p * _log_mixture_over(p, q, mix_wq), zero)
         loss = tl.where(mix_wp > 0, mix_wp * kl_p, zero) + tl.where(mix_wq > 0, mix_wq * kl_q, zero)
         c = kl_q
     elif DIVERGENCE == _SKEW_KL:  # KL(p || m); c = q w, c2 = q (w - 1), w = p / m
-        logm = _log_mixture(logp, logq, mix_log_wp, mix_log_wq)
-        loss = tl.where(p > 0, p * (logp - logm), zero)
-        c = tl.where((q > 0) & (p > 0), tl.exp(logq + logp - logm), zero)
         m = mix_wp * p + mix_wq * q
+        loss = tl.where(p > 0, -p * _log_mixture_over(p, q, mix_wq), zero)
+        c = tl.where(m > 0, q * p / m, zero)
         c2 = tl.where(m > 0, mix_wq * q * (p - q) / m, zero)
-    elif DIVERGENCE == _SKEW_REVERSE_KL:  # KL(q || m); c = q h, h = log(q/m) - wq q/m
-        logm = _log_mixture(logp, logq, mix_log_wp, mix_log_wq)
-        log_ratio = logq - logm
-        loss = tl.where(q > 0, q * log_ratio, zero)
-        c = tl.where(q > 0, q * (log_ratio - mix_wq * tl.exp(log_ratio)), zero)
+    elif DIVERGENCE == _SKEW_REVERSE_KL:  # KL(q || m); c = q h', h' = wp p / m - log(m / q)
+        log_m_over_q = _log_mixture_over(q, p, mix_wp)
+        loss = tl.where(q > 0, -q * log_m_over_q, zero)
+        c = tl.where(q > 0, q * (mix_wp * p / (mix_wp * p + mix_wq * q) - log_m_over_q), zero)
     else:  # TVD: 1/2 sum |p - q|; c = q sigma, sigma = 1/2 sign(q - p)
         loss = 0.5 * tl.abs(p - q)
         c = q * tl.where(q > p, 0.5, tl.where(p > q, -0.5, 0.0))
@@ -115,8 +114,7 @@ def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq, 
 
 
 @triton.jit
-def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq, row_c, row_c2,
-                     DIVERGENCE: tl.constexpr):
+def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE: tl.constexpr):
     """dD/du_i, the derivative with respect to the tempered student logit (divergence.h `grad`,
     and `grad2` for skew KL)."""
     zero = tl.zeros_like(p)
@@ -124,19 +122,18 @@ def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq, r
         g = q - p
     elif DIVERGENCE == _REVERSE_KL:  # q (log q - log p - C)
         g = tl.where(q > 0, q * (logq - logp - row_c), zero)
-    elif DIVERGENCE == _JSD:  # wq q (log q - log m - C); 0 at beta in {0, 1}
-        logm = _log_mixture(logp, logq, mix_log_wp, mix_log_wq)
-        g = tl.where((mix_wp > 0) & (mix_wq > 0) & (q > 0), mix_wq * q * (logq - logm - row_c), zero)
+    elif DIVERGENCE == _JSD:  # wq q (log(q / m) - C); 0 at beta in {0, 1}
+        g = tl.where((mix_wp > 0) & (mix_wq > 0) & (q > 0),
+                     mix_wq * q * (-_log_mixture_over(q, p, mix_wp) - row_c), zero)
     elif DIVERGENCE == _SKEW_KL:  # wq q (W - w); near w = 1 as wq q (C2 - (w - 1)), C2 = W - 1
         m = mix_wp * p + mix_wq * q
         w = tl.where(m > 0, p / m, zero)
         w_minus_1 = tl.where(m > 0, mix_wq * (p - q) / m, zero)
         gap = tl.where(w > 0.5, row_c2 - w_minus_1, row_c - w)
         g = tl.where(mix_wq > 0, mix_wq * q * gap, zero)
-    elif DIVERGENCE == _SKEW_REVERSE_KL:  # q (h - C); 0 at alpha = 1, where m = q
-        logm = _log_mixture(logp, logq, mix_log_wp, mix_log_wq)
-        log_ratio = logq - logm
-        g = tl.where((mix_wp > 0) & (q > 0), q * (log_ratio - mix_wq * tl.exp(log_ratio) - row_c), zero)
+    elif DIVERGENCE == _SKEW_REVERSE_KL:  # q (h' - C); 0 at alpha = 1, where m = q
+        h = mix_wp * p / (mix_wp * p + mix_wq * q) - _log_mixture_over(q, p, mix_wp)
+        g = tl.where((mix_wp > 0) & (q > 0), q * (h - row_c), zero)
     else:  # TVD: q (sigma - C)
         g = q * (tl.where(q > p, 0.5, tl.where(p > q, -0.5, 0.0)) - row_c)
     return g
@@ -159,13 +156,11 @@ def _kd_loss_fwd_kernel(
     ce_weight,
     mix_wp,  # m = wp p + wq q for the mixture divergences (divergence.h mixture_for)
     mix_wq,
-    mix_log_wp,  # log wp, log wq (-inf for a zero weight)
-    mix_log_wq,
     ignore_index,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     USE_CE: tl.constexpr,  # labels given and ce_weight > 0
-    CE_SHARES_LSE: tl.constexpr,  # T == 1: softmax(z) is the student's q
+    CE_REUSES_Q: tl.constexpr,  # T == 1: softmax(z) is the student's q (ce_reuses_q)
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -198,24 +193,31 @@ def _kd_loss_fwd_kernel(
             new_max_t = _max_with_nan(max_t, tl.reduce(t, 0, _max_with_nan))
             sum_u = sum_u * tl.exp((max_z - new_max_z) * inv_temperature) + tl.exp(
                 (z - new_max_z) * inv_temperature)
-            if USE_CE and not CE_SHARES_LSE:
+            if USE_CE and not CE_REUSES_Q:
                 sum_z = sum_z * tl.exp(max_z - new_max_z) + tl.exp(z - new_max_z)
             sum_a = sum_a * tl.exp((max_t - new_max_t) * inv_temperature) + tl.exp(
                 (t - new_max_t) * inv_temperature)
             max_z = new_max_z
             max_t = new_max_t
 
-        # A row that is entirely -inf (masked) in either tensor has loss 0 and gradient 0.
-        live = (max_z > _NEG_BIG) & (max_t > _NEG_BIG)
+        # A teacher row entirely -inf has no distribution: no KD term (the CE term stays).
+        has_student = max_z > _NEG_BIG
+        has_teacher = max_t > _NEG_BIG
         # NaN or +inf in either row (the maxima propagate NaN), or a label outside [0, V).
         poisoned = (max_z != max_z) | (max_z == float("inf")) | (max_t != max_t) | (max_t == float("inf"))
         poisoned = poisoned | bad_label
+        # A student row entirely -inf has no distribution: the loss is undefined unless the teacher
+        # row is masked too and there is no CE term (a fully masked row: loss 0, gradient 0).
+        if USE_CE:
+            poisoned = poisoned | (max_z <= _NEG_BIG)
+        else:
+            poisoned = poisoned | ((max_z <= _NEG_BIG) & has_teacher)
         # log-softmax as (x - max) / T - log(sum): the shifted logit is exact and the normaliser
         # small, which keeps precision when the logits are large.
-        log_sum_u = tl.where(live, tl.log(tl.sum(sum_u)), 0.0)
-        log_sum_a = tl.where(live, tl.log(tl.sum(sum_a)), 0.0)
-        if USE_CE and not CE_SHARES_LSE:
-            log_sum_z = tl.where(live, tl.log(tl.sum(sum_z)), 0.0)
+        log_sum_u = tl.where(has_student, tl.log(tl.sum(sum_u)), 0.0)
+        log_sum_a = tl.where(has_teacher, tl.log(tl.sum(sum_a)), 0.0)
+        if USE_CE and not CE_REUSES_Q:
+            log_sum_z = tl.where(has_student, tl.log(tl.sum(sum_z)), 0.0)
         else:
             log_sum_z = log_sum_u
 
@@ -232,8 +234,7 @@ def _kd_loss_fwd_kernel(
                 logq = (z - max_z) * inv_temperature - log_sum_u
                 logp = (t - max_t) * inv_temperature - log_sum_a
                 q = tl.exp(logq)
-                loss, c, c2 = _divergence_terms(logp, logq, tl.exp(logp), q, mix_wp, mix_wq, mix_log_wp,
-                                                mix_log_wq, DIVERGENCE)
+                loss, c, c2 = _divergence_terms(logp, logq, tl.exp(logp), q, mix_wp, mix_wq, DIVERGENCE)
                 divergence += loss
                 c_sum += c
                 c2_sum += c2
@@ -247,6 +248,7 @@ def _kd_loss_fwd_kernel(
         if USE_CE:  # read before pass 3, which may write the gradient over the student row (in place)
             z_label = tl.load(student_row + label, mask=(label >= 0) & (label < vocab),
                               other=0.0).to(tl.float32)
+            poisoned = poisoned | (z_label == -float("inf"))  # the label on a student -inf entry: CE = +inf
 
         # ---- 3. gradient (and forward KL's value), tiles in the opposite order of the pass before ----
         if COMPUTE_GRAD or DIVERGENCE == _FORWARD_KL:
@@ -264,26 +266,26 @@ def _kd_loss_fwd_kernel(
                 p = tl.exp(logp)
                 q = tl.exp(logq)
                 if DIVERGENCE == _FORWARD_KL:
-                    loss, _, _ = _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq,
-                                                   DIVERGENCE)
+                    loss, _, _ = _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, DIVERGENCE)
                     divergence += loss
                 if COMPUTE_GRAD:
-                    g = kd_grad_coef * _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp,
-                                                        mix_log_wq, row_c, row_c2, DIVERGENCE)
+                    g = tl.where(has_teacher, kd_grad_coef * _divergence_grad(
+                        logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE), 0.0)
                     if USE_CE:  # ce_weight (softmax(z) - onehot(y))
-                        if CE_SHARES_LSE:
+                        if CE_REUSES_Q:
                             softmax_z = q
                         else:
                             softmax_z = tl.exp(z - max_z - log_sum_z)
                         g += ce_grad_coef * (softmax_z - tl.where(offs == label, 1.0, 0.0))
-                    g = tl.where(live, g, 0.0)
                     g = tl.where(poisoned, float("nan"), g)
                     tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
-        row_loss = kd_scale * tl.sum(divergence)
+        divergence_total = tl.sum(divergence)
+        if DIVERGENCE == _FORWARD_KL:  # +inf only where the teacher has mass on a student -inf entry
+            poisoned = poisoned | (divergence_total == float("inf"))
+        row_loss = tl.where(has_teacher, kd_scale * divergence_total, 0.0)
         if USE_CE:  # CE(z, y) = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
             row_loss += ce_weight * ((max_z - z_label) + log_sum_z)
-        row_loss = tl.where(live, row_loss, 0.0)
         row_loss = tl.where(poisoned, float("nan"), row_loss)
         tl.store(row_loss_ptr + row, row_loss)
     else:  # ignored row: loss 0, gradient 0, nothing read
@@ -328,7 +330,9 @@ def scale_unless_one_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def mixture_weights(cfg: KDConfig) -> Tuple[float, float]:
     """(wp, wq) of the mixture m = wp p + wq q that cfg's divergence uses (divergence.h
-    mixture_for); (0, 0) for divergences without one."""
+    mixture_for); (0, 0) for divergences without one. Both are formed in double precision from
+    beta (a Python float) and passed to the kernel as float32 scalars: 1 - beta from a beta
+    already rounded to float32 would lose the digits that matter when beta is close to 1."""
     if cfg.divergence in ("jsd", "skew_kl"):
         return cfg.beta, 1.0 - cfg.beta
     if cfg.divergence == "skew_reverse_kl":
@@ -336,8 +340,10 @@ def mixture_weights(cfg: KDConfig) -> Tuple[float, float]:
     return 0.0, 0.0
 
 
-def _log_or_neg_inf(weight: float) -> float:
-    return math.log(weight) if weight > 0 else -math.inf
+def ce_reuses_q(temperature: float) -> bool:
+    """T == 1: the CE term's softmax(z) is the student's q, so the kernel computes no second
+    log-sum-exp (divergence.h KDParams::ce_reuses_q)."""
+    return temperature == 1.0
 
 
 def launch_shape(vocab: int) -> Tuple[int, int]:
@@ -356,21 +362,22 @@ def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-                 grad_scale: torch.Tensor, cfg: KDConfig, compute_grad: bool, *,
-                 block: Optional[int] = None, num_warps: Optional[int] = None
-                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``rows`` with an optional launch shape (block: a power of two; tests use small tiles)."""
+def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+         grad_scale: torch.Tensor, cfg: KDConfig, compute_grad: bool, *,
+         block: Optional[int] = None, num_warps: Optional[int] = None
+         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The backend contract (kdkernels.backends), with an optional launch shape (block: a power of
+    two; the default is launch_shape's)."""
     student = _unit_column_stride(student_logits)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
     return _row_losses(student, teacher_logits, labels, grad, grad_scale, cfg, block, num_warps), grad
 
 
-def kd_loss_rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                         labels: Optional[torch.Tensor], grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
-    """``kd_loss_rows`` with the gradient written over the contiguous student logits: every
-    program reads a tile of its row before it writes that tile's gradient, and the label's logit
-    before the gradient pass."""
+def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                 grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    """``rows`` with the gradient written over the contiguous student logits: every program reads
+    a tile of its row before it writes that tile's gradient, and the label's logit before the
+    gradient pass."""
     if not student_logits.is_contiguous():
         raise ValueError("student_logits must be contiguous to take the gradient in place")
     return _row_losses(student_logits, teacher_logits, labels, student_logits, grad_scale, cfg)
@@ -407,25 +414,12 @@ def _launch(student, teacher, labels, grad, row_loss, grad_scale, cfg: KDConfig,
         grad_scale.to(device=student.device, dtype=torch.float32),
         student.stride(0), teacher.stride(0), vocab,
         1.0 / cfg.temperature, cfg.kd_scale, cfg.kd_scale / cfg.temperature, cfg.ce_weight,
-        mix_wp, mix_wq, _log_or_neg_inf(mix_wp), _log_or_neg_inf(mix_wq), cfg.ignore_index,
+        mix_wp, mix_wq, cfg.ignore_index,
         DIVERGENCE=cfg.divergence_id,
         HAS_LABELS=labels is not None,
         USE_CE=labels is not None and cfg.ce_weight > 0,
-        CE_SHARES_LSE=cfg.temperature == 1.0,
+        CE_REUSES_Q=ce_reuses_q(cfg.temperature),
         COMPUTE_GRAD=grad is not None,
         BLOCK=block,
         num_warps=num_warps,
     )
-
-
-def rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-         grad_scale: torch.Tensor, cfg: KDConfig, compute_grad: bool
-         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The backend contract (kdkernels.backends)."""
-    return kd_loss_rows(student_logits, teacher_logits, labels, grad_scale, cfg, compute_grad)
-
-
-def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-                 grad_scale: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
-    """The in-place variant of the backend contract (kdkernels.backends)."""
-    return kd_loss_rows_inplace(student_logits, teacher_logits, labels, grad_scale, cfg)

@@ -1,0 +1,33 @@
+"""Distil a teacher into a student in a plain PyTorch loop with the fused lm_head + KD loss.
+
+The student's logits are never materialised: the loss takes its final hidden states and lm_head
+weight, and the teacher's, and works through the tokens in chunks.
+
+    python examples/plain_loop.py
+"""
+
+import torch
+
+import kdkernels
+from tiny_models import collate, tiny_llama, toy_examples
+
+student, teacher = tiny_llama(layers=2, seed=0), tiny_llama(layers=4, seed=1)
+teacher.eval().requires_grad_(False)
+optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+examples = toy_examples()
+
+for step in range(10):
+    batch = collate(examples[(step * 8) % len(examples):][:8])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # position i predicts token i + 1: shift the labels, nothing to predict at the last position
+    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    hidden = student.model(**inputs).last_hidden_state              # [B, S, H_s]
+    with torch.no_grad():
+        teacher_hidden = teacher.model(**inputs).last_hidden_state  # [B, S, H_t]
+    loss = kdkernels.fused_linear_kd_loss(
+        hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, targets,
+        temperature=2.0, kd_weight=0.5, ce_weight=0.5)              # mean over predicted tokens
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    print(f"step {step}: loss {loss.item():.4f}")
