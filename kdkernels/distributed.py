@@ -595,7 +595,8 @@ def vocab_parallel_fused_linear_kd_loss(
                                              logit_scale, softcap)
     labels_1d = None if labels is None else labels.reshape(-1)
     plan = fused_linear._Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab,
-                              chunk_size=chunk_size, route=VocabParallelRoute(group), inplace=False)
+                              chunk_size=chunk_size, route=VocabParallelRoute(group), inplace=False,
+                              headroom=fused_linear.gradient_headroom(cfg, student_weight.dtype))
     grad_scale = reduction_scale(counted_rows(labels_1d, cfg.ignore_index), reduction, hidden.shape[0],
                                  batch_shape, hidden.device)
     if any(wanted):

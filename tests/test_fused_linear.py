@@ -16,6 +16,7 @@ from typing import Dict, Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kdkernels
 import kdkernels.backends.cpu as cpu_backend
@@ -289,6 +290,42 @@ def test_all_ignored_rows_give_zero_loss_and_zero_gradients():
     assert float(result.loss) == 0.0
     for name in PARAMS:
         assert not result.grads[name].any()
+
+
+@pytest.mark.parametrize("ce_weight", (0.0, 0.5))
+@pytest.mark.parametrize("seed", range(4))
+def test_float16_lm_head_at_a_tiny_temperature_gets_no_nan_gradient(seed, ce_weight):
+    # kd_weight / T = 1e6 overflows a float16 logits gradient; kept in range (exactly, by a power
+    # of two given back in the GEMMs), each gradient is the float64 one rounded: inf only where
+    # that one is beyond float16 itself.
+    tokens, hidden, vocab = 5, 3, 7
+    student = {"hidden": _randn((tokens, hidden), seed).half(), "weight": _randn((vocab, hidden), seed + 1, 0.1).half(),
+               "bias": _randn((vocab,), seed + 2, 0.1).half()}
+    teacher_logits = _randn((tokens, vocab), seed + 3, 0.1).half()
+    labels = make_labels((tokens,), vocab, seed=seed)
+    options = dict(divergence="forward_kl", temperature=1e-6, scale_by_t2=False, ce_weight=ce_weight, labels=labels)
+    got = {name: t.clone().requires_grad_(True) for name, t in student.items()}
+    kdkernels.fused_linear_kd_loss(got["hidden"], got["weight"], student_bias=got["bias"], teacher_logits=teacher_logits,
+                                   **options, backend="cpu").backward()
+    # the oracle: float64 from the float16 logits the kernel sees (at T = 1e-6 their rounding
+    # decides the loss), differentiated through the lm_head in float64
+    oracle = {name: t.double().requires_grad_(True) for name, t in student.items()}
+    exact = F.linear(oracle["hidden"], oracle["weight"], oracle["bias"])
+    logits = exact + (F.linear(student["hidden"], student["weight"], student["bias"]).double() - exact).detach()
+    logits.retain_grad()
+    kdkernels.kd_loss(logits, teacher_logits.double(), **options, backend="reference").backward()
+    # The logits' gradient is rounded to float16 before the GEMMs (as eager PyTorch rounds it):
+    # up to half an ulp of its largest entry per term of each GEMM's sum, then the final rounding.
+    eps, largest = torch.finfo(torch.float16).eps, float(logits.grad.abs().max())
+    terms = {"hidden": float(student["weight"].abs().sum(0).max()),
+             "weight": float(student["hidden"].abs().sum(0).max()), "bias": float(tokens)}
+    for name in PARAMS:
+        grad, expected = got[name].grad, oracle[name].grad
+        assert not grad.isnan().any(), f"{name} gradient: NaN {grad}"
+        beyond = expected.half().isinf()
+        assert torch.equal(grad.isinf(), beyond) and torch.equal(grad[beyond], expected[beyond].half()), name
+        error = (grad[~beyond].double() - expected[~beyond]).abs()
+        assert (error <= eps * (largest * terms[name] + expected[~beyond].abs())).all(), f"{name}: {error}"
 
 
 # --- autograd behaviour ------------------------------------------------------------------------------

@@ -317,6 +317,22 @@ def test_reduction_none_with_random_grad_output(shape, divergence):
                             divergence=divergence, temperature=2.0, ce_weight=0.4)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_low_precision_gradient_under_a_per_row_grad_output_is_rounded_once(dtype):
+    # Each row's gradient times its incoming gradient, rounded to the student's dtype once: the
+    # float32 result of the same logits, rounded. A saved low-precision gradient scaled in
+    # backward would be rounded twice (logits near 100 leave the low bits to the rounding).
+    gen = torch.Generator().manual_seed(5)
+    student = (100 + 0.05 * torch.randn(64, 33, generator=gen, dtype=torch.float64)).to(dtype)
+    teacher = (100 + 0.05 * torch.randn(64, 33, generator=gen, dtype=torch.float64)).float()
+    grad_output = 3 * torch.rand(64, generator=gen)
+    low = loss_and_grad(student, teacher, grad_output=grad_output, reduction="none", backend="cpu")
+    high = loss_and_grad(student.float(), teacher, grad_output=grad_output, reduction="none", backend="cpu")
+    assert low.grad.dtype == dtype
+    assert torch.equal(low.grad, high.grad.to(dtype))
+    check_against_reference(student, teacher, grad_output=grad_output, reduction="none")
+
+
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_second_backward_is_exact(reduction):
     # A second backward through the same graph (retain_graph) gives the right gradient: the first

@@ -27,7 +27,7 @@ import torch
 from kdkernels import _extension
 from kdkernels._config import KDConfig, math_dtype
 from kdkernels.backends import cpu
-from kdkernels.ops.fused import first_order, scale_saved_grads
+from kdkernels.ops.fused import first_order, scale_saved_grads, times
 from kdkernels.ops.reduction import reduce_rows
 from kdkernels.ops.route import KD, Route, logits_loss
 
@@ -169,6 +169,8 @@ class _Plan:
     # whether the gradient may overwrite the student logits buffer (the backend has rows_inplace
     # and there is no softcap, whose derivative needs the capped logits after the row kernel)
     inplace: bool
+    # power of two the row kernel's gradient is divided by and the GEMMs multiply back (gradient_headroom)
+    headroom: float = 1.0
 
 
 class Wanted(NamedTuple):
@@ -204,10 +206,10 @@ class _StudentGrads:
         )
 
     def add_chunk(self, student: _LinearLogits, start: int, end: int, grad: torch.Tensor,
-                  first: bool) -> None:
-        """grad: dL/d(hidden @ weight^T + bias) of rows [start, end), [n, V_s], scaled except for
-        logit_scale, which is folded into the GEMMs' alpha here."""
-        scale = student.logit_scale
+                  first: bool, headroom: float) -> None:
+        """grad: dL/d(hidden @ weight^T + bias) of rows [start, end), [n, V_s], divided by headroom
+        and lacking logit_scale, both folded into the GEMMs' alpha here (computed in float32 there)."""
+        scale = student.logit_scale * headroom
         if self.hidden is not None:
             out = self.hidden[start:end]
             torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
@@ -226,6 +228,20 @@ class _StudentGrads:
         weight = None if self.weight is None else self.weight.to(student.weight.dtype)
         bias = None if self.bias is None else self.bias.to(student.weight.dtype)
         return [self.hidden, weight, bias]
+
+
+def gradient_headroom(cfg: KDConfig, dtype: torch.dtype) -> float:
+    """A power of two that the row kernel's gradient is divided by (through its grad_scale) and
+    the gradient GEMMs multiply back, both exactly, so that the logits' gradient chunk fits the
+    lm_head's dtype. It is 1 but where the factor on that gradient, kd_weight * T^2 / T (+
+    ce_weight), nears the dtype's largest value: float16 at a tiny temperature without
+    scale_by_t2. An overflowed entry would turn the GEMMs' sums into inf - inf = NaN; a
+    gradient that is itself beyond the dtype still comes out as inf."""
+    # |dL/dz| <= grad_scale (<= 1) * (kd_grad_scale * |dD/du| + ce_weight); 2^8 of the dtype's
+    # range is left for |dD/du| (|q - p| <= 1 for forward KL)
+    room = torch.finfo(dtype).max / 2 ** 8
+    factor = cfg.kd_grad_scale + cfg.ce_weight
+    return 1.0 if factor <= room else 2.0 ** math.ceil(math.log2(factor / room))
 
 
 def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[torch.Tensor],
@@ -252,6 +268,7 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
     inplace = compute_grad and plan.inplace
     row_loss = torch.empty(n_rows, dtype=route.dtype, device=device)
     grads = _StudentGrads.allocate(student, wanted) if compute_grad else None
+    kernel_scale = grad_scale if plan.headroom == 1.0 else grad_scale / plan.headroom
 
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
@@ -260,11 +277,16 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
             teacher_logits = teacher.chunk(start, end, teacher_buffer)
         labels_chunk = None if labels is None else labels[start:end]
         route.check_values(student_logits, teacher_logits, labels_chunk, plan.cfg)
+        kernel_logits = student_logits
+        if row_weights is not None and student_logits.itemsize < 4:
+            # the kernel's gradient in float32, so that each row's weight multiplies it before
+            # it is rounded to the lm_head's dtype, once (as eager PyTorch rounds it)
+            kernel_logits = student_logits.float()
         if inplace:
-            chunk_loss = route.rows_inplace(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg)
-            grad = student_logits
+            chunk_loss = route.rows_inplace(kernel_logits, teacher_logits, labels_chunk, kernel_scale, plan.cfg)
+            grad = kernel_logits
         else:
-            chunk_loss, _, grad = route.rows(student_logits, teacher_logits, labels_chunk, grad_scale, plan.cfg,
+            chunk_loss, _, grad = route.rows(kernel_logits, teacher_logits, labels_chunk, kernel_scale, plan.cfg,
                                              compute_grad)
         row_loss[start:end] = chunk_loss
         if not compute_grad:
@@ -273,13 +295,13 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
             student_buffer[: end - start, student.vocab:].fill_(-math.inf)  # padding the kernel overwrote
         grad = grad[:, : student.vocab]
         if row_weights is not None:
-            grad.mul_(row_weights[start:end, None].to(grad.dtype))
+            grad = times(grad, row_weights[start:end], per_row=True, in_place=True, dtype=student.dtype)
         if student.softcap is not None:
             # softcap'(y) = 1 - (z / c)^2 from the capped logits z, computed in their own buffer
             derivative = student_logits[:, : student.vocab]
             derivative.div_(student.softcap).square_().neg_().add_(1.0)
             grad.mul_(derivative)
-        grads.add_chunk(student, start, end, grad, first=start == 0)
+        grads.add_chunk(student, start, end, grad, first=start == 0, headroom=plan.headroom)
         del grad  # freed before the next chunk's kernel allocates its own: one gradient chunk at a time
     return row_loss, grads
 
@@ -370,7 +392,7 @@ def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
             per_entry += (0 if inplace else student_bytes) + (4 if wanted.weight and student_bytes < 4 else 0)
         chunk_size = chunk_rows(n_rows, vocab, per_entry, student_hidden.device.type)
     plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab, chunk_size=chunk_size,
-                 route=route, inplace=inplace)
+                 route=route, inplace=inplace, headroom=gradient_headroom(cfg, student.dtype))
     grad_scale = route.grad_scale(labels_1d, cfg.ignore_index, reduction, n_rows, batch_shape, student_hidden.device)
 
     if any(wanted):
