@@ -328,18 +328,6 @@ def scale_unless_one_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def mixture_weights(cfg: KDConfig) -> Tuple[float, float]:
-    """(wp, wq) of the mixture m = wp p + wq q that cfg's divergence uses (divergence.h
-    mixture_for); (0, 0) for divergences without one. Both are formed in double precision from
-    beta (a Python float) and passed to the kernel as float32 scalars: 1 - beta from a beta
-    already rounded to float32 would lose the digits that matter when beta is close to 1."""
-    if cfg.divergence in ("jsd", "skew_kl"):
-        return cfg.beta, 1.0 - cfg.beta
-    if cfg.divergence == "skew_reverse_kl":
-        return 1.0 - cfg.beta, cfg.beta
-    return 0.0, 0.0
-
-
 def ce_reuses_q(temperature: float) -> bool:
     """T == 1: the CE term's softmax(z) is the student's q, so the kernel computes no second
     log-sum-exp (divergence.h KDParams::ce_reuses_q)."""
@@ -405,7 +393,7 @@ def _on_device(device: torch.device):
 def _launch(student, teacher, labels, grad, row_loss, grad_scale, cfg: KDConfig, block: int,
             num_warps: int) -> None:
     n_rows, vocab = student.shape
-    mix_wp, mix_wq = mixture_weights(cfg)
+    mix_wp, mix_wq = cfg.mixture_weights  # formed in float64 (kdkernels._config)
     _kd_loss_fwd_kernel[(n_rows,)](
         student, teacher,
         labels if labels is not None else row_loss,  # placeholder pointer, never read

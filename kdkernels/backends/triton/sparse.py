@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
-from kdkernels.backends.triton.kd_loss import (_divergence_grad, _divergence_terms, _log_or_neg_inf, _max_with_nan,
+from kdkernels.backends.triton.kd_loss import (_divergence_grad, _divergence_terms, _max_with_nan, ce_reuses_q,
                                                _on_device)
 
 _NEG_BIG = tl.constexpr(-3.0e38)
@@ -66,13 +66,13 @@ def _sparse_kd_fwd_kernel(
     kd_scale,
     kd_coef,
     ce_weight,
-    mix_wp, mix_wq, mix_log_wp, mix_log_wq,
+    mix_wp, mix_wq,
     ignore_index,
     DIVERGENCE: tl.constexpr,
     KIND: tl.constexpr,
     MISSING: tl.constexpr,
     USE_CE: tl.constexpr,
-    CE_SHARES_LSE: tl.constexpr,
+    CE_REUSES_Q: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     K_BLOCK: tl.constexpr,
@@ -103,7 +103,7 @@ def _sparse_kd_fwd_kernel(
             shrink = tl.exp((max_z - new_max) * inv_temperature)
             e = tl.exp((z - new_max) * inv_temperature)
             sum_u = sum_u * shrink + e
-            if USE_CE and not CE_SHARES_LSE:
+            if USE_CE and not CE_REUSES_Q:
                 sum_z = sum_z * tl.exp(max_z - new_max) + tl.exp(z - new_max)
             if MISSING == _RESIDUAL:
                 member = tl.max(((offs[:, None] == ids[None, :]) & used[None, :]).to(tl.int32), 1) > 0
@@ -111,7 +111,7 @@ def _sparse_kd_fwd_kernel(
             max_z = new_max
         poisoned = (max_z != max_z) | (max_z == float("inf")) | (max_z <= _NEG_BIG)
         log_z = tl.log(tl.sum(sum_u, 0))  # LSE_V(u) − max / T
-        if USE_CE and not CE_SHARES_LSE:
+        if USE_CE and not CE_REUSES_Q:
             log_z1 = tl.log(tl.sum(sum_z, 0))
         else:
             log_z1 = log_z
@@ -161,19 +161,18 @@ def _sparse_kd_fwd_kernel(
             d = q - p
             c_row = 1.0
         else:
-            terms, _, _ = _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq, DIVERGENCE)
+            terms, _, _ = _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, DIVERGENCE)
             # G_b = dD/du at row constants 0: the same multiple of Q_b for every bucket, which
             # cancels (skew KL's second constant is W − 1, so -1 keeps it in its one-constant form)
-            g = tl.where(used, _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, mix_log_wp, mix_log_wq,
-                                                0.0, -1.0, DIVERGENCE), 0.0)
+            g = tl.where(used, _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, 0.0, -1.0, DIVERGENCE), 0.0)
             divergence = tl.sum(tl.where(used, terms, 0.0), 0)
             sum_g = tl.sum(g, 0)
             q_rest = tl.exp(logq_rest)
             p_rest = tl.exp(logp_rest)
-            rest_term, _, _ = _divergence_terms(logp_rest, logq_rest, p_rest, q_rest, mix_wp, mix_wq, mix_log_wp,
-                                                mix_log_wq, DIVERGENCE)
-            g_rest = _divergence_grad(logp_rest, logq_rest, p_rest, q_rest, mix_wp, mix_wq, mix_log_wp, mix_log_wq,
-                                      0.0, -1.0, DIVERGENCE)
+            rest_term, _, _ = _divergence_terms(logp_rest, logq_rest, p_rest, q_rest, mix_wp, mix_wq,
+                                                DIVERGENCE)
+            g_rest = _divergence_grad(logp_rest, logq_rest, p_rest, q_rest, mix_wp, mix_wq, 0.0, -1.0,
+                                      DIVERGENCE)
             divergence += tl.where(with_rest, rest_term, 0.0)
             sum_g += tl.where(with_rest, g_rest, 0.0)
             d = g - q * sum_g
@@ -205,7 +204,7 @@ def _sparse_kd_fwd_kernel(
                 q_tile = tl.exp((z - max_z) * inv_temperature - log_z)
                 g_tile = dense_coef * q_tile
                 if USE_CE:
-                    if CE_SHARES_LSE:
+                    if CE_REUSES_Q:
                         softmax_z = q_tile
                     else:
                         softmax_z = tl.exp(z - max_z - log_z1)
@@ -245,9 +244,9 @@ def _launch(student: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor,
             grad_scale.to(device=student.device, dtype=torch.float32),
             student.stride(0), vocab, k, cfg.pad_id, 1.0 / kd.temperature,
             cfg.teacher_temperature / kd.temperature, kd.kd_scale, kd.kd_scale / kd.temperature, kd.ce_weight,
-            mix_wp, mix_wq, _log_or_neg_inf(mix_wp), _log_or_neg_inf(mix_wq), kd.ignore_index,
+            mix_wp, mix_wq, kd.ignore_index,
             DIVERGENCE=kd.divergence_id, KIND=cfg.teacher_kind_id, MISSING=cfg.missing_mass_id,
-            USE_CE=kd.ce_weight > 0, CE_SHARES_LSE=kd.temperature == 1.0, COMPUTE_GRAD=grad is not None,
+            USE_CE=kd.ce_weight > 0, CE_REUSES_Q=ce_reuses_q(kd.temperature), COMPUTE_GRAD=grad is not None,
             BLOCK=block, K_BLOCK=triton.next_power_of_2(k), num_warps=4 if block <= 1024 else 8)
     return row_loss
 
