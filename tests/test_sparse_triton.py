@@ -131,7 +131,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     # them every branch of the kernel but renormalize's few lines
     for missing, kind, divergence in [(1, 0, 3), (2, 2, 0), (0, 1, 0)]:
         constexprs = {"DIVERGENCE": divergence, "KIND": kind, "MISSING": missing, "USE_CE": True,
-                      "CE_SHARES_LSE": False, "COMPUTE_GRAD": True, "BLOCK": sparse.MAX_BLOCK, "K_BLOCK": 64}
+                      "CE_REUSES_Q": False, "COMPUTE_GRAD": True, "BLOCK": sparse.MAX_BLOCK, "K_BLOCK": 64}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 8})
         assert compiled.asm["cubin"], (missing, kind, divergence)
