@@ -53,7 +53,7 @@ def _lm_head_inputs(hidden_dtype=torch.bfloat16, seed=0):
     return dict(student_hidden=leaf(torch.randn(N, H, generator=gen).to(hidden_dtype)),
                 student_weight=leaf(torch.randn(V, H, generator=gen) / H ** 0.5),
                 teacher_hidden=torch.randn(N, 2 * H, generator=gen).to(hidden_dtype),
-                teacher_weight=torch.randn(V + 5, 2 * H, generator=gen) / H ** 0.5,
+                teacher_weight=torch.randn(V - 5, 2 * H, generator=gen) / H ** 0.5,  # a shorter teacher vocabulary
                 labels=make_labels((N,), V, seed=seed, ignored=slice(2, 4)),
                 student_bias=leaf(torch.randn(V, generator=gen) * 0.1))
 

@@ -48,6 +48,9 @@ def _entry(rank: int, world: int, port: int, worker) -> None:
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         worker(rank, world)
+        # every rank done before any tears gloo down: a rank that exits while another still
+        # talks to it can abort the other ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

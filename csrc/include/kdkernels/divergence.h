@@ -101,20 +101,21 @@ KD_HD F mixture_of(F p, F q, const Mixture& mix) {
   return kd_splat(mix.wp, p) * p + kd_splat(mix.wq, q) * q;
 }
 
-// log(m / x) for the mixture m = (1 - w) x + w y of x (p or q) and the other distribution y, to
+// log(m / x) for the mixture m = w_x x + w_y y of x (p or q) and the other distribution y, to
 // full precision both where m is close to x (student and teacher nearly agree, or w is near 0:
 // the log of a ratio rounded near 1 would be off by ~eps per element, a bias of that size in a
 // KL(x || m) that is itself tiny there) and where m is far from it (log1p of t = m/x - 1 near -1
-// would cancel). With t = w (y - x) / x, exact near m = x, and u = (1 - w) + w y / x, a sum of
+// would cancel). With t = w_y (y - x) / x, exact near m = x, and u = w_x + w_y y / x, a sum of
 // positive terms and so exact in relative terms everywhere: log(m/x) = log(u) t / (u - 1), whose
 // factor log(u) / (u - 1) varies slowly enough near u = 1 to absorb u's rounding (the log1p
 // trick); t itself where u rounds to 1. Both are capped so that a denormal x gives a large finite
-// log, not inf or NaN. x > 0.
+// log, not inf or NaN. x > 0. Both weights come from the Mixture (formed in double): 1 - w_y in
+// float would lose w_x's digits when w_x is tiny (a skew weight of 1e-7).
 template <class F>
-KD_HD F log_mixture_over(F x, F y, float w) {
+KD_HD F log_mixture_over(F x, F y, float w_x, float w_y) {
   const F cap = kd_splat(1e30f, x);
-  const F t = kd_min(kd_splat(w, x) * ((y - x) / x), cap);  // not (w (y - x)) / x: w (y - x) may be denormal
-  const F u = kd_min(kd_splat(1.f - w, x) + kd_splat(w, x) * (y / x), cap);
+  const F t = kd_min(kd_splat(w_y, x) * ((y - x) / x), cap);  // not (w_y (y - x)) / x: it may be denormal
+  const F u = kd_min(kd_splat(w_x, x) + kd_splat(w_y, x) * (y / x), cap);
   const F u_minus_1 = u - kd_splat(1.f, x);
   return kd_where_gt(kd_abs(u_minus_1), kd_splat(0.f, x), kd_log(u) * (t / u_minus_1), t);
 }
@@ -175,10 +176,10 @@ struct JSD : CachedGrad<JSD> {
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     const F zero = kd_splat(0.f, p);
-    cached = kd_if_pos(q, zero - log_mixture_over(q, p, mix.wp));  // s
+    cached = kd_if_pos(q, zero - log_mixture_over(q, p, mix.wq, mix.wp));  // s
     const F kl_q = q * cached;
     loss = zero;
-    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, zero - p * log_mixture_over(p, q, mix.wq));
+    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, zero - p * log_mixture_over(p, q, mix.wp, mix.wq));
     if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
     c = kl_q;
   }
@@ -190,7 +191,7 @@ struct JSD : CachedGrad<JSD> {
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wq > 0.f) || !(mix.wp > 0.f)) return kd_splat(0.f, q);
-    const F s = kd_splat(0.f, q) - log_mixture_over(q, p, mix.wp);
+    const F s = kd_splat(0.f, q) - log_mixture_over(q, p, mix.wq, mix.wp);
     return kd_splat(mix.wq, q) * kd_if_pos(q, q * (s - kd_splat(row_c, q)));
   }
 };
@@ -207,7 +208,7 @@ struct SkewKL {
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
     const F m = mixture_of(p, q, mix);
-    loss = kd_if_pos(p, kd_splat(0.f, p) - p * log_mixture_over(p, q, mix.wq));
+    loss = kd_if_pos(p, kd_splat(0.f, p) - p * log_mixture_over(p, q, mix.wp, mix.wq));
     c = kd_if_pos(m, q * p / m);  // m = 0 only where p = q = 0
   }
   // c2_i = q_i (w_i - 1)
@@ -243,7 +244,7 @@ struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   }
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
-    const F log_m_over_q = log_mixture_over(q, p, mix.wp);
+    const F log_m_over_q = log_mixture_over(q, p, mix.wq, mix.wp);
     loss = kd_if_pos(q, kd_splat(0.f, q) - q * log_m_over_q);
     cached = kd_if_pos(q, h_shifted(p, q, log_m_over_q, mix));
     c = q * cached;
@@ -256,7 +257,7 @@ struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   template <class F>
   KD_HD static F grad(F, F, F p, F q, const Mixture& mix, float row_c) {
     if (!(mix.wp > 0.f)) return kd_splat(0.f, q);  // alpha = 1: m = q, D = 0 for every q
-    const F h = h_shifted(p, q, log_mixture_over(q, p, mix.wp), mix);
+    const F h = h_shifted(p, q, log_mixture_over(q, p, mix.wq, mix.wp), mix);
     return kd_if_pos(q, q * (h - kd_splat(row_c, q)));
   }
 };

@@ -56,12 +56,12 @@ MAX_BLOCK = 8192
 
 
 @triton.jit
-def _log_mixture_over(x, y, w):
-    """log(m / x) for the mixture m = (1 - w) x + w y, exact near m = x and far from it
-    (divergence.h log_mixture_over): log(u) t / (u - 1) with t = w (y - x) / x and
-    u = (1 - w) + w y / x, capped so that a denormal x gives a large finite log. x > 0."""
-    t = tl.minimum(w * ((y - x) / x), 1e30)
-    u = tl.minimum((1.0 - w) + w * (y / x), 1e30)
+def _log_mixture_over(x, y, w_x, w_y):
+    """log(m / x) for the mixture m = w_x x + w_y y, exact near m = x and far from it
+    (divergence.h log_mixture_over): log(u) t / (u - 1) with t = w_y (y - x) / x and
+    u = w_x + w_y y / x, capped so that a denormal x gives a large finite log. x > 0."""
+    t = tl.minimum(w_y * ((y - x) / x), 1e30)
+    u = tl.minimum(w_x + w_y * (y / x), 1e30)
     return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
 
 
@@ -94,17 +94,17 @@ def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, DIVERGENCE: tl.constexpr
         loss = tl.where(q > 0, q * (logq - logp), zero)
         c = loss
     elif DIVERGENCE == _JSD:  # wp KL(p || m) + wq KL(q || m); c = q log(q / m)
-        kl_q = tl.where(q > 0, -q * _log_mixture_over(q, p, mix_wp), zero)
-        kl_p = tl.where(p > 0, -p * _log_mixture_over(p, q, mix_wq), zero)
+        kl_q = tl.where(q > 0, -q * _log_mixture_over(q, p, mix_wq, mix_wp), zero)
+        kl_p = tl.where(p > 0, -p * _log_mixture_over(p, q, mix_wp, mix_wq), zero)
         loss = tl.where(mix_wp > 0, mix_wp * kl_p, zero) + tl.where(mix_wq > 0, mix_wq * kl_q, zero)
         c = kl_q
     elif DIVERGENCE == _SKEW_KL:  # KL(p || m); c = q w, c2 = q (w - 1), w = p / m
         m = mix_wp * p + mix_wq * q
-        loss = tl.where(p > 0, -p * _log_mixture_over(p, q, mix_wq), zero)
+        loss = tl.where(p > 0, -p * _log_mixture_over(p, q, mix_wp, mix_wq), zero)
         c = tl.where(m > 0, q * p / m, zero)
         c2 = tl.where(m > 0, mix_wq * q * (p - q) / m, zero)
     elif DIVERGENCE == _SKEW_REVERSE_KL:  # KL(q || m); c = q h', h' = wp p / m - log(m / q)
-        log_m_over_q = _log_mixture_over(q, p, mix_wp)
+        log_m_over_q = _log_mixture_over(q, p, mix_wq, mix_wp)
         loss = tl.where(q > 0, -q * log_m_over_q, zero)
         c = tl.where(q > 0, q * (mix_wp * p / (mix_wp * p + mix_wq * q) - log_m_over_q), zero)
     else:  # TVD: 1/2 sum |p - q|; c = q sigma, sigma = 1/2 sign(q - p)
@@ -124,7 +124,7 @@ def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE
         g = tl.where(q > 0, q * (logq - logp - row_c), zero)
     elif DIVERGENCE == _JSD:  # wq q (log(q / m) - C); 0 at beta in {0, 1}
         g = tl.where((mix_wp > 0) & (mix_wq > 0) & (q > 0),
-                     mix_wq * q * (-_log_mixture_over(q, p, mix_wp) - row_c), zero)
+                     mix_wq * q * (-_log_mixture_over(q, p, mix_wq, mix_wp) - row_c), zero)
     elif DIVERGENCE == _SKEW_KL:  # wq q (W - w); near w = 1 as wq q (C2 - (w - 1)), C2 = W - 1
         m = mix_wp * p + mix_wq * q
         w = tl.where(m > 0, p / m, zero)
@@ -132,7 +132,7 @@ def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE
         gap = tl.where(w > 0.5, row_c2 - w_minus_1, row_c - w)
         g = tl.where(mix_wq > 0, mix_wq * q * gap, zero)
     elif DIVERGENCE == _SKEW_REVERSE_KL:  # q (h' - C); 0 at alpha = 1, where m = q
-        h = mix_wp * p / (mix_wp * p + mix_wq * q) - _log_mixture_over(q, p, mix_wp)
+        h = mix_wp * p / (mix_wp * p + mix_wq * q) - _log_mixture_over(q, p, mix_wq, mix_wp)
         g = tl.where((mix_wp > 0) & (q > 0), q * (h - row_c), zero)
     else:  # TVD: q (sigma - C)
         g = q * (tl.where(q > p, 0.5, tl.where(p > q, -0.5, 0.0)) - row_c)
