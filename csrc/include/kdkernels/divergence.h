@@ -237,9 +237,13 @@ struct SkewKL {
 struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   using CachedGrad<SkewReverseKL>::terms;
   static constexpr bool kRowSum = true;
-  // h' from log(m/q) (q > 0)
+  // h' from log(m/q) (q > 0). The shift pays near alpha = 1; near alpha = 0 (m near p) h itself
+  // is the small one (-log(m/q) - alpha q/m, with alpha q/m tiny) and h' = h + 1 would round it
+  // to float's spacing at 1, so the kernels carry h there: either way the constant cancels in
+  // h - C, and the choice is one per call.
   template <class F>
   KD_HD static F h_shifted(F p, F q, F log_m_over_q, const Mixture& mix) {
+    if (mix.wp > 0.5f) return kd_splat(0.f, q) - log_m_over_q - kd_splat(mix.wq, q) * q / mixture_of(p, q, mix);
     return kd_splat(mix.wp, p) * p / mixture_of(p, q, mix) - log_m_over_q;
   }
   template <class F>

@@ -82,6 +82,14 @@ def _load_tile(student_row, teacher_row, offs, vocab):
 
 
 @triton.jit
+def _skew_reverse_h(p, q, log_m_over_q, mix_wp, mix_wq):
+    """Skew reverse KL's per-element gradient term, shifted by a constant that cancels in h - C
+    (divergence.h SkewReverseKL::h_shifted): h' = h + 1 near alpha = 1, h itself near alpha = 0."""
+    m = mix_wp * p + mix_wq * q
+    return tl.where(mix_wp > 0.5, -log_m_over_q - mix_wq * q / m, mix_wp * p / m - log_m_over_q)
+
+
+@triton.jit
 def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, DIVERGENCE: tl.constexpr):
     """Per-element loss term, share c_i of the row constant C (divergence.h `terms`) and share
     c2_i of the second row constant that skew KL carries (`second_term`; 0 for the others)."""
@@ -106,7 +114,7 @@ def _divergence_terms(logp, logq, p, q, mix_wp, mix_wq, DIVERGENCE: tl.constexpr
     elif DIVERGENCE == _SKEW_REVERSE_KL:  # KL(q || m); c = q h', h' = wp p / m - log(m / q)
         log_m_over_q = _log_mixture_over(q, p, mix_wq, mix_wp)
         loss = tl.where(q > 0, -q * log_m_over_q, zero)
-        c = tl.where(q > 0, q * (mix_wp * p / (mix_wp * p + mix_wq * q) - log_m_over_q), zero)
+        c = tl.where(q > 0, q * _skew_reverse_h(p, q, log_m_over_q, mix_wp, mix_wq), zero)
     else:  # TVD: 1/2 sum |p - q|; c = q sigma, sigma = 1/2 sign(q - p)
         loss = 0.5 * tl.abs(p - q)
         c = q * tl.where(q > p, 0.5, tl.where(p > q, -0.5, 0.0))
@@ -132,7 +140,7 @@ def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE
         gap = tl.where(w > 0.5, row_c2 - w_minus_1, row_c - w)
         g = tl.where(mix_wq > 0, mix_wq * q * gap, zero)
     elif DIVERGENCE == _SKEW_REVERSE_KL:  # q (h' - C); 0 at alpha = 1, where m = q
-        h = mix_wp * p / (mix_wp * p + mix_wq * q) - _log_mixture_over(q, p, mix_wq, mix_wp)
+        h = _skew_reverse_h(p, q, _log_mixture_over(q, p, mix_wq, mix_wp), mix_wp, mix_wq)
         g = tl.where((mix_wp > 0) & (q > 0), q * (h - row_c), zero)
     else:  # TVD: q (sigma - C)
         g = q * (tl.where(q > p, 0.5, tl.where(p > q, -0.5, 0.0)) - row_c)
