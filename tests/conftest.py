@@ -1,6 +1,6 @@
 """Shared test helpers: random logits and the dtype-adaptive comparison with the float64 oracle.
 
-Tolerance rule (DESIGN.md §6): a kernel's error against the float64 reference must be at most
+Tolerance rule: a kernel's error against the float64 reference must be at most
 twice the error of eager PyTorch at the same dtype, plus a tiny absolute floor. "Eager PyTorch at
 that dtype" is the reference formula (kdkernels.backends.reference) run on the same low-precision
 inputs: its math runs in float32 and its gradient is rounded to the input dtype, exactly what a

@@ -1,4 +1,4 @@
-"""The divergence family (DESIGN.md §3): the float64 oracle against the textbook formulas, the
+"""The divergence family: the float64 oracle against the textbook formulas, the
 mixing / skew weight over [0, 1] including its endpoints, zero-mass teachers, and rows where
 student and teacher (nearly) agree."""
 

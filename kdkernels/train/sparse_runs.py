@@ -32,7 +32,7 @@ def training_windows(session, optim: loop.OptimSettings) -> torch.Tensor:
 
 
 def ensure_cache(path: str, session, optim: loop.OptimSettings, k: int, progress: bool) -> teacher_cache.TeacherCacheDataset:
-    """The cache at `path` for this session's teacher and training windows, built (or finished) now
+    """The cache at `path` for this run's teacher and training windows, built (or finished) now
     if needed; the writer refuses a directory that holds another teacher's or other windows."""
     windows = training_windows(session, optim)
     teacher_cache.build_teacher_cache(session.teacher, windows, path, k=k, batch_size=64, sequences_per_shard=1024,

@@ -1,7 +1,7 @@
 // Sparse (top-k / sampled) teacher KD: the per-row math shared by the CPU and CUDA kernels.
 //
 // A row's teacher is given on a support S of k ids (padding id allowed) with values v of one
-// kind; the student is dense, u = z / T over the vocabulary V (DESIGN.md §8). Buckets:
+// kind; the student is dense, u = z / T over the vocabulary V. Buckets:
 //   renormalize: teacher p̂ = softmax_S(v · T_gen / T) (probs: w / Σw), student q = softmax_V(u)
 //                read at S.  D = Σ_S p̂ (log p̂ − log q)  (forward KL only).
 //   support:     p̂ as above, student q̂ = softmax_S(u); any divergence D(p̂ ‖ q̂) on S.
