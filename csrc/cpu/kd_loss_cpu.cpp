@@ -43,13 +43,28 @@ double cross_entropy(const OnlineLse& lse_z, float z_label) {
   return static_cast<double>(lse_z.max - z_label) + std::log(lse_z.sum);
 }
 
+// Stores the gradient vector g of the row's entries [i, i + n), with the CE term's -label_term
+// added on the label's entry when it lies there (so that entry is rounded once, like the rest).
+template <typename S, typename T>
+void store_grad_vector(const RowArgsT<S, T>& args, int64_t i, int64_t n, Vec g, bool use_ce, float label_term) {
+  if (use_ce && args.label >= i && args.label < i + n) {
+    alignas(64) float lanes[kW];
+    g.store(lanes);
+    lanes[args.label - i] -= label_term;
+    g = Vec::loadu(lanes);
+  }
+  store_row(g, args.grad + i, n, args.stream_grad);
+}
+
 // A row whose teacher is entirely -inf has no teacher distribution, so no KD term: its loss is
 // the CE term ce_weight (lse(z) - z_y) with gradient ce_weight (softmax(z) - e_y) when the row
 // has one, else 0 and 0. lse_z: the student's statistics at T = 1.
-float ce_only_row(const RowArgs& args, const KDParams& params, const OnlineLse& lse_z, float z_label, bool use_ce) {
+template <typename S, typename T>
+float ce_only_row(const RowArgsT<S, T>& args, const KDParams& params, const OnlineLse& lse_z, float z_label,
+                  bool use_ce) {
   const int64_t V = args.vocab;
   if (!use_ce) {
-    if (args.grad) std::fill(args.grad, args.grad + V, 0.f);
+    if (args.grad) std::fill(args.grad, args.grad + V, S(0));
     return 0.f;
   }
   if (args.grad) {
@@ -57,16 +72,17 @@ float ce_only_row(const RowArgs& args, const KDParams& params, const OnlineLse& 
     const Vec v_coef(coef), v_max(lse_z.max), v_log_sum(static_cast<float>(std::log(lse_z.sum)));
     for (int64_t i = 0; i < V; i += kW) {
       const int64_t n = std::min(kW, V - i);
-      (v_coef * exp_nonpositive(load_masked(args.student + i, n) - v_max - v_log_sum)).store(args.grad + i, n);
+      const Vec g = v_coef * exp_nonpositive(load_row(args.student + i, n) - v_max - v_log_sum);
+      store_grad_vector(args, i, n, g, true, coef);
     }
-    args.grad[args.label] -= coef;
   }
   return static_cast<float>(params.ce_weight * cross_entropy(lse_z, z_label));
 }
 
-// Returns the row loss; writes the gradient when args.grad != nullptr.
-template <class Div>
-float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, int* error) {
+// Returns the row loss; writes the gradient when args.grad != nullptr. The rows are read in their
+// own dtypes (S, T) and converted vector by vector; all arithmetic is fp32.
+template <class Div, typename S, typename T>
+float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scratch, int* error) {
   const int64_t V = args.vocab;
   const int64_t blocks = (V + kBlock - 1) / kBlock;
   const float inv_t = params.inv_temperature;
@@ -103,11 +119,11 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
   // teacher row is masked too and there is no CE term (a fully masked row).
   if (lse_u.empty() && (use_ce || !lse_a.empty())) *error |= kStudentMassOnNegInf;
   if (bad_student || bad_teacher || lse_u.empty()) {
-    if (args.grad) std::fill(args.grad, args.grad + V, 0.f);
+    if (args.grad) std::fill(args.grad, args.grad + V, S(0));
     return 0.f;
   }
   // z_y is read before the gradient passes: in the in-place op the gradient overwrites the row.
-  const float z_label = use_ce ? args.student[args.label] : 0.f;
+  const float z_label = use_ce ? static_cast<float>(args.student[args.label]) : 0.f;
   if (use_ce && z_label == kNegInf) *error |= kStudentMassOnNegInf;  // CE = +inf
   if (lse_a.empty()) return ce_only_row(args, params, ce_separate ? lse_z : lse_u, z_label, use_ce);
   scratch.factor_s.resize(blocks);
@@ -129,7 +145,7 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
       const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
       for (int64_t i = off; i < bend; i += kW) {
         const int64_t n = std::min(kW, bend - i);
-        const Vec z = load_masked(args.student + i, n);
+        const Vec z = load_row(args.student + i, n);
         const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
         const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
         body(i, n, z, p, q);
@@ -138,7 +154,7 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
   };
   auto logs = [&](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) {
     logq = (z - v_max_s) * v_inv_t - v_log_sum_s;
-    logp = (load_masked(args.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
+    logp = (load_row(args.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
   };
 
   // Pass 2: the divergence value and its row constant C (kRowSum divergences). kCachedGrad
@@ -172,16 +188,11 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
   const float scale = args.grad_scale;
   const Vec v_kd(params.kd_coef * scale), v_ce(params.ce_weight * scale);
   const Vec v_log_sum_1(ce_separate ? static_cast<float>(std::log(lse_z.sum)) : 0.f);
-  auto store_grad = [&](int64_t i, int64_t n, const Vec& g) {
-    if (n == kW && args.stream_grad) {
-      store_streaming(g, args.grad + i);
-    } else {
-      g.store(args.grad + i, n);
-    }
-  };
+  const float label_term = params.ce_weight * scale;
+  auto store_grad = [&](int64_t i, int64_t n, const Vec& g) { store_grad_vector(args, i, n, g, use_ce, label_term); };
   // softmax(z) at T = 1 for the CE blend: q itself when T = 1
   auto ce_softmax = [&](int64_t i, int64_t n, const Vec& q) {
-    return ce_separate ? exp_nonpositive(load_masked(args.student + i, n) - v_max_s - v_log_sum_1) : q;
+    return ce_separate ? exp_nonpositive(load_row(args.student + i, n) - v_max_s - v_log_sum_1) : q;
   };
   if constexpr (kCachedGrad<Div>) {
     // From L2: q and the cached quantity only, no logs or mixtures recomputed (the value and C
@@ -213,11 +224,6 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
       store_grad(i, n, g);
     });
   }
-  if (write_grad && use_ce) {
-    stream_fence();
-    args.grad[args.label] -= params.ce_weight * scale;
-  }
-
   const double kd = divergence.total();
   // forward KL is +inf only where the teacher has mass on a student -inf entry
   if constexpr (std::is_same_v<Div, ForwardKL>)
@@ -225,14 +231,6 @@ float kd_row(const RowArgs& args, const KDParams& params, RowScratch& scratch, i
   double loss = params.kd_scale * kd;
   if (use_ce) loss += params.ce_weight * cross_entropy(ce_separate ? lse_z : lse_u, z_label);
   return static_cast<float>(loss);
-}
-
-using RowFn = float (*)(const RowArgs&, const KDParams&, RowScratch&, int*);
-
-RowFn row_kernel_for(Divergence div) {
-  RowFn fn = nullptr;
-  dispatch_divergence(div, [&](auto tag) { fn = &kd_row<decltype(tag)>; });
-  return fn;
 }
 
 // The forward of both ops: row losses, and the gradient into `grad` when it is given.
@@ -244,10 +242,11 @@ at::Tensor kd_rows_cpu(const RowInputs& in, at::Tensor* grad, const at::Tensor& 
                                       static_cast<float>(ce_weight), scale_by_t2, ignore_index);
   const float scale = grad_scale.item<float>();
   at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(at::kFloat));
-  const RowFn row_fn = row_kernel_for(params.divergence);
-  run_rows(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), grad, [&]() {
-    return [&params, row_fn, scratch = RowScratch{}](const RowArgs& args, int64_t, int* error) mutable {
-      return row_fn(args, params, scratch, error);
+  run_rows</*kNativeRows=*/true>(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), grad, [&]() {
+    return [&params, scratch = RowScratch{}](const auto& args, int64_t, int* error) mutable {
+      float loss = 0.f;
+      dispatch_divergence(params.divergence, [&](auto tag) { loss = kd_row<decltype(tag)>(args, params, scratch, error); });
+      return loss;
     };
   });
   return row_loss;

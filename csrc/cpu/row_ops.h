@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -96,6 +97,112 @@ struct DoubleSum {
   }
 };
 
+// ---- element access at fp32 over float, bf16 and fp16 rows -----------------------------------
+// A kernel that reads its low-precision rows in place (kd_loss_cpu.cpp) widens each vector as it
+// loads it and narrows each gradient vector as it stores it: no row-sized fp32 copies, so the
+// passes over a row work from half the cache footprint. Rounding is round-to-nearest-even (NaN
+// kept), the same as c10's conversions, so results equal a widen-then-narrow pass bit for bit.
+
+// Loads n <= kW elements as floats; missing lanes read as -inf (masked).
+template <typename T>
+inline Vec load_row(const T* ptr, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_masked(ptr, n);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __mmask16 lanes = n == kW ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+    const __m256i raw = _mm256_maskz_loadu_epi16(lanes, ptr);
+    __m512 x;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    } else {
+      x = _mm512_cvtph_ps(raw);
+    }
+    return n == kW ? Vec(x) : Vec(_mm512_mask_blend_ps(lanes, _mm512_set1_ps(kNegInf), x));
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (n == kW) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+      } else {
+        return Vec(_mm256_cvtph_ps(raw));
+      }
+    }
+#endif
+    alignas(64) float lanes_f[kW];
+    for (int64_t i = 0; i < n; ++i) lanes_f[i] = static_cast<float>(ptr[i]);
+    return load_masked(lanes_f, n);
+  }
+}
+
+// Stores the first n <= kW lanes of v into ptr in its dtype; a full vector at an aligned address
+// bypasses the caches when `stream` (call stream_fence() before handing the memory on).
+template <typename T>
+inline void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kW && stream) {
+      store_streaming(v, ptr);
+    } else {
+      v.store(ptr, n);
+    }
+  } else {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    using HalfVec = __m256i;
+    HalfVec packed;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m512 x = v;
+      const __m512i bits = _mm512_castps_si512(x);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+      rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+      packed = _mm512_cvtepi32_epi16(rounded);
+    } else {
+      packed = _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (n != kW) {
+      _mm256_mask_storeu_epi16(ptr, __mmask16((1u << n) - 1u), packed);
+      return;
+    }
+#else
+    using HalfVec = __m128i;
+    HalfVec packed;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256 x = v;
+      const __m256i bits = _mm256_castps_si256(x);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+      rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+      packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    } else {
+      packed = _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (n != kW) {
+      alignas(32) T lanes_t[kW];
+      std::memcpy(lanes_t, &packed, sizeof(packed));
+      std::copy(lanes_t, lanes_t + n, ptr);
+      return;
+    }
+#endif
+    if (stream && reinterpret_cast<uintptr_t>(ptr) % sizeof(HalfVec) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(ptr), packed);
+#else
+      _mm_stream_si128(reinterpret_cast<__m128i*>(ptr), packed);
+#endif
+    } else {
+      std::memcpy(ptr, &packed, sizeof(packed));
+    }
+#else
+    alignas(64) float lanes_f[kW];
+    v.store(lanes_f);
+    for (int64_t i = 0; i < n; ++i) ptr[i] = static_cast<T>(lanes_f[i]);
+    (void)stream;
+#endif
+  }
+}
+
 // Max that propagates NaN (so a NaN anywhere in the row is seen).
 inline float hmax(const Vec& v) {
   alignas(64) float lanes[kW];
@@ -105,9 +212,10 @@ inline float hmax(const Vec& v) {
   return m;
 }
 
-inline float block_max(const float* x, int64_t n) {
+template <typename T>
+inline float block_max(const T* x, int64_t n) {
   Vec m(kNegInf);
-  for (int64_t i = 0; i < n; i += kW) m = at::vec::maximum(m, load_masked(x + i, std::min(kW, n - i)));
+  for (int64_t i = 0; i < n; i += kW) m = at::vec::maximum(m, load_row(x + i, std::min(kW, n - i)));
   return hmax(m);
 }
 
@@ -127,7 +235,8 @@ inline bool bad_logit(float x) { return std::isnan(x) || x == std::numeric_limit
 
 // Raises `lse`'s max to the block's max logit; false (`lse` untouched) when the block holds NaN or
 // +inf. `unit`, when given, follows the same max at scale 1 (the CE term's log-sum-exp at T != 1).
-inline bool raise_to_block_max(const float* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit = nullptr) {
+template <typename T>
+inline bool raise_to_block_max(const T* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit = nullptr) {
   const float bmax = block_max(x, n);
   if (bad_logit(bmax)) return false;
   lse.raise_max(bmax, inv_t);
@@ -138,8 +247,8 @@ inline bool raise_to_block_max(const float* x, int64_t n, float inv_t, OnlineLse
 // Adds exp((x - lse.max) / T) over a block to lse.sum (and exp(x - max) to unit->sum when `unit`
 // is given), storing the exps at scale 1/T into `exps` with kStoreExps, so later passes need no
 // exp. The max must already cover the block (raise_to_block_max).
-template <bool kStoreExps>
-inline void add_block_exps(const float* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit, float* exps) {
+template <bool kStoreExps, typename T>
+inline void add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit, float* exps) {
   if (lse.empty()) {  // everything so far masked
     if constexpr (kStoreExps) std::fill(exps, exps + n, 0.f);
     return;
@@ -148,7 +257,7 @@ inline void add_block_exps(const float* x, int64_t n, float inv_t, OnlineLse& ls
   Vec acc(0.f), acc_unit(0.f);
   for (int64_t i = 0; i < n; i += kW) {
     const int64_t m = std::min(kW, n - i);
-    const Vec xv = load_masked(x + i, m);
+    const Vec xv = load_row(x + i, m);
     const Vec e = exp_nonpositive((xv - vmax) * vinv);
     if constexpr (kStoreExps) e.store(exps + i, m);
     acc = acc + e;
@@ -158,15 +267,19 @@ inline void add_block_exps(const float* x, int64_t n, float inv_t, OnlineLse& ls
   if (unit) unit->sum += hsum(acc_unit);
 }
 
-struct RowArgs {
-  const float* student;  // [V] raw student logits z
-  const float* teacher;  // [V] raw teacher logits
-  float* grad;           // [V] dL/dz out, or nullptr
+// One row as a row kernel sees it: in the logits' own dtypes (S, T) for kernels that read rows in
+// place, as float for those that take widened rows (RowArgs).
+template <typename S = float, typename T = float>
+struct RowArgsT {
+  const S* student;  // [V] raw student logits z
+  const T* teacher;  // [V] raw teacher logits
+  S* grad;           // [V] dL/dz out, or nullptr
   int64_t vocab;
-  int64_t label;         // ignore_index when no label
+  int64_t label;     // ignore_index when no label
   float grad_scale;
-  bool stream_grad;      // args.grad is the output tensor (not per-thread scratch): bypass caches
+  bool stream_grad;  // args.grad is the output tensor (not per-thread scratch): bypass caches
 };
+using RowArgs = RowArgsT<>;
 
 // bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
 template <typename scalar_t>
@@ -221,11 +334,12 @@ constexpr const char* kStudentNegInfMessage =
 
 // Runs a row kernel over every row of [N, V] student / teacher logits with at::parallel_for.
 // Rows whose label is ignore_index get loss 0 and gradient 0 without calling the kernel;
-// out-of-range labels are reported (kBadLabel) and their rows ignored; bf16/fp16 rows are
-// widened once and the fp32 gradient narrowed once. `make_row_fn()` runs once per thread and
-// returns the row kernel `float (const RowArgs&, int64_t row, int* errors)` (per-thread scratch
-// lives in it).
-template <typename student_t, typename teacher_t, typename MakeRowFn>
+// out-of-range labels are reported (kBadLabel) and their rows ignored. With kNativeRows the
+// kernel gets RowArgsT<student_t, teacher_t>, the rows and the gradient in their own dtypes (it
+// converts vector by vector); otherwise RowArgs, bf16/fp16 rows widened once into fp32 scratch
+// and the fp32 gradient narrowed once. `make_row_fn()` runs once per thread and returns the row
+// kernel `float (const RowArgs&, int64_t row, int* errors)` (per-thread scratch lives in it).
+template <bool kNativeRows, typename student_t, typename teacher_t, typename MakeRowFn>
 void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
                   int64_t ignore_index, float grad_scale, float* row_loss, at::Tensor* grad,
                   std::atomic<int>* errors, MakeRowFn&& make_row_fn) {
@@ -234,38 +348,45 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
   const teacher_t* t_base = teacher.const_data_ptr<teacher_t>();
   student_t* g_base = grad ? grad->mutable_data_ptr<student_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  constexpr bool kWidened = !kNativeRows && !std::is_same_v<student_t, float>;
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     auto row_fn = make_row_fn();
     std::vector<float> s_buf, t_buf, g_buf;
     int local_errors = kRowOk;
     for (int64_t r = begin; r < end; ++r) {
-      RowArgs args;
-      args.vocab = V;
-      args.grad_scale = grad_scale;
-      args.label = labels ? labels[r] : ignore_index;
+      int64_t label = labels ? labels[r] : ignore_index;
       student_t* g_row = g_base ? g_base + r * V : nullptr;
-      if (labels && args.label != ignore_index && (args.label < 0 || args.label >= V)) {
+      if (labels && label != ignore_index && (label < 0 || label >= V)) {
         local_errors |= kBadLabel;
-        args.label = ignore_index;
+        label = ignore_index;
       }
-      if (labels && args.label == ignore_index) {  // ignored row: no loss, no gradient
+      if (labels && label == ignore_index) {  // ignored row: no loss, no gradient
         row_loss[r] = 0.f;
         if (g_row) std::fill(g_row, g_row + V, student_t(0));
         continue;
       }
-      args.student = row_as_float(s_base + r * V, V, s_buf);
-      args.teacher = row_as_float(t_base + r * V, V, t_buf);
-      args.stream_grad = std::is_same_v<student_t, float>;
-      if constexpr (std::is_same_v<student_t, float>) {
-        args.grad = g_row;
+      if constexpr (kNativeRows) {
+        const RowArgsT<student_t, teacher_t> args{s_base + r * V, t_base + r * V, g_row, V, label, grad_scale, true};
+        row_loss[r] = row_fn(args, r, &local_errors);
       } else {
-        if (g_row) g_buf.resize(V);
-        args.grad = g_row ? g_buf.data() : nullptr;
-      }
-      row_loss[r] = row_fn(args, r, &local_errors);
-      if constexpr (!std::is_same_v<student_t, float>) {
-        if (g_row) narrow(g_buf.data(), g_row, V);
+        RowArgs args;
+        args.vocab = V;
+        args.grad_scale = grad_scale;
+        args.label = label;
+        args.student = row_as_float(s_base + r * V, V, s_buf);
+        args.teacher = row_as_float(t_base + r * V, V, t_buf);
+        args.stream_grad = !kWidened;
+        if constexpr (kWidened) {
+          if (g_row) g_buf.resize(V);
+          args.grad = g_row ? g_buf.data() : nullptr;
+        } else {
+          args.grad = g_row;
+        }
+        row_loss[r] = row_fn(args, r, &local_errors);
+        if constexpr (kWidened) {
+          if (g_row) narrow(g_buf.data(), g_row, V);
+        }
       }
     }
     stream_fence();
@@ -298,13 +419,18 @@ inline RowInputs row_inputs(const at::Tensor& student_logits, const at::Tensor& 
 }
 
 // for_each_row over the inputs' dtypes, then the ValueError for what the rows reported.
-template <typename MakeRowFn>
+// kNativeRows: see for_each_row (rows of equal dtypes; mixed ones are widened).
+template <bool kNativeRows = false, typename MakeRowFn>
 void run_rows(const RowInputs& in, int64_t ignore_index, float grad_scale, float* row_loss, at::Tensor* grad,
               MakeRowFn&& make_row_fn) {
   std::atomic<int> errors{kRowOk};
   dispatch_float_types(in.student.scalar_type(), "student_logits", [&](auto s_tag) {
     dispatch_float_types(in.teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
-      for_each_row<decltype(s_tag), decltype(t_tag)>(in.student, in.teacher, in.label_ptr, ignore_index,
+      using student_t = decltype(s_tag);
+      using teacher_t = decltype(t_tag);
+      // mixed dtypes take the widened rows: one native instantiation per dtype is enough
+      constexpr bool kNative = kNativeRows && std::is_same_v<student_t, teacher_t>;
+      for_each_row<kNative, student_t, teacher_t>(in.student, in.teacher, in.label_ptr, ignore_index,
                                                      grad_scale, row_loss, grad, &errors, make_row_fn);
     });
   });
