@@ -3,7 +3,8 @@
 // Per row (the math of csrc/include/kdkernels/divergence.h):
 //   1. statistics, the only pass that reads DRAM: block-wise online max / sum-of-exp of the
 //      student (at 1/T, and at T = 1 for the CE blend) and the teacher; the exps are kept in
-//      per-thread scratch (L2) so no later pass needs exp; forward KL also gets its value here;
+//      per-thread scratch (L2) so no later pass needs exp; forward KL also gets its value here
+//      (forward_kl_from_blocks);
 //   2. the divergence value and its row constant C (divergences with kRowSum only), from L2;
 //   3. the gradient dL/dz, written once in the input dtype and scaled by grad_scale.
 // Rows whose labels equal ignore_index give loss 0 and gradient 0. A teacher row that is entirely
@@ -36,7 +37,56 @@ struct RowScratch {
   std::vector<float> exp_s, exp_t;            // [V] exp((x - running max) / T)
   std::vector<float> block_max_s, block_max_t;  // [blocks] running max each block was shifted by
   std::vector<float> factor_s, factor_t;        // [blocks] turns the stored exps into probabilities
+  std::vector<double> mass_t, gap_t;            // [blocks] forward KL's block sums (stats_block)
 };
+
+// Pass 1 over one block of both rows (read from DRAM once; the block then stays in L1): raises
+// both running maxima to the block's, adds the exps at 1/T to the sums and stores them in
+// scratch, adds the student's exps at T = 1 to `unit` when given. With kGapSums it also returns
+// the block's sums E = sum e_t and G = sum e_t ((t - max_t) - (z - max_s)) at the block's running
+// maxima, from which forward KL's value follows without a per-element log (kd_row). Returns false
+// (and sets the error bits) when the block holds NaN or +inf.
+template <bool kGapSums, typename S, typename T>
+bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_u, OnlineLse* unit, OnlineLse& lse_a,
+                 float* exp_s, float* exp_t, double* mass, double* gap, int* error) {
+  Vec max_s(kNegInf), max_t(kNegInf);
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min(kW, n - i);
+    max_s = at::vec::maximum(max_s, load_row(z + i, m));
+    max_t = at::vec::maximum(max_t, load_row(t + i, m));
+  }
+  const float block_s = hmax(max_s), block_t = hmax(max_t);
+  if (bad_logit(block_s)) *error |= kBadStudent;
+  if (bad_logit(block_t)) *error |= kBadTeacher;
+  if (bad_logit(block_s) || bad_logit(block_t)) return false;
+  lse_u.raise_max(block_s, inv_t);
+  if (unit) unit->raise_max(block_s, 1.f);
+  lse_a.raise_max(block_t, inv_t);
+  // An empty stream (every logit so far -inf) shifts by +inf: its exps come out exactly 0.
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const Vec shift_s(lse_u.empty() ? kInf : lse_u.max), shift_t(lse_a.empty() ? kInf : lse_a.max), vinv(inv_t);
+  Vec acc_s(0.f), acc_t(0.f), acc_unit(0.f), acc_gap(0.f);
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min(kW, n - i);
+    const Vec ds = load_row(z + i, m) - shift_s, dt = load_row(t + i, m) - shift_t;
+    const Vec es = exp_nonpositive(ds * vinv), et = exp_nonpositive(dt * vinv);
+    es.store(exp_s + i, m);
+    et.store(exp_t + i, m);
+    acc_s = acc_s + es;
+    acc_t = acc_t + et;
+    if (unit) acc_unit = acc_unit + exp_nonpositive(ds);
+    if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
+  }
+  const float block_mass = hsum(acc_t);
+  lse_u.sum += hsum(acc_s);
+  lse_a.sum += block_mass;
+  if (unit) unit->sum += hsum(acc_unit);
+  if constexpr (kGapSums) {
+    *mass = block_mass;
+    *gap = hsum(acc_gap);
+  }
+  return true;
+}
 
 // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max), from the student's statistics at T = 1.
 double cross_entropy(const OnlineLse& lse_z, float z_label) {
@@ -46,7 +96,7 @@ double cross_entropy(const OnlineLse& lse_z, float z_label) {
 // Stores the gradient vector g of the row's entries [i, i + n), with the CE term's -label_term
 // added on the label's entry when it lies there (so that entry is rounded once, like the rest).
 template <typename S, typename T>
-void store_grad_vector(const RowArgsT<S, T>& args, int64_t i, int64_t n, Vec g, bool use_ce, float label_term) {
+KD_ALWAYS_INLINE void store_grad_vector(const RowArgsT<S, T>& args, int64_t i, int64_t n, Vec g, bool use_ce, float label_term) {
   if (use_ce && args.label >= i && args.label < i + n) {
     alignas(64) float lanes[kW];
     g.store(lanes);
@@ -79,6 +129,27 @@ float ce_only_row(const RowArgsT<S, T>& args, const KDParams& params, const Onli
   return static_cast<float>(params.ce_weight * cross_entropy(lse_z, z_label));
 }
 
+// Forward KL from pass 1's block sums, without a log per element. With u = z / T, a = t / T, the
+// final maxima ms, mt and sums Ss, St, and block b's running maxima ms_b, mt_b:
+//   log p_i - log q_i = ((t_i - mt_b) - (z_i - ms_b)) / T + ((mt_b - mt) - (ms_b - ms)) / T + log Ss - log St
+// and p_i = e_i f_b with e_i = exp((t_i - mt_b) / T), f_b = exp((mt_b - mt) / T) / St, so
+//   KL = sum_b f_b (G_b + E_b ((mt_b - mt) - (ms_b - ms))) / T + (sum_b f_b E_b) (log Ss - log St)
+// with E_b = sum e_i, G_b = sum e_i ((t_i - mt_b) - (z_i - ms_b)) over the block (stats_block).
+// Every logit difference is taken at a running maximum, as log-softmax takes it, and the block
+// constants are combined in double. +inf where the teacher has mass on a student -inf entry.
+double forward_kl_from_blocks(const RowScratch& scratch, int64_t blocks, const OnlineLse& lse_u, const OnlineLse& lse_a,
+                              float inv_t) {
+  double value = 0.0, mass = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!(scratch.mass_t[b] > 0.0)) continue;  // no teacher mass in the block (its maxima may be -inf)
+    const double mt_b = scratch.block_max_t[b], ms_b = scratch.block_max_s[b];
+    const double f_b = std::exp((mt_b - lse_a.max) * inv_t) / lse_a.sum;
+    value += f_b * (scratch.gap_t[b] + scratch.mass_t[b] * ((mt_b - lse_a.max) - (ms_b - lse_u.max)));
+    mass += f_b * scratch.mass_t[b];
+  }
+  return value * inv_t + mass * (std::log(lse_u.sum) - std::log(lse_a.sum));
+}
+
 // Returns the row loss; writes the gradient when args.grad != nullptr. The rows are read in their
 // own dtypes (S, T) and converted vector by vector; all arithmetic is fp32.
 template <class Div, typename S, typename T>
@@ -95,30 +166,27 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   scratch.exp_t.resize(V);
   scratch.block_max_s.resize(blocks);
   scratch.block_max_t.resize(blocks);
+  constexpr bool kGapSums = std::is_same_v<Div, ForwardKL>;
+  if constexpr (kGapSums) {
+    scratch.mass_t.resize(blocks);
+    scratch.gap_t.resize(blocks);
+  }
   OnlineLse lse_u, lse_z, lse_a;
   OnlineLse* const ce_lse = ce_separate ? &lse_z : nullptr;
-  bool bad_student = false, bad_teacher = false;
+  bool bad = false;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
-    if (raise_to_block_max(args.student + off, n, inv_t, lse_u, ce_lse)) {
-      add_block_exps<true>(args.student + off, n, inv_t, lse_u, ce_lse, scratch.exp_s.data() + off);
-    } else {
-      bad_student = true;
-    }
-    if (raise_to_block_max(args.teacher + off, n, inv_t, lse_a)) {
-      add_block_exps<true>(args.teacher + off, n, inv_t, lse_a, nullptr, scratch.exp_t.data() + off);
-    } else {
-      bad_teacher = true;
-    }
+    bad |= !stats_block<kGapSums>(args.student + off, args.teacher + off, n, inv_t, lse_u, ce_lse, lse_a,
+                                  scratch.exp_s.data() + off, scratch.exp_t.data() + off,
+                                  kGapSums ? scratch.mass_t.data() + b : nullptr,
+                                  kGapSums ? scratch.gap_t.data() + b : nullptr, error);
     scratch.block_max_s[b] = lse_u.max;
     scratch.block_max_t[b] = lse_a.max;
   }
-  if (bad_teacher) *error |= kBadTeacher;
-  if (bad_student) *error |= kBadStudent;
   // A student row that is entirely -inf has no distribution: the loss is undefined unless the
   // teacher row is masked too and there is no CE term (a fully masked row).
   if (lse_u.empty() && (use_ce || !lse_a.empty())) *error |= kStudentMassOnNegInf;
-  if (bad_student || bad_teacher || lse_u.empty()) {
+  if (bad || lse_u.empty()) {
     if (args.grad) std::fill(args.grad, args.grad + V, S(0));
     return 0.f;
   }
@@ -194,7 +262,21 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   auto ce_softmax = [&](int64_t i, int64_t n, const Vec& q) {
     return ce_separate ? exp_nonpositive(load_row(args.student + i, n) - v_max_s - v_log_sum_1) : q;
   };
-  if constexpr (kCachedGrad<Div>) {
+  if constexpr (kGapSums) {
+    // Forward KL's value came from pass 1: its gradient q - p needs the two exps only.
+    for (int64_t b = 0; write_grad && b < blocks; ++b) {
+      const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
+      const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
+      for (int64_t i = off; i < bend; i += kW) {
+        const int64_t n = std::min(kW, bend - i);
+        const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
+        const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
+        Vec g = v_kd * Div::grad(q, q, p, q, params.mix, 0.f);
+        if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
+        store_grad(i, n, g);
+      }
+    }
+  } else if constexpr (kCachedGrad<Div>) {
     // From L2: q and the cached quantity only, no logs or mixtures recomputed (the value and C
     // came from pass 2, so without a gradient there is nothing left to do).
     for (int64_t b = 0; write_grad && b < blocks; ++b) {
@@ -224,7 +306,7 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
       store_grad(i, n, g);
     });
   }
-  const double kd = divergence.total();
+  const double kd = kGapSums ? forward_kl_from_blocks(scratch, blocks, lse_u, lse_a, inv_t) : divergence.total();
   // forward KL is +inf only where the teacher has mass on a student -inf entry
   if constexpr (std::is_same_v<Div, ForwardKL>)
     if (!std::isfinite(kd)) *error |= kStudentMassOnNegInf;

@@ -28,7 +28,7 @@ constexpr int64_t kBlock = 2048;  // elements per online-softmax block (8 KB of 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Loads n <= kW floats; missing lanes read as -inf, which every formula treats as masked.
-inline Vec load_masked(const float* ptr, int64_t n) {
+KD_ALWAYS_INLINE Vec load_masked(const float* ptr, int64_t n) {
   if (n == kW) return Vec::loadu(ptr);
   return Vec::set(Vec(kNegInf), Vec::loadu(ptr, n), n);
 }
@@ -105,7 +105,7 @@ struct DoubleSum {
 
 // Loads n <= kW elements as floats; missing lanes read as -inf (masked).
 template <typename T>
-inline Vec load_row(const T* ptr, int64_t n) {
+KD_ALWAYS_INLINE Vec load_row(const T* ptr, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return load_masked(ptr, n);
   } else {
@@ -138,7 +138,7 @@ inline Vec load_row(const T* ptr, int64_t n) {
 // Stores the first n <= kW lanes of v into ptr in its dtype; a full vector at an aligned address
 // bypasses the caches when `stream` (call stream_fence() before handing the memory on).
 template <typename T>
-inline void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
+KD_ALWAYS_INLINE void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
   if constexpr (std::is_same_v<T, float>) {
     if (n == kW && stream) {
       store_streaming(v, ptr);

@@ -11,6 +11,10 @@
 #include <immintrin.h>
 #endif
 
+// For the small per-vector helpers of the row loops: a call per vector (arguments spilled to
+// the stack) costs as much as the helper itself, and GCC stops inlining inside large kernels.
+#define KD_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace kdkernels {
 
 using Vec = at::vec::Vectorized<float>;
@@ -27,7 +31,7 @@ inline Vec kd_splat(float v, Vec) { return Vec(v); }
 // u10 variant) but inlined, which makes the statistics pass cheaper. Arguments whose exp is
 // below the normal float range (x < -87.3, and -inf for masked entries) give exactly 0: no
 // denormal probabilities, whose mixtures (0.5 * p) would round to 0 beside a nonzero p.
-inline Vec exp_nonpositive(Vec x) {
+KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   const Vec lowest(-87.33654f);
   const Vec xc = at::vec::maximum(x, lowest);
   const Vec n = (xc * Vec(1.44269504088896341f)).round();
@@ -55,7 +59,7 @@ inline Vec exp_nonpositive(Vec x) {
 // of every destination line (a quarter of the kernel's memory traffic). Call stream_fence()
 // before the written memory is handed to another thread.
 template <typename VecT>
-inline void store_streaming(const VecT& v, void* dst) {
+KD_ALWAYS_INLINE void store_streaming(const VecT& v, void* dst) {
   const bool aligned = (reinterpret_cast<uintptr_t>(dst) % sizeof(VecT)) == 0;
 #if defined(CPU_CAPABILITY_AVX512)
   if (aligned && sizeof(VecT) == 64) {

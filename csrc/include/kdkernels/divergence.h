@@ -105,19 +105,26 @@ KD_HD F mixture_of(F p, F q, const Mixture& mix) {
 // full precision both where m is close to x (student and teacher nearly agree, or w is near 0:
 // the log of a ratio rounded near 1 would be off by ~eps per element, a bias of that size in a
 // KL(x || m) that is itself tiny there) and where m is far from it (log1p of t = m/x - 1 near -1
-// would cancel). With t = w_y (y - x) / x, exact near m = x, and u = w_x + w_y y / x, a sum of
-// positive terms and so exact in relative terms everywhere: log(m/x) = log(u) t / (u - 1), whose
-// factor log(u) / (u - 1) varies slowly enough near u = 1 to absorb u's rounding (the log1p
-// trick); t itself where u rounds to 1. Both are capped so that a denormal x gives a large finite
-// log, not inf or NaN. x > 0. Both weights come from the Mixture (formed in double): 1 - w_y in
-// float would lose w_x's digits when w_x is tiny (a skew weight of 1e-7).
+// would cancel). u = w_x + w_y y / x is a sum of positive terms, so exact in relative terms
+// everywhere, and log(u) is right wherever u is not close to 1. Near 1, u's own rounding would
+// dominate log(u); there t = w_y (y - x) / x, exact relative to itself, gives the true 1 + t and
+// the first-order correction log(1 + t) = log(u) + (1 + t - u) / u, with 1 + t - u = t - (u - 1)
+// (u - 1 exact there) and 1 / u ~ 2 - u (its error is second order in a correction that is
+// already ~eps). One reciprocal and one log per call. The reciprocal and both ratios are capped
+// so that a denormal x gives a large finite log, not inf or NaN. x > 0. Both weights come from
+// the Mixture (formed in double): 1 - w_y in float would lose w_x's digits when w_x is tiny (a
+// skew weight of 1e-7).
 template <class F>
 KD_HD F log_mixture_over(F x, F y, float w_x, float w_y) {
+  const F one = kd_splat(1.f, x);
   const F cap = kd_splat(1e30f, x);
-  const F t = kd_min(kd_splat(w_y, x) * ((y - x) / x), cap);  // not (w_y (y - x)) / x: it may be denormal
-  const F u = kd_min(kd_splat(w_x, x) + kd_splat(w_y, x) * (y / x), cap);
-  const F u_minus_1 = u - kd_splat(1.f, x);
-  return kd_where_gt(kd_abs(u_minus_1), kd_splat(0.f, x), kd_log(u) * (t / u_minus_1), t);
+  const F inv_x = kd_min(one / x, cap);
+  const F t = kd_min(kd_splat(w_y, x) * ((y - x) * inv_x), cap);
+  const F u = kd_min(kd_splat(w_x, x) + kd_splat(w_y, x) * (y * inv_x), cap);
+  const F u_minus_1 = u - one;
+  const F correction = (t - u_minus_1) * (kd_splat(2.f, x) - u);
+  const F half = kd_splat(0.5f, x);
+  return kd_log(u) + kd_where_gt(half, kd_abs(u_minus_1), correction, kd_splat(0.f, x));
 }
 
 // ---- forward KL: KL(p || q) = sum p (log p - log q);  dD/du_i = q_i - p_i ------------------
@@ -207,22 +214,28 @@ struct SkewKL {
   static constexpr bool kSecondRowSum = true;
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c) {
-    const F m = mixture_of(p, q, mix);
     loss = kd_if_pos(p, kd_splat(0.f, p) - p * log_mixture_over(p, q, mix.wp, mix.wq));
-    c = kd_if_pos(m, q * p / m);  // m = 0 only where p = q = 0
+    c = kd_if_pos(mixture_of(p, q, mix), q * p * inverse_mixture(p, q, mix));  // m = 0 only where p = q = 0
+  }
+  // 1 / m, one division shared by the terms that need it (a kernel computing c and second_term
+  // together divides once), capped like log_mixture_over's ratios: a denormal m gives a large
+  // finite factor on terms that are themselves ~0 there (q, p <= m / w), not inf * 0 = NaN.
+  template <class F>
+  KD_HD static F inverse_mixture(F p, F q, const Mixture& mix) {
+    return kd_min(kd_splat(1.f, p) / mixture_of(p, q, mix), kd_splat(1e30f, p));
   }
   // c2_i = q_i (w_i - 1)
   template <class F>
   KD_HD static F second_term(F p, F q, const Mixture& mix) {
-    const F m = mixture_of(p, q, mix);
-    return kd_if_pos(m, kd_splat(mix.wq, q) * q * (p - q) / m);
+    return kd_if_pos(mixture_of(p, q, mix), kd_splat(mix.wq, q) * q * (p - q) * inverse_mixture(p, q, mix));
   }
   template <class F>
   KD_HD static F grad2(F, F, F p, F q, const Mixture& mix, float row_c, float row_c2) {
     if (!(mix.wq > 0.f)) return kd_splat(0.f, q);
     const F m = mixture_of(p, q, mix);
-    const F w = kd_if_pos(m, p / m);
-    const F w_minus_1 = kd_if_pos(m, kd_splat(mix.wq, q) * (p - q) / m);
+    const F inv_m = inverse_mixture(p, q, mix);
+    const F w = kd_if_pos(m, p * inv_m);
+    const F w_minus_1 = kd_if_pos(m, kd_splat(mix.wq, q) * (p - q) * inv_m);
     const F gap = kd_where_gt(w, kd_splat(0.5f, q), kd_splat(row_c2, q) - w_minus_1,
                               kd_splat(row_c, q) - w);
     return kd_splat(mix.wq, q) * q * gap;
