@@ -45,15 +45,16 @@ struct RowScratch {
 // scratch, adds the student's exps at T = 1 to `unit` when given. With kGapSums it also returns
 // the block's sums E = sum e_t and G = sum e_t ((t - max_t) - (z - max_s)) at the block's running
 // maxima, from which forward KL's value follows without a per-element log (kd_row). Returns false
-// (and sets the error bits) when the block holds NaN or +inf.
+// (and sets the error bits) when the block holds NaN or +inf: +inf from the maxima, NaN from the
+// sums (the maxima may drop a NaN lane; its exp is NaN).
 template <bool kGapSums, typename S, typename T>
 bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_u, OnlineLse* unit, OnlineLse& lse_a,
                  float* exp_s, float* exp_t, double* mass, double* gap, int* error) {
   Vec max_s(kNegInf), max_t(kNegInf);
   for (int64_t i = 0; i < n; i += kW) {
     const int64_t m = std::min(kW, n - i);
-    max_s = at::vec::maximum(max_s, load_row(z + i, m));
-    max_t = at::vec::maximum(max_t, load_row(t + i, m));
+    max_s = max_unordered(max_s, load_row(z + i, m));
+    max_t = max_unordered(max_t, load_row(t + i, m));
   }
   const float block_s = hmax(max_s), block_t = hmax(max_t);
   if (bad_logit(block_s)) *error |= kBadStudent;
@@ -77,8 +78,12 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
     if (unit) acc_unit = acc_unit + exp_nonpositive(ds);
     if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
   }
-  const float block_mass = hsum(acc_t);
-  lse_u.sum += hsum(acc_s);
+  const float block_mass = hsum(acc_t), block_sum_s = hsum(acc_s);
+  // A NaN logit the maxima dropped still makes its exp, and so the block's sum, NaN.
+  if (std::isnan(block_sum_s)) *error |= kBadStudent;
+  if (std::isnan(block_mass)) *error |= kBadTeacher;
+  if (std::isnan(block_sum_s) || std::isnan(block_mass)) return false;
+  lse_u.sum += block_sum_s;
   lse_a.sum += block_mass;
   if (unit) unit->sum += hsum(acc_unit);
   if constexpr (kGapSums) {

@@ -91,6 +91,8 @@ struct OnlineLse {
 struct Mixture {
   float wp;
   float wq;
+  float log_wp;  // log(wp), log(wq): -inf for a zero weight
+  float log_wq;
 };
 
 // m = wp p + wq q. The mixture divergences below work from the probabilities, not from log p -
@@ -180,13 +182,31 @@ struct ReverseKL : CachedGrad<ReverseKL> {
 struct JSD : CachedGrad<JSD> {
   using CachedGrad<JSD>::terms;
   static constexpr bool kRowSum = true;
+  // One log per element: log_mixture_over on the side the mixture leans to (where its log is
+  // small and must be exact), the other side from it and log p - log q, which is exact relative
+  // to itself where both are small. Where the exact side's probability is below
+  // log_mixture_over's range (<= 1e-30, or 0), m is the other side's share alone: log(w) there.
   template <class F>
-  KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
+  KD_HD static void log_mixture_ratios(F logp, F logq, F p, F q, const Mixture& mix, F& log_m_over_p,
+                                       F& log_m_over_q) {
+    const F tiny = kd_splat(1e-30f, p);
+    if (mix.wp > 0.5f) {
+      log_m_over_p = log_mixture_over(p, q, mix.wp, mix.wq);
+      log_m_over_q = kd_where_gt(p, tiny, log_m_over_p + (logp - logq), kd_splat(mix.log_wq, p));
+    } else {
+      log_m_over_q = log_mixture_over(q, p, mix.wq, mix.wp);
+      log_m_over_p = kd_where_gt(q, tiny, log_m_over_q - (logp - logq), kd_splat(mix.log_wp, p));
+    }
+  }
+  template <class F>
+  KD_HD static void terms(F logp, F logq, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
     const F zero = kd_splat(0.f, p);
-    cached = kd_if_pos(q, zero - log_mixture_over(q, p, mix.wq, mix.wp));  // s
+    F log_m_over_p, log_m_over_q;
+    log_mixture_ratios(logp, logq, p, q, mix, log_m_over_p, log_m_over_q);
+    cached = kd_if_pos(q, zero - log_m_over_q);  // s
     const F kl_q = q * cached;
     loss = zero;
-    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, zero - p * log_mixture_over(p, q, mix.wp, mix.wq));
+    if (mix.wp > 0.f) loss = loss + kd_splat(mix.wp, p) * kd_if_pos(p, zero - p * log_m_over_p);
     if (mix.wq > 0.f) loss = loss + kd_splat(mix.wq, p) * kl_q;
     c = kl_q;
   }
@@ -337,14 +357,15 @@ KD_HD bool is_divergence_id(int64_t id) { return id >= 0 && id <= static_cast<in
 // when beta is close to 1 (a relative error of 1e-2 in w at beta = 0.999999).
 KD_HD Mixture mixture_for(Divergence div, double beta) {
   const float beta_f = static_cast<float>(beta), rest_f = static_cast<float>(1.0 - beta);
+  const float log_beta = static_cast<float>(::log(beta)), log_rest = static_cast<float>(::log(1.0 - beta));
   switch (div) {
     case Divergence::kJSD:
     case Divergence::kSkewKL:
-      return Mixture{beta_f, rest_f};  // m = beta p + (1 - beta) q
+      return Mixture{beta_f, rest_f, log_beta, log_rest};  // m = beta p + (1 - beta) q
     case Divergence::kSkewReverseKL:
-      return Mixture{rest_f, beta_f};  // m = (1 - alpha) p + alpha q
+      return Mixture{rest_f, beta_f, log_rest, log_beta};  // m = (1 - alpha) p + alpha q
     default:
-      return Mixture{0.f, 0.f};
+      return Mixture{0.f, 0.f, -INFINITY, -INFINITY};
   }
 }
 
