@@ -191,7 +191,7 @@ class Wanted(NamedTuple):
 
 # Bytes of one float32 copy of a low-precision gradient block (_StudentGrads.add_chunk, _narrow_rows):
 # the copies go block by block, so they cost this much memory, not a chunk's [rows, V] in float32.
-COPY_BLOCK_BYTES = 8 * 1024 * 1024
+COPY_BLOCK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -227,19 +227,23 @@ class _StudentGrads:
             out = self.hidden[start:end]
             torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
         parts = ((self.weight_row, self.weight),) + self.more_weight if self.weight is not None else ()
-        hidden = student.hidden[start:end]
+        hidden, rows = student.hidden[start:end], end - start
+        copy = None
         for row, weight in parts:
             grad_t = grad[:, row: row + weight.shape[0]].t()
             if weight.dtype == grad.dtype:
                 torch.addmm(weight, grad_t, hidden, beta=0 if first else 1, alpha=scale, out=weight)
                 continue
-            # float32 accumulation of a low-precision lm_head, COPY_BLOCK_BYTES of float32 copy at a time
-            hidden_up = hidden.to(weight.dtype)
-            block = max(1, COPY_BLOCK_BYTES // max(1, grad_t.shape[1] * weight.itemsize))
+            # float32 accumulation of a low-precision lm_head: the gradient's float32 copy goes
+            # COPY_BLOCK_BYTES at a time through one buffer (one allocation, so none is kept by the allocator)
+            if copy is None:
+                block = max(1, COPY_BLOCK_BYTES // (rows * weight.itemsize))
+                copy, hidden = torch.empty(block * rows, dtype=weight.dtype, device=weight.device), hidden.to(weight.dtype)
             for lo in range(0, weight.shape[0], block):
                 out = weight[lo: lo + block]
-                torch.addmm(out, grad_t[lo: lo + block].to(weight.dtype), hidden_up, beta=0 if first else 1,
-                            alpha=scale, out=out)
+                grad_block = copy[: out.shape[0] * rows].view(out.shape[0], rows)
+                grad_block.copy_(grad_t[lo: lo + block])
+                torch.addmm(out, grad_block, hidden, beta=0 if first else 1, alpha=scale, out=out)
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=scale)
 
@@ -285,16 +289,18 @@ def _run_weight_halves(plan: _Plan, student: _LinearLogits, teacher, labels: Opt
     the single-pass accumulation up to float32 summation order."""
     weight = student.weight
     vocab, accumulate = weight.shape[0], math_dtype(weight.dtype)
-    gradient = _empty(weight.shape, weight.dtype, weight.device)
     upper = vocab // 2
-    first = _StudentGrads.allocate(student, wanted._replace(weight=False))
-    first.weight, first.weight_row = _float_rows(gradient, upper, accumulate), vocab - upper
-    row_loss, first = _run_chunks(plan, student, teacher, labels, grad_scale, wanted, row_weights, grads=first)
-    _narrow_rows(first.weight, gradient[vocab - upper:], backward=True)
-
     lower = vocab - upper
     start_rows = lower // 2
+    # the largest buffers first (before the chunk loop's), so each takes back its own cached
+    # mapping (kdkernels.backends.cpu.empty) the next step, not one another's
+    gradient = _empty(weight.shape, weight.dtype, weight.device)
     rest = _empty((lower - start_rows, weight.shape[1]), accumulate, weight.device)
+    first = _StudentGrads.allocate(student, wanted._replace(weight=False))
+    first.weight, first.weight_row = _float_rows(gradient, upper, accumulate), lower
+    row_loss, first = _run_chunks(plan, student, teacher, labels, grad_scale, wanted, row_weights, grads=first)
+    _narrow_rows(first.weight, gradient[lower:], backward=True)
+
     second = _StudentGrads(hidden=None, weight=_float_rows(gradient, start_rows, accumulate), bias=None,
                            more_weight=((start_rows, rest),))
     _run_chunks(plan, student, teacher, labels, grad_scale, Wanted(False, True, False), row_weights, grads=second)
