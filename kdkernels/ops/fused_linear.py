@@ -172,8 +172,8 @@ class _Plan:
     # power of two the row kernel's gradient is divided by and the GEMMs multiply back (gradient_headroom)
     headroom: float = 1.0
     # a low-precision lm_head's float32 weight gradient accumulated in two passes over the tokens
-    # (_run_weight_halves): the logits GEMM and row kernel run twice, the float32 accumulators
-    # hold half the memory of a whole [V, H] one
+    # (_run_weight_halves): the logits GEMM and row kernel run twice; beyond the gradient itself,
+    # one float32 buffer of a quarter of the lm_head's rows instead of a whole float32 [V, H]
     weight_halves: bool = False
 
 
