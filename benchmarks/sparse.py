@@ -12,10 +12,12 @@ process (benchmarks.harness). Peers:
   kdkernels  kdkernels.sparse_kd_loss(..., backend="cpu")
   dense      kdkernels.kd_loss, forward KL + CE blend, against a dense teacher [N, V] on the same
              student logits: what the sparse loss replaces (it reads no dense teacher)
-Second table: fused lm_head + sparse loss from hidden states (--fused-v, --fused-h): kdkernels'
-fused_linear_sparse_kd_loss against the full logits followed by sparse_kd_loss; extra peak memory.
+Second table: fused lm_head + sparse loss from hidden states (--fused-v, --fused-h), fp32 and bf16
+lm_head: kdkernels' fused_linear_sparse_kd_loss against the full logits followed by sparse_kd_loss;
+extra peak memory, and that minus the lm_head weight gradient [V, H] (which the step must hold).
 Columns: median time, ratio to torch.compile and to dense kd_loss, extra peak RSS in MiB and per
 gradient tensor.
+    python -m benchmarks.sparse --impls none --fused-impls fused    # the fused-linear rows alone
 """
 
 from __future__ import annotations
@@ -98,21 +100,24 @@ def setup(impl: str, dtype: str, n: int, v: int, k: int, missing_mass: str) -> C
     return harness.fwd_bwd_step(loss_function(impl, missing_mass), student, ids, values, labels, teacher)
 
 
-def fused_setup(impl: str, n: int, v: int, h: int, k: int, missing_mass: str) -> Callable[[], None]:
-    """Fused lm_head + sparse loss (fp32): hidden [n, h] and lm_head [v, h] both require grad."""
+def fused_setup(impl: str, n: int, v: int, h: int, k: int, missing_mass: str, dtype: str = "fp32",
+                chunk_size=None) -> Callable[[], None]:
+    """Fused lm_head + sparse loss: hidden [n, h] and lm_head [v, h] in `dtype`, both requiring grad."""
     import torch
 
     import kdkernels
 
-    hidden = torch.randn(n, h).requires_grad_(True)
-    weight = (torch.randn(v, h) * (LOGIT_STD / math.sqrt(h))).requires_grad_(True)
+    torch_dtype = getattr(torch, DTYPES[dtype][0])
+    hidden = torch.randn(n, h).to(torch_dtype).requires_grad_(True)
+    weight = (torch.randn(v, h) * (LOGIT_STD / math.sqrt(h))).to(torch_dtype).requires_grad_(True)
     ids, values = sparse_teacher(n, v, k)
     labels = torch.randint(0, v, (n,))
     options = dict(missing_mass=missing_mass, kd_weight=KD_WEIGHT, ce_weight=CE_WEIGHT)
 
     def step() -> None:
         if impl == "fused":
-            loss = kdkernels.fused_linear_sparse_kd_loss(hidden, weight, ids, values, labels, **options)
+            loss = kdkernels.fused_linear_sparse_kd_loss(hidden, weight, ids, values, labels, chunk_size=chunk_size,
+                                                         **options)
         else:
             loss = kdkernels.sparse_kd_loss(hidden @ weight.t(), ids, values, labels, **options)
         loss.backward()
@@ -130,13 +135,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     parser.add_argument("--fused-v", type=int, default=128000, help="fused-linear vocabulary (default 128000)")
     parser.add_argument("--fused-h", type=int, default=1024, help="fused-linear hidden size (default 1024)")
+    parser.add_argument("--fused-dtypes", default="fp32,bf16", help="fused-linear lm_head dtypes (default both)")
+    parser.add_argument("--fused-impls", default=",".join(FUSED_IMPLS),
+                        help=f"comma list of {', '.join(FUSED_IMPLS)}, or none (default both)")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-linear table")
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None,
                          warmup_help="untimed steps (default: 2 for torch.compile, 1 otherwise)")
     args = harness.parse_run_args(parser, argv)
-    args.dtypes = [d for d in args.dtypes.split(",") if d]
-    args.impls = [i for i in args.impls.split(",") if i]
-    for value, allowed, flag in ((args.dtypes, DTYPES, "--dtypes"), (args.impls, IMPLS, "--impls")):
+    args.dtypes, args.fused_dtypes = ([d for d in value.split(",") if d] for value in (args.dtypes, args.fused_dtypes))
+    args.impls, args.fused_impls = ([i for i in value.split(",") if i and i != "none"]
+                                    for value in (args.impls, args.fused_impls))
+    for value, allowed, flag in ((args.dtypes, DTYPES, "--dtypes"), (args.impls, IMPLS, "--impls"),
+                                 (args.fused_dtypes, DTYPES, "--fused-dtypes"),
+                                 (args.fused_impls, FUSED_IMPLS, "--fused-impls")):
         unknown = [item for item in value if item not in allowed]
         if unknown:
             parser.error(f"{flag}: unknown {unknown}")
@@ -160,13 +171,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     harness.add_ratios(rows, "vs_dense", baseline=lambda row: row["impl"] == "dense", group_by=("dtype",))
     fused_rows: List[Dict[str, Any]] = []
     if not args.no_fused:
-        for impl in FUSED_IMPLS:
-            result = harness.measure("benchmarks.sparse:fused_setup",
-                                     {"impl": impl, "n": args.n, "v": args.fused_v, "h": args.fused_h, "k": args.k,
-                                      "missing_mass": args.missing_mass},
-                                     repeat=max(1, min(args.repeat, 3)), warmup=1, time_budget_s=args.time_budget,
-                                     label=f"fused-linear {impl}")
-            fused_rows.append(_row({"impl": impl}, result, args.n * args.fused_v * 4))
+        for dtype in args.fused_dtypes:
+            weight_grad_mib = args.fused_v * args.fused_h * DTYPES[dtype][1] / harness.MIB
+            for impl in args.fused_impls:
+                result = harness.measure("benchmarks.sparse:fused_setup",
+                                         {"impl": impl, "n": args.n, "v": args.fused_v, "h": args.fused_h,
+                                          "k": args.k, "missing_mass": args.missing_mass, "dtype": dtype},
+                                         repeat=max(1, min(args.repeat, 3)), warmup=1,
+                                         time_budget_s=args.time_budget, label=f"fused-linear {dtype} {impl}")
+                row = _row({"dtype": dtype, "impl": impl, "weight_grad_mib": weight_grad_mib}, result,
+                           args.n * args.fused_v * DTYPES[dtype][1])
+                if "error" not in row:
+                    row["beyond_weight_grad_mib"] = row["extra_peak_mib"] - weight_grad_mib
+                fused_rows.append(row)
     return {"rows": rows, "fused_rows": fused_rows}
 
 
@@ -184,22 +201,26 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     results = run(args)
     threads = harness.available_cpus()
-    harness.print_table(results["rows"], [
-        harness.Column("dtype", "dtype"), harness.Column("impl", "impl"),
-        harness.Column("median ms", "median_ms", ".1f"), harness.Column("min ms", "min_ms", ".1f"),
-        harness.Column("x compile", "vs_compile", ".2f"), harness.Column("x dense kd_loss", "vs_dense", ".2f"),
-        harness.Column("extra peak MiB", "extra_peak_mib", ".0f"), harness.Column("peak / grad", "peak_per_grad", ".2f"),
-    ], markdown=args.markdown, title=f"sparse_kd_loss, forward KL ({args.missing_mass}) + CE, N={args.n}, "
-                                     f"V={args.v}, k={args.k}, fwd+bwd, {threads} threads")
+    if results["rows"]:
+        harness.print_table(results["rows"], [
+            harness.Column("dtype", "dtype"), harness.Column("impl", "impl"),
+            harness.Column("median ms", "median_ms", ".1f"), harness.Column("min ms", "min_ms", ".1f"),
+            harness.Column("x compile", "vs_compile", ".2f"), harness.Column("x dense kd_loss", "vs_dense", ".2f"),
+            harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
+            harness.Column("peak / grad", "peak_per_grad", ".2f"),
+        ], markdown=args.markdown, title=f"sparse_kd_loss, forward KL ({args.missing_mass}) + CE, N={args.n}, "
+                                         f"V={args.v}, k={args.k}, fwd+bwd, {threads} threads")
     if results["fused_rows"]:
         harness.print_table(results["fused_rows"], [
-            harness.Column("impl", "impl"), harness.Column("median ms", "median_ms", ".1f"),
-            harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
-        ], markdown=args.markdown, title=f"fused lm_head + sparse loss, fp32, N={args.n}, V={args.fused_v}, "
+            harness.Column("dtype", "dtype"), harness.Column("impl", "impl"),
+            harness.Column("median ms", "median_ms", ".1f"), harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
+            harness.Column("weight grad MiB", "weight_grad_mib", ".0f"),
+            harness.Column("peak - weight grad MiB", "beyond_weight_grad_mib", ".0f"),
+        ], markdown=args.markdown, title=f"fused lm_head + sparse loss, N={args.n}, V={args.fused_v}, "
                                          f"H={args.fused_h}, k={args.k}, fwd+bwd")
     for row in results["rows"] + results["fused_rows"]:
         if "error" in row:
-            print(f"n/a: {row.get('dtype', 'fp32')} {row['impl']}: {row['error']}")
+            print(f"n/a: {row['dtype']} {row['impl']}: {row['error']}")
     if args.json:
         harness.write_json(args.json, {"title": "sparse", "meta": vars(args), **results})
     return 0

@@ -145,8 +145,11 @@ def fused_linear_sparse_kd_loss(
     ``student_logits = softcap(logit_scale * (student_hidden @ student_weight.T + student_bias))``.
     Tokens are processed ``chunk_size`` rows at a time (the logits GEMM, the sparse row kernel
     writing the gradient over the chunk's logits, the gradient GEMMs), so memory beyond the inputs
-    and gradients is one chunk of logits; no teacher logits exist at all. Gradients are computed in
-    the forward pass, only for the tensors that require grad.
+    and gradients is one chunk of logits; no teacher logits exist at all. A bfloat16 / float16
+    lm_head's weight gradient is still summed over the tokens in float32 and rounded once: in two
+    passes over the tokens (the logits GEMM and row kernel run twice), so that its float32
+    accumulators need half the gradient's memory beyond it rather than twice. Gradients are
+    computed in the forward pass, only for the tensors that require grad.
 
     Args:
         student_hidden: ``[N, H]`` or ``[B, S, H]`` final hidden states, float32 / bfloat16 /

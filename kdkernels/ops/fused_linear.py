@@ -171,6 +171,10 @@ class _Plan:
     inplace: bool
     # power of two the row kernel's gradient is divided by and the GEMMs multiply back (gradient_headroom)
     headroom: float = 1.0
+    # a low-precision lm_head's float32 weight gradient accumulated in two passes over the tokens
+    # (_run_weight_halves): the logits GEMM and row kernel run twice; beyond the gradient itself,
+    # one float32 buffer of a quarter of the lm_head's rows instead of a whole float32 [V, H]
+    weight_halves: bool = False
 
 
 class Wanted(NamedTuple):
@@ -185,6 +189,11 @@ class Wanted(NamedTuple):
         return Wanted(False, False, False)
 
 
+# Bytes of one float32 copy of a low-precision gradient block (_StudentGrads.add_chunk, _narrow_rows):
+# the copies go block by block, so they cost this much memory, not a chunk's [rows, V] in float32.
+COPY_BLOCK_BYTES = 4 * 1024 * 1024
+
+
 @dataclass
 class _StudentGrads:
     """Gradient accumulators; None where that gradient is not required."""
@@ -192,6 +201,10 @@ class _StudentGrads:
     hidden: Optional[torch.Tensor]   # [N, H] in the hidden dtype, one chunk of rows at a time
     weight: Optional[torch.Tensor]   # [V_s, H] float32 (float64) accumulator
     bias: Optional[torch.Tensor]     # [V_s] float32 (float64) accumulator
+    # first lm_head row of `weight`'s rows, and further (first row, accumulator [rows, H]) parts
+    # of the lm_head rows (_run_weight_halves); a pass accumulates only these rows' gradient
+    weight_row: int = 0
+    more_weight: Tuple[Tuple[int, torch.Tensor], ...] = ()
 
     @staticmethod
     def allocate(student: _LinearLogits, wanted: Wanted) -> "_StudentGrads":
@@ -213,13 +226,24 @@ class _StudentGrads:
         if self.hidden is not None:
             out = self.hidden[start:end]
             torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
-        if self.weight is not None:
-            hidden = student.hidden[start:end]
-            if self.weight.dtype != grad.dtype:  # float32 accumulation of a low-precision lm_head
-                grad_t, hidden = grad.t().float(), hidden.float()
-            else:
-                grad_t = grad.t()
-            torch.addmm(self.weight, grad_t, hidden, beta=0 if first else 1, alpha=scale, out=self.weight)
+        parts = ((self.weight_row, self.weight),) + self.more_weight if self.weight is not None else ()
+        hidden, rows = student.hidden[start:end], end - start
+        copy = None
+        for row, weight in parts:
+            grad_t = grad[:, row: row + weight.shape[0]].t()
+            if weight.dtype == grad.dtype:
+                torch.addmm(weight, grad_t, hidden, beta=0 if first else 1, alpha=scale, out=weight)
+                continue
+            # float32 accumulation of a low-precision lm_head: the gradient's float32 copy goes
+            # COPY_BLOCK_BYTES at a time through one buffer (one allocation, so none is kept by the allocator)
+            if copy is None:
+                block = max(1, COPY_BLOCK_BYTES // (rows * weight.itemsize))
+                copy, hidden = torch.empty(block * rows, dtype=weight.dtype, device=weight.device), hidden.to(weight.dtype)
+            for lo in range(0, weight.shape[0], block):
+                out = weight[lo: lo + block]
+                grad_block = copy[: out.shape[0] * rows].view(out.shape[0], rows)
+                grad_block.copy_(grad_t[lo: lo + block])
+                torch.addmm(out, grad_block, hidden, beta=0 if first else 1, alpha=scale, out=out)
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=scale)
 
@@ -228,6 +252,63 @@ class _StudentGrads:
         weight = None if self.weight is None else self.weight.to(student.weight.dtype)
         bias = None if self.bias is None else self.bias.to(student.weight.dtype)
         return [self.hidden, weight, bias]
+
+
+def _narrow_rows(source: torch.Tensor, target: torch.Tensor, backward: bool) -> None:
+    """target[i] = source[i] cast to target's dtype, [rows, H] each, COPY_BLOCK_BYTES at a time.
+    The two may share storage (a float32 accumulator inside the lm_head-dtype gradient): each block
+    is cast into a temporary before it is written, and the blocks go in the order (first to last,
+    or last to first with `backward`) that writes only over rows already read."""
+    block = max(1, COPY_BLOCK_BYTES // max(1, source.shape[1] * source.itemsize))
+    starts = range(0, source.shape[0], block)
+    for lo in (reversed(starts) if backward else starts):
+        target[lo: lo + block] = source[lo: lo + block].to(target.dtype)
+
+
+def _float_rows(gradient: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """The start of `gradient`'s storage ([V, H], contiguous) as a [rows, H] tensor of `dtype`."""
+    hidden = gradient.shape[1]
+    ratio = dtype.itemsize // gradient.itemsize
+    return gradient.view(-1)[: ratio * rows * hidden].view(dtype).view(rows, hidden)
+
+
+def _run_weight_halves(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[torch.Tensor],
+                       grad_scale: torch.Tensor, wanted: Wanted, row_weights: Optional[torch.Tensor]
+                       ) -> Tuple[torch.Tensor, _StudentGrads]:
+    """_run_chunks for a low-precision lm_head (itemsize <= half of float32's) whose weight
+    gradient is wanted, with memory for the weight gradient of 1.5x its size instead of 3x (a
+    float32 [V, H] accumulator, then its cast), at the cost of a second logits GEMM and row kernel:
+
+      pass 1 (every gradient): the float32 accumulator of the upper m = V // 2 lm_head rows lives
+        in the storage of the gradient [V, H] itself (4 m H <= 2 V H bytes); then it is narrowed
+        in place, last rows first, to the gradient's rows [V - m, V);
+      pass 2 (the weight only): rows [0, q), q = (V - m) // 2, accumulate in float32 in the free
+        start of that storage, rows [q, V - m) in a float32 buffer [V - m - q, H]; both narrowed.
+
+    Every weight-gradient entry is one float32 sum over all tokens, rounded once: the result equals
+    the single-pass accumulation up to float32 summation order."""
+    weight = student.weight
+    vocab, accumulate = weight.shape[0], math_dtype(weight.dtype)
+    upper = vocab // 2
+    lower = vocab - upper
+    start_rows = lower // 2
+    # the largest buffers first (before the chunk loop's), so each takes back its own cached
+    # mapping (kdkernels.backends.cpu.empty) the next step, not one another's
+    gradient = _empty(weight.shape, weight.dtype, weight.device)
+    rest = _empty((lower - start_rows, weight.shape[1]), accumulate, weight.device)
+    first = _StudentGrads.allocate(student, wanted._replace(weight=False))
+    first.weight, first.weight_row = _float_rows(gradient, upper, accumulate), lower
+    row_loss, first = _run_chunks(plan, student, teacher, labels, grad_scale, wanted, row_weights, grads=first)
+    _narrow_rows(first.weight, gradient[lower:], backward=True)
+
+    second = _StudentGrads(hidden=None, weight=_float_rows(gradient, start_rows, accumulate), bias=None,
+                           more_weight=((start_rows, rest),))
+    _run_chunks(plan, student, teacher, labels, grad_scale, Wanted(False, True, False), row_weights, grads=second)
+    _narrow_rows(second.weight, gradient[:start_rows], backward=False)
+    gradient[start_rows:lower] = rest
+    del rest
+    first.weight, first.weight_row = gradient, 0
+    return row_loss, first
 
 
 def gradient_headroom(cfg: KDConfig, dtype: torch.dtype) -> float:
@@ -245,14 +326,18 @@ def gradient_headroom(cfg: KDConfig, dtype: torch.dtype) -> float:
 
 
 def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[torch.Tensor],
-                grad_scale: torch.Tensor, wanted: Wanted, row_weights: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Optional[_StudentGrads]]:
+                grad_scale: torch.Tensor, wanted: Wanted, row_weights: Optional[torch.Tensor] = None,
+                grads: Optional[_StudentGrads] = None) -> Tuple[torch.Tensor, Optional[_StudentGrads]]:
     """Row losses [N] and, when any gradient is wanted, the student's gradients of
-    sum_rows(grad_scale * row_weight * row_loss) (row_weight = 1 when None)."""
+    sum_rows(grad_scale * row_weight * row_loss) (row_weight = 1 when None), accumulated in
+    `grads` (allocated here when None)."""
     n_rows, vocab, chunk = student.hidden.shape[0], plan.vocab, plan.chunk_size
     device = student.hidden.device
     route = plan.route
     compute_grad = any(wanted)
+    if (grads is None and wanted.weight and plan.weight_halves and n_rows
+            and 2 * student.weight.itemsize <= math_dtype(student.weight.dtype).itemsize):
+        return _run_weight_halves(plan, student, teacher, labels, grad_scale, wanted, row_weights)
 
     def buffer(side) -> Optional[torch.Tensor]:
         if not side.needs_buffer:
@@ -267,7 +352,8 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
     # the gradient replaces the student logits in their reused buffer: no allocation per chunk
     inplace = compute_grad and plan.inplace
     row_loss = torch.empty(n_rows, dtype=route.dtype, device=device)
-    grads = _StudentGrads.allocate(student, wanted) if compute_grad else None
+    if compute_grad and grads is None:
+        grads = _StudentGrads.allocate(student, wanted)
     kernel_scale = grad_scale if plan.headroom == 1.0 else grad_scale / plan.headroom
 
     for start in range(0, n_rows, chunk):

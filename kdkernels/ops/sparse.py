@@ -12,11 +12,19 @@ import torch
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
 from kdkernels.backends.reference import sparse as reference_sparse
 from kdkernels.ops import fused
-from kdkernels.ops.fused_linear import FusedLinearKDFunction, Wanted, _LinearLogits, _Plan, _run_chunks, chunk_rows
+from kdkernels.ops.fused_linear import (DEFAULT_CHUNK_BYTES, FusedLinearKDFunction, Wanted, _LinearLogits, _Plan,
+                                        _run_chunks, chunk_rows)
 from kdkernels.ops.reduction import reduce_rows
 from kdkernels.ops.route import Family, Route
 
 SPARSE = Family(entry="sparse_rows", title="sparse-teacher", formula=reference_sparse.row_loss)
+
+# The lm_head chunk loop's memory budget is this share of the dense loop's (DEFAULT_CHUNK_BYTES):
+# with no teacher logits, a float32 chunk then has the rows of the dense loop's (student + teacher
+# logits), and so the same GEMM shapes, at half the memory. At V=128000 a chunk holds 77 MiB
+# (N=4096: 158 rows in float32, 316 in bfloat16), so that a bfloat16 lm_head (H=1024) fits its
+# gradients, their float32 accumulators (_run_weight_halves) and a chunk in 512 MiB beyond the inputs.
+SPARSE_CHUNK_BYTES_SHARE = 0.5
 
 
 class SparseRoute(Route):
@@ -79,15 +87,14 @@ def fused_linear_sparse_loss(student_hidden: torch.Tensor, student_weight: torch
     wanted = wanted if torch.is_grad_enabled() else Wanted.none()
     inplace = route.has_inplace and softcap is None
     if chunk_size is None:
-        student_bytes = student.dtype.itemsize
-        # student logits (+ the kernel's gradient, + its float32 copy for a low-precision lm_head's
-        # weight gradient) per vocabulary entry of a row
-        per_entry = student_bytes
-        if any(wanted):
-            per_entry += (0 if inplace else student_bytes) + (4 if wanted.weight and student_bytes < 4 else 0)
-        chunk_size = chunk_rows(n_rows, student.vocab, per_entry, student_hidden.device.type)
+        # student logits (+ the kernel's gradient unless written over them) per vocabulary entry
+        # of a row; a low-precision lm_head's float32 copies go in blocks of COPY_BLOCK_BYTES
+        per_entry = student.dtype.itemsize * (1 if inplace or not any(wanted) else 2)
+        chunk_size = chunk_rows(n_rows, student.vocab, per_entry, student_hidden.device.type,
+                                int(SPARSE_CHUNK_BYTES_SHARE * DEFAULT_CHUNK_BYTES.get(student_hidden.device.type,
+                                                                                       DEFAULT_CHUNK_BYTES["cpu"])))
     plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=student.vocab, chunk_size=chunk_size,
-                 route=route, inplace=inplace)
+                 route=route, inplace=inplace, weight_halves=True)
     grad_scale = route.grad_scale(labels, cfg.ignore_index, reduction, n_rows, batch_shape, student_hidden.device)
     if any(wanted):
         return FusedLinearKDFunction.apply(student.hidden, student_weight, student_bias, student, teacher, labels,
