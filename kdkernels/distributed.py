@@ -554,9 +554,8 @@ def vocab_parallel_fused_linear_kd_loss(
     except (TypeError, ValueError) as exc:
         error = exc
     wanted = fused_linear.Wanted.none()
-    if error is None and torch.is_grad_enabled():
-        wanted = fused_linear.Wanted(student_hidden.requires_grad, student_weight.requires_grad,
-                                     student_bias is not None and student_bias.requires_grad)
+    if error is None:  # the arguments are checked: their requires_grad can be read
+        wanted = fused_linear.Wanted.of(student_hidden, student_weight, student_bias)
     if check_consistency:
         table = _agree(group, _group_device(group, student_hidden),
                        ("the number of rows", "the hidden dtype", "the labels", "the loss options",
