@@ -123,7 +123,6 @@ def setup(impl: str, n: int, h: int, v: int, dtype: str, temperature: float, chu
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fused_linear", description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=None, help="tokens; default 4096, 1024 with --quick")
     parser.add_argument("--h", type=int, default=1024, help="hidden size of table 1 (default 1024)")
     parser.add_argument("--v", type=int, default=32000, help="vocabulary of table 1 (default 32000)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
@@ -142,20 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every configuration this many times, interleaved, and keep each one's "
                              "fastest round (for a machine shared with other work; default 1)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed steps (default 5, 3 with --quick)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps, compilation included (default 1)")
-    parser.add_argument("--time-budget", type=float, default=60.0,
-                        help="stop a configuration's timed steps after this many seconds (min 3 steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
-    parser.add_argument("--quick", action="store_true", help="N=1024 and 3 timed steps, for a fast look")
-    harness.add_output_args(parser)
+    harness.add_run_args(parser, repeat=5, time_budget_s=60.0, warmup=1,
+                         warmup_help="untimed steps, compilation included (default 1)")
     harness.add_png_arg(parser, "fused_linear")
-    args = parser.parse_args(argv)
-    if args.n is None:
-        args.n = 1024 if args.quick else 4096
-    if args.repeat is None:
-        args.repeat = 3 if args.quick else 5
-    return args
+    return harness.parse_run_args(parser, argv)
 
 
 def _measure(args: argparse.Namespace, impl: str, h: int, v: int, label: str, repeat: int) -> Dict[str, Any]:

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -157,8 +156,9 @@ def _time_steps(step: Callable[[], Any], timer: _Timer, warmup: int, repeat: int
     return {"median_ms": statistics.median(times), "min_ms": min(times), "steps": len(times)}
 
 
-def _run_child(request: Dict[str, Any]) -> Dict[str, Any]:
-    """{"divergences": {name: timing or {"error": ...}}} or {"sweep": [...]}"""
+def run_request(request: Dict[str, Any]) -> Dict[str, Any]:
+    """One request, run in a child process by harness.run_in_child: {"divergences": {name: timing or
+    {"error": ...}}} or {"sweep": [...]}"""
     import torch
 
     device = torch.device(request["device"])
@@ -203,30 +203,8 @@ def _sweep(request: Dict[str, Any], student, teacher, timer: _Timer) -> List[Dic
     return rows
 
 
-def _child_main() -> None:
-    request = json.loads(sys.stdin.read())
-    try:
-        result = _run_child(request)
-    except Exception as exc:  # reported to the parent, which prints "n/a" with the reason
-        message = " ".join(str(exc).split())
-        result = {"error": f"{type(exc).__name__}: {message[:300]}"}
-    print(harness.RESULT_MARKER + json.dumps(result), flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Parent side
-
-
-def measure(request: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (harness.REPO_ROOT, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--child"],
-                              input=json.dumps(request), capture_output=True, text=True,
-                              cwd=harness.REPO_ROOT, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    return harness._parse_child_output(proc)
 
 
 def _parse_shapes(text: str) -> List[Tuple[int, int]]:
@@ -288,7 +266,8 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
         else:
             harness.progress(f"  running {label} ...")
             # The last child may overrun the budget by at most a minute.
-            result = measure(req, min(args.child_timeout, left + 60))
+            result = harness.run_in_child("benchmarks.gpu_bench:run_request", req,
+                                          timeout_s=min(args.child_timeout, left + 60))
         parts = result.get("divergences", {"": result})
         harness.progress(f"  {label}: " + ", ".join(
             f"{name} " * bool(name) + (f"n/a ({r['error']})" if "error" in r else f"{r['median_ms']:.3f} ms")
@@ -415,7 +394,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--child"]:
-        _child_main()
-    else:
-        sys.exit(main())
+    sys.exit(main())

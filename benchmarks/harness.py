@@ -329,7 +329,8 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     progress(f"wrote {path}")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; else what the platform module knows)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -347,7 +348,7 @@ def setup_info() -> Dict[str, Any]:
     import kdkernels
 
     info = kdkernels.backend_info()
-    return {"cpu": _cpu_model(), "cpus_used": available_cpus(), "cpus_total": os.cpu_count(),
+    return {"cpu": cpu_model(), "cpus_used": available_cpus(), "cpus_total": os.cpu_count(),
             "torch": torch.__version__, "kdkernels": kdkernels.__version__, "cpu_build": info.get("cpu_build"),
             "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}"}
 

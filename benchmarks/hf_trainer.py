@@ -19,7 +19,6 @@ RSS over the timed steps above the RSS once the models, optimizer and batch exis
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 from typing import Any, Callable, Dict
@@ -113,30 +112,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         result = harness.measure("benchmarks.hf_trainer:setup", {"impl": impl, **kwargs}, repeat=args.repeat,
                                  warmup=args.warmup, time_budget_s=args.time_budget, threads=args.threads,
                                  label=f"[{index}/{len(args.impls)}] {impl}")
-        row: Dict[str, Any] = {"impl": impl}
-        if "error" in result:
-            row["error"] = result["error"]
-        else:
-            row.update(median_ms=result["median_ms"], min_ms=result["min_ms"],
-                       extra_peak_mib=result["extra_peak_mib"], steps=len(result["times_ms"]))
-        rows.append(row)
+        rows.append({"impl": impl, **harness.result_fields(result)})
     eager = next((row for row in rows if row["impl"] == "eager" and "median_ms" in row), None)
     for row in rows:
         if eager and "median_ms" in row:
             row["x_time"] = row["median_ms"] / eager["median_ms"]
             row["x_peak"] = row["extra_peak_mib"] / eager["extra_peak_mib"] if eager["extra_peak_mib"] > 0 else None
     return {"rows": rows, "setup": _setup_line(args)}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _setup_line(args: argparse.Namespace) -> str:
@@ -147,7 +129,7 @@ def _setup_line(args: argparse.Namespace) -> str:
     logits_mib = tokens * args.vocab * 4 / harness.MIB
     return (f"KD trainer step, Llama student and teacher V={args.vocab} layers={args.layers} H={args.hidden}, "
             f"batch {args.batch} x seq {args.seq} (one fp32 [tokens, V] logits: {logits_mib:.0f} MiB), "
-            f"T={args.temperature}, AdamW; {_cpu_name()}, "
+            f"T={args.temperature}, AdamW; {harness.cpu_model()}, "
             f"{args.threads or harness.available_cpus()} threads, torch {torch.__version__}, "
             f"transformers {transformers.__version__}")
 

@@ -9,16 +9,12 @@ weight, and the teacher's, and works through the tokens in chunks.
 import torch
 
 import kdkernels
-from tiny_models import collate, tiny_llama, toy_examples
+from tiny_models import student_and_teacher, toy_batches
 
-student, teacher = tiny_llama(layers=2, seed=0), tiny_llama(layers=4, seed=1)
-teacher.eval().requires_grad_(False)
+student, teacher = student_and_teacher()
 optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
-examples = toy_examples()
 
-for step in range(10):
-    batch = collate(examples[(step * 8) % len(examples):][:8])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+for step, batch, inputs in toy_batches(steps=10):
     # position i predicts token i + 1: shift the labels, nothing to predict at the last position
     targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     hidden = student.model(**inputs).last_hidden_state              # [B, S, H_s]

@@ -45,3 +45,18 @@ def collate(examples):
         batch["attention_mask"][row, :n] = 1
         batch["labels"][row, :n] = example["labels"]
     return batch
+
+
+def student_and_teacher():
+    """The plain loops' pair: a 2-layer student and a 4-layer teacher, frozen (eval mode, no gradients)."""
+    student, teacher = tiny_llama(layers=2, seed=0), tiny_llama(layers=4, seed=1)
+    return student, teacher.eval().requires_grad_(False)
+
+
+def toy_batches(steps: int, batch_size: int = 8):
+    """`steps` right-padded batches (see collate) cycling through toy_examples(): yields (step, batch,
+    the model inputs of the batch: input_ids and attention_mask)."""
+    examples = toy_examples()
+    for step in range(steps):
+        batch = collate(examples[(step * batch_size) % len(examples):][:batch_size])
+        yield step, batch, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -17,7 +17,7 @@ logits on the same batch, shifted labels) with the swapped loss either way.
 import torch
 
 from kdkernels.integrations.trl import generalized_jsd_loss
-from tiny_models import collate, tiny_llama, toy_examples
+from tiny_models import student_and_teacher, toy_batches
 
 try:
     try:
@@ -29,13 +29,9 @@ try:
 except ImportError:
     print("TRL is not installed: running the GKD loss in a plain loop")
 
-student, teacher = tiny_llama(layers=2, seed=0), tiny_llama(layers=4, seed=1)
-teacher.eval().requires_grad_(False)
+student, teacher = student_and_teacher()
 optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
-examples = toy_examples()
-for step in range(6):
-    batch = collate(examples[(step * 8) % len(examples):][:8])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+for step, batch, inputs in toy_batches(steps=6):
     student_logits = student(**inputs).logits[:, :-1]       # [B, S-1, V]: position i predicts token i + 1
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits[:, :-1]

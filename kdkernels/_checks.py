@@ -128,6 +128,16 @@ def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by
     )
 
 
+def check_kd_call(labels, batch_shape, device, reduction, **kd_options):
+    """What every dense KD entry point checks once its tensors are checked: labels [*batch_shape] on
+    `device` (or None), the reduction, and kd_loss's keyword options (divergence, temperature, beta,
+    kd_weight, ce_weight, scale_by_t2, ignore_index) made into a KDConfig.
+    Returns (labels, reduction, cfg)."""
+    labels = check_labels(labels, batch_shape, device)
+    reduction = check_reduction(reduction)
+    return labels, reduction, make_config(has_labels=labels is not None, **kd_options)
+
+
 def _check_group_weight(name: str, value):
     """A CAKD group weight: a number >= 0, or "teacher_mass". Returns (weight, from_teacher)."""
     if isinstance(value, str):
@@ -372,3 +382,16 @@ def check_lm_head_options(chunk_size, softcap, logit_scale):
     chunk = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
     cap = None if softcap is None else _check_number("softcap", softcap, low=0.0, low_open=True)
     return chunk, cap, _check_number("logit_scale", logit_scale, low=0.0, low_open=True)
+
+
+def check_lm_head_call(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       teacher_logits, labels, reduction, chunk_size, softcap, logit_scale, **kd_options):
+    """Every check of a fused lm_head KD call (fused_linear_kd_loss and its vocab-parallel form): the
+    student's lm_head, the teacher (lm_head or logits), the chunk options, then check_kd_call.
+    Returns (labels, reduction, cfg, chunk_size, softcap, logit_scale)."""
+    check_linear_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)
+    lm_head_options = check_lm_head_options(chunk_size, softcap, logit_scale)
+    labels, reduction, cfg = check_kd_call(labels, tuple(student_hidden.shape[:-1]), student_hidden.device, reduction,
+                                           **kd_options)
+    return (labels, reduction, cfg) + lm_head_options

@@ -27,20 +27,29 @@ def _check_logit_values_fake(student_logits, teacher_logits, labels, ignore_inde
     return torch.empty((), dtype=torch.float32, device=student_logits.device)
 
 
+def fake_row_loss(student_logits: torch.Tensor) -> torch.Tensor:
+    """What every fused row op returns first: one float32 loss per row of `student_logits` [N, V]."""
+    return student_logits.new_empty((student_logits.shape[0],), dtype=torch.float32)
+
+
+def fake_row_loss_and_grad(student_logits: torch.Tensor, compute_grad: bool):
+    """The outputs of a fused row op that also returns the gradient: row losses [N] and a contiguous
+    gradient like `student_logits` (an empty tensor when compute_grad is off)."""
+    grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad \
+        else student_logits.new_empty((0,))
+    return fake_row_loss(student_logits), grad
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("kdkernels::kd_loss_fwd")
     def _kd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, divergence, temperature,
                           beta, kd_weight, ce_weight, scale_by_t2, ignore_index, compute_grad):
-        n = student_logits.shape[0]
-        row_loss = student_logits.new_empty((n,), dtype=torch.float32)
-        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad \
-            else student_logits.new_empty((0,))
-        return row_loss, grad
+        return fake_row_loss_and_grad(student_logits, compute_grad)
 
     @torch.library.register_fake("kdkernels::kd_loss_fwd_inplace_")
     def _kd_loss_fwd_inplace_fake(student_logits, teacher_logits, labels, grad_scale, divergence, temperature,
                                   beta, kd_weight, ce_weight, scale_by_t2, ignore_index):
-        return student_logits.new_empty((student_logits.shape[0],), dtype=torch.float32)
+        return fake_row_loss(student_logits)
 
     @torch.library.register_fake("kdkernels::empty_cached")
     def _empty_cached_fake(size, dtype):
@@ -50,12 +59,8 @@ def _register_fakes() -> None:
     def _cakd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, group_rule, top_k, mass,
                             bcd_weight, scd_weight, wcd_weight, scd_teacher_mass, wcd_teacher_mass,
                             temperature, scale_by_t2, ignore_index, compute_grad):
-        # the same outputs as the KD op's; the divergence options (forward_kl, beta, kd_weight,
-        # ce_weight) do not change their shapes
-        row_loss, grad = _kd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, 0,
-                                           temperature, 0.5, 1.0, 0.0, scale_by_t2, ignore_index,
-                                           compute_grad)
-        components = student_logits.new_empty((student_logits.shape[0], 3), dtype=torch.float32)
+        row_loss, grad = fake_row_loss_and_grad(student_logits, compute_grad)
+        components = student_logits.new_empty((student_logits.shape[0], 3), dtype=torch.float32)  # BCD, SCD, WCD
         return row_loss, components, grad
 
 

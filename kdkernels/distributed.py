@@ -411,11 +411,9 @@ def vocab_parallel_kd_loss(
     try:
         _checks.check_logits_pair(student_logits, teacher_logits)
         batch_shape = tuple(student_logits.shape[:-1])
-        labels = _checks.check_labels(labels, batch_shape, student_logits.device)
-        reduction = _checks.check_reduction(reduction)
-        cfg = _checks.make_config(divergence=divergence, temperature=temperature, beta=beta,
-                                  kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
-                                  ignore_index=ignore_index, has_labels=labels is not None)
+        labels, reduction, cfg = _checks.check_kd_call(
+            labels, batch_shape, student_logits.device, reduction, divergence=divergence, temperature=temperature,
+            beta=beta, kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index)
     except (TypeError, ValueError) as exc:
         error = exc
     if check_consistency:
@@ -539,16 +537,12 @@ def vocab_parallel_fused_linear_kd_loss(
 
     error = None
     try:
-        _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
-                                  "student_bias", student_bias)
-        _checks.check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)
+        labels, reduction, cfg, chunk_size, softcap, logit_scale = _checks.check_lm_head_call(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+            teacher_logits, labels, reduction, chunk_size, softcap, logit_scale, divergence=divergence,
+            temperature=temperature, beta=beta, kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
+            ignore_index=ignore_index)
         batch_shape = tuple(student_hidden.shape[:-1])
-        labels = _checks.check_labels(labels, batch_shape, student_hidden.device)
-        reduction = _checks.check_reduction(reduction)
-        chunk_size, softcap, logit_scale = _checks.check_lm_head_options(chunk_size, softcap, logit_scale)
-        cfg = _checks.make_config(divergence=divergence, temperature=temperature, beta=beta,
-                                  kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
-                                  ignore_index=ignore_index, has_labels=labels is not None)
         vocab = student_weight.shape[0]
         teacher_vocab = teacher_weight.shape[0] if teacher_logits is None else teacher_logits.shape[-1]
         if teacher_vocab != vocab:
@@ -560,9 +554,8 @@ def vocab_parallel_fused_linear_kd_loss(
     except (TypeError, ValueError) as exc:
         error = exc
     wanted = fused_linear.Wanted.none()
-    if error is None and torch.is_grad_enabled():
-        wanted = fused_linear.Wanted(student_hidden.requires_grad, student_weight.requires_grad,
-                                     student_bias is not None and student_bias.requires_grad)
+    if error is None:  # the arguments are checked: their requires_grad can be read
+        wanted = fused_linear.Wanted.of(student_hidden, student_weight, student_bias)
     if check_consistency:
         table = _agree(group, _group_device(group, student_hidden),
                        ("the number of rows", "the hidden dtype", "the labels", "the loss options",

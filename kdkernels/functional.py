@@ -92,11 +92,10 @@ def kd_loss(
             kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
             reduction=reduction, backend=backend)
     _checks.check_logits_pair(student_logits, teacher_logits)
-    labels = _checks.check_labels(labels, student_logits.shape[:-1], student_logits.device)
-    reduction = _checks.check_reduction(reduction)
-    cfg = _checks.make_config(divergence=divergence, temperature=temperature, beta=beta,
-                              kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
-                              ignore_index=ignore_index, has_labels=labels is not None)
+    labels, reduction, cfg = _checks.check_kd_call(
+        labels, student_logits.shape[:-1], student_logits.device, reduction, divergence=divergence,
+        temperature=temperature, beta=beta, kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
+        ignore_index=ignore_index)
     loss, _ = logits_loss(KD, student_logits, teacher_logits, labels, cfg, reduction, backend)
     return loss
 
@@ -178,15 +177,10 @@ def fused_linear_kd_loss(
     # FSDP2-sharded (DTensor) lm_heads: gathered once for the call, freed when it returns
     student_weight, student_bias, teacher_weight, teacher_bias = distributed.gather_sharded_weights(
         student_weight, student_bias, teacher_weight, teacher_bias)
-    _checks.check_linear_head("student_hidden", student_hidden, "student_weight", student_weight,
-                              "student_bias", student_bias)
-    _checks.check_teacher_source(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, student_hidden)
-    labels = _checks.check_labels(labels, student_hidden.shape[:-1], student_hidden.device)
-    reduction = _checks.check_reduction(reduction)
-    chunk_size, softcap, logit_scale = _checks.check_lm_head_options(chunk_size, softcap, logit_scale)
-    cfg = _checks.make_config(divergence=divergence, temperature=temperature, beta=beta,
-                              kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2,
-                              ignore_index=ignore_index, has_labels=labels is not None)
+    labels, reduction, cfg, chunk_size, softcap, logit_scale = _checks.check_lm_head_call(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+        labels, reduction, chunk_size, softcap, logit_scale, divergence=divergence, temperature=temperature,
+        beta=beta, kd_weight=kd_weight, ce_weight=ce_weight, scale_by_t2=scale_by_t2, ignore_index=ignore_index)
     return fused_linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              teacher_bias, teacher_logits, labels, cfg, reduction, backend, chunk_size, softcap,
                              logit_scale)

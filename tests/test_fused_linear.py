@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 import kdkernels
 import kdkernels.backends.cpu as cpu_backend
 from kdkernels.ops import fused_linear
-from conftest import DIVERGENCE_NAMES, assert_within_eager_error, make_labels
+from conftest import DIVERGENCE_NAMES, INTERPRETING, assert_within_eager_error, make_labels, run_interpreter_cases
 
 PARAMS = ("hidden", "weight", "bias")
 LOGIT_STD = 3.0  # spread of the random logits, like a trained lm_head's
@@ -629,10 +627,8 @@ def test_torch_compile_of_a_function_calling_the_loss():
 
 # --- the Triton row kernel (GPU path), under the Triton interpreter ------------------------------------
 
-# The interpreter must be chosen before triton is first imported, so the parent test runs the
-# interpreter cases in a child pytest with TRITON_INTERPRET=1 (tiny shapes: it is slow).
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
+# The parent test runs the interpreter cases in a child pytest (conftest.run_interpreter_cases; tiny
+# shapes: it is slow).
 if INTERPRETING:
     @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on masked lanes
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -646,10 +642,5 @@ if INTERPRETING:
         check_against_reference(make_case(batch=(11,), dtype=dtype, chunk_size=4, backend="triton", **options))
 else:
     def test_triton_row_kernel_under_the_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        tests_dir = os.path.dirname(os.path.abspath(__file__))
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               os.path.abspath(__file__), "-k", "interpreted_triton"],
-                              capture_output=True, text=True, cwd=os.path.dirname(tests_dir), env=env, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+        summary = run_interpreter_cases(os.path.abspath(__file__), "-k", "interpreted_triton", timeout=900)
+        assert "6 passed" in summary, summary

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -41,11 +39,9 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from conftest import DIVERGENCE_NAMES, assert_within_eager_error, check_against_reference, make_labels, \
-    make_pair
+from conftest import DIVERGENCE_NAMES, INTERPRETING, assert_within_eager_error, check_against_reference, \
+    make_labels, make_pair, run_interpreter_cases
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS_FILE = os.path.abspath(__file__)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -193,13 +189,7 @@ def assert_same(actual, expected, what, rtol=1e-5, atol=1e-6):
 
 def test_triton_interpreter_cases():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", THIS_FILE, "-k", "triton"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200, env=env)
-    print("interpreter cases:", (proc.stdout.strip().splitlines()[-1:] or ["(no output)"])[0])
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+    run_interpreter_cases(THIS_FILE, "-k", "triton")
 
 
 if INTERPRETING:  # the child process runs the interpreter cases themselves

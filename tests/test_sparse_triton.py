@@ -19,40 +19,18 @@ pytest.importorskip("triton")
 
 import kdkernels  # noqa: E402
 from test_sparse import MODES_AND_DIVERGENCES, check, matrix_inputs, sparse_teacher  # noqa: E402
-from conftest import make_pair  # noqa: E402
+from conftest import (REPO_ROOT, INTERPRETING, child_env, interpreter_case, make_pair, parent_case,  # noqa: E402
+                      run_interpreter_cases)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS_FILE = os.path.abspath(__file__)
-
-
-def interpreter_case(test):
-    return test if INTERPRETING else None
-
-
-def parent_case(test):
-    return None if INTERPRETING else test
-
-
-def _child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.path.join(REPO_ROOT, "tests"),
-                                                    env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
 
 
 @parent_case
 def test_interpreter_cases():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", THIS_FILE],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200,
-                          env=_child_env(TRITON_INTERPRET="1"))
-    summary = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    print("interpreter cases:", summary[0])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in summary[0] and "skipped" not in summary[0]
+    summary = run_interpreter_cases(THIS_FILE)
+    assert " passed" in summary and "skipped" not in summary
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +120,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 @parent_case
 def test_kernel_compiles_for_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=900, env=_child_env())
+                          timeout=900, env=child_env())
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
         pytest.skip("no ptxas in this triton install: ahead-of-time compilation unavailable")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

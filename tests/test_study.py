@@ -22,11 +22,6 @@ MINIATURE = study.Protocol(
     optim=loop.OptimSettings(steps=4, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=2),
     seeds=(0, 1),
     temperatures=(1.0, 4.0),
-    kd_weights=(0.1, 0.5, 0.9),
-    kd_weight=0.5,
-    features=("mse", "cosine"),
-    feature_weight=1.0,
-    methods=tuple(m.key for m in study.METHODS) + (study.SPARSE_METHOD.key,),
     eval_windows=4,
     max_bytes=20_000,
 )

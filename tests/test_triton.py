@@ -23,44 +23,22 @@ import torch
 pytest.importorskip("triton")
 
 import kdkernels  # noqa: E402
-from conftest import (DIVERGENCE_NAMES, STUDENT_NEG_INF_CASES, check_against_reference, loss_and_grad,  # noqa: E402
-                      check_masked_teacher_row, make_labels, make_logits, make_pair, student_neg_inf_case)
+from conftest import (DIVERGENCE_NAMES, INTERPRETING, REPO_ROOT, STUDENT_NEG_INF_CASES,  # noqa: E402
+                      check_against_reference, check_masked_teacher_row, child_env, interpreter_case,
+                      loss_and_grad, make_labels, make_logits, make_pair, parent_case, run_interpreter_cases,
+                      student_neg_inf_case)
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the inf - inf or
 # log(0) that the kernel then discards.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 TILE = 16
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS_FILE = os.path.abspath(__file__)
-
-
-def interpreter_case(test):
-    """A test that runs in the interpreter's child process (not collected in the parent)."""
-    return test if INTERPRETING else None
-
-
-def parent_case(test):
-    """A test that runs in the ordinary process (not collected in the interpreter's child)."""
-    return None if INTERPRETING else test
-
-
-def _child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
 
 
 @parent_case
 def test_interpreter_cases():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", THIS_FILE],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200,
-                          env=_child_env(TRITON_INTERPRET="1"))
-    summary = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    print("interpreter cases:", summary[0])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    run_interpreter_cases(THIS_FILE)
 
 
 @pytest.fixture(autouse=True)
@@ -378,5 +356,5 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 @parent_case
 def test_kernels_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=_child_env(), cwd=REPO_ROOT, timeout=600)
+                          env=child_env(), cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from kdkernels import _extension
+from kdkernels._ops import fake_row_loss, fake_row_loss_and_grad
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
 
 def available() -> bool:
@@ -41,16 +42,13 @@ def _register_fakes() -> None:
     def _sparse_fwd_fake(student_logits, teacher_ids, teacher_values, labels, grad_scale, teacher_kind,
                          teacher_temperature, missing_mass, divergence, temperature, beta, kd_weight, ce_weight,
                          scale_by_t2, ignore_index, pad_id, compute_grad):
-        row_loss = student_logits.new_empty((student_logits.shape[0],), dtype=torch.float32)
-        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad \
-            else student_logits.new_empty((0,))
-        return row_loss, grad
+        return fake_row_loss_and_grad(student_logits, compute_grad)
 
     @torch.library.register_fake("kdkernels::sparse_kd_loss_fwd_inplace_")
     def _sparse_fwd_inplace_fake(student_logits, teacher_ids, teacher_values, labels, grad_scale, teacher_kind,
                                  teacher_temperature, missing_mass, divergence, temperature, beta, kd_weight,
                                  ce_weight, scale_by_t2, ignore_index, pad_id):
-        return student_logits.new_empty((student_logits.shape[0],), dtype=torch.float32)
+        return fake_row_loss(student_logits)
 
 
 if available():

@@ -188,6 +188,24 @@ class Wanted(NamedTuple):
     def none() -> "Wanted":
         return Wanted(False, False, False)
 
+    @staticmethod
+    def of(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "Wanted":
+        """The gradients a student lm_head's tensors ask for (none under torch.no_grad())."""
+        if not torch.is_grad_enabled():
+            return Wanted.none()
+        return Wanted(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+
+
+def bytes_per_logit(student_bytes: int, teacher_bytes: int, wanted: Wanted, inplace: bool) -> int:
+    """Memory per vocabulary entry of a chunk row, which sizes the chunks: the student logits and the
+    teacher's buffered logits (`teacher_bytes`, 0 when none are buffered), plus, when a gradient is
+    wanted, the kernel's gradient (none when it overwrites the student logits) and its float32 copy
+    for a low-precision lm_head's weight gradient."""
+    per_entry = student_bytes + teacher_bytes
+    if any(wanted):
+        per_entry += (0 if inplace else student_bytes) + (4 if wanted.weight and student_bytes < 4 else 0)
+    return per_entry
+
 
 # Bytes of one float32 copy of a low-precision gradient block (_StudentGrads.add_chunk, _narrow_rows):
 # the copies go block by block, so they cost this much memory, not a chunk's [rows, V] in float32.
@@ -465,17 +483,11 @@ def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
     labels_1d = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]
 
-    wanted = Wanted(student_hidden.requires_grad, student_weight.requires_grad,
-                    student_bias is not None and student_bias.requires_grad)
-    wanted = wanted if torch.is_grad_enabled() else Wanted.none()
+    wanted = Wanted.of(student_hidden, student_weight, student_bias)
     inplace = route.has_inplace and softcap is None
     if chunk_size is None:
-        student_bytes = student.dtype.itemsize
-        # student logits + teacher logits (+ the kernel's gradient, + its float32 copy for a
-        # low-precision lm_head's weight gradient) per vocabulary entry of a row
-        per_entry = student_bytes + (teacher.dtype.itemsize if teacher.needs_buffer else 0)
-        if any(wanted):
-            per_entry += (0 if inplace else student_bytes) + (4 if wanted.weight and student_bytes < 4 else 0)
+        per_entry = bytes_per_logit(student.dtype.itemsize, teacher.dtype.itemsize if teacher.needs_buffer else 0,
+                                    wanted, inplace)
         chunk_size = chunk_rows(n_rows, vocab, per_entry, student_hidden.device.type)
     plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab, chunk_size=chunk_size,
                  route=route, inplace=inplace, headroom=gradient_headroom(cfg, student.dtype))

@@ -164,16 +164,14 @@ def _preset_with_flags(args: argparse.Namespace) -> experiments.Preset:
     preset = experiments.PRESETS["quick" if args.quick else "default"]
     student_optim = preset.student_optim
     if args.steps is not None:
-        student_optim = dataclasses.replace(student_optim, steps=args.steps,
-                                            eval_every=max(1, min(student_optim.eval_every, args.steps)))
+        student_optim = student_optim.with_steps(args.steps)
     if args.batch_size is not None:
         student_optim = dataclasses.replace(student_optim, batch_size=args.batch_size)
     if args.lr is not None:
         student_optim = dataclasses.replace(student_optim, lr=args.lr)
     teacher_optim = preset.teacher_optim
     if args.teacher_steps is not None:
-        teacher_optim = dataclasses.replace(teacher_optim, steps=args.teacher_steps,
-                                            eval_every=max(1, min(teacher_optim.eval_every, args.teacher_steps)))
+        teacher_optim = teacher_optim.with_steps(args.teacher_steps)
     return dataclasses.replace(
         preset, student_optim=student_optim, teacher_optim=teacher_optim,
         temperature=preset.temperature if args.temperature is None else args.temperature,

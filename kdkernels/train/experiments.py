@@ -294,14 +294,23 @@ def run_one(plan: RunPlan, setup: RunSetup, vocab: int, log=print) -> dict:
         "feature_align": spec.feature_align,
         "fused_linear": spec.kind == "kd" and loop.fused_linear_available(),
         "student": describe_student(plan.student),
+    }
+    return measured_record(record, student, setup.optim.steps, fitted, wall, memory.peak_mib, log)
+
+
+def measured_record(record: dict, student: nn.Module, steps: int, fitted: loop.FitResult, wall_s: float,
+                    peak_mib: float, log=print) -> dict:
+    """`record` (what a run trained: its name, objective, student) completed with what every run
+    measures, and logged in one line."""
+    record.update({
         "student_parameters": models.count_parameters(student),
-        "steps": setup.optim.steps,
+        "steps": steps,
         "val_loss": fitted.final.val_loss,
         "perplexity": math.exp(fitted.final.val_loss),
         "top1_agreement": fitted.final.top1_agreement,
-        "wall_time_s": wall,
-        "peak_rss_mib": memory.peak_mib,
+        "wall_time_s": wall_s,
+        "peak_rss_mib": peak_mib,
         "curve": fitted.curve,
-    }
-    log(f"  {plan.name:<16} val loss {record['val_loss']:.4f}  ({wall:.1f} s)")
+    })
+    log(f"  {record['name']:<16} val loss {record['val_loss']:.4f}  ({wall_s:.1f} s)")
     return record

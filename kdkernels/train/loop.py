@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -31,6 +31,10 @@ class OptimSettings:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 50
+
+    def with_steps(self, steps: int) -> "OptimSettings":
+        """These settings for `steps` steps, still evaluating within them (every min(eval_every, steps))."""
+        return replace(self, steps=steps, eval_every=max(1, min(self.eval_every, steps)))
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -11,7 +11,6 @@ windows); ``--teacher-cache DIR`` chooses where it lives, or names an existing o
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import List, Optional
@@ -21,6 +20,7 @@ import torch
 import kdkernels
 from kdkernels import teacher_cache
 from kdkernels.train import data, loop, models
+from kdkernels.train.experiments import measured_record
 from kdkernels.train.memory import PeakMemory
 
 
@@ -93,17 +93,8 @@ def run_sparse(cache: teacher_cache.TeacherCacheDataset, session, vocab: int, ba
         "teacher_cache": cache.path,
         "student": student_source.describe() if isinstance(student_source, models.TransformerConfig)
         else os.path.basename(os.path.normpath(student_source)),
-        "student_parameters": models.count_parameters(student),
-        "steps": optim.steps,
-        "val_loss": fitted.final.val_loss,
-        "perplexity": math.exp(fitted.final.val_loss),
-        "top1_agreement": fitted.final.top1_agreement,
-        "wall_time_s": wall,
-        "peak_rss_mib": memory.peak_mib,
-        "curve": fitted.curve,
     }
-    log(f"  {name:<16} val loss {record['val_loss']:.4f}  ({wall:.1f} s)")
-    return record
+    return measured_record(record, student, optim.steps, fitted, wall, memory.peak_mib, log)
 
 
 def sparse_runs(args, session, vocab: int, base_loss: loop.LossSpec, student_source) -> List[dict]:

@@ -90,12 +90,14 @@ class Protocol:
     optim: loop.OptimSettings  # every student run's schedule
     seeds: Tuple[int, ...]
     temperatures: Tuple[float, ...]
-    kd_weights: Tuple[float, ...]  # question 2's λ values, at the best T
-    kd_weight: float  # λ of the T grid, the feature and the method runs
-    features: Tuple[str, ...]  # feature-alignment kinds compared with output-only KD
-    feature_weight: float
-    methods: Tuple[str, ...]  # Method keys; "sparse_topk" runs only where sparse_available()
     eval_windows: int  # validation windows of `context` tokens scored at each evaluation
+    # the questions every protocol asks alike unless it says otherwise
+    kd_weights: Tuple[float, ...] = (0.1, 0.5, 0.9)  # question 2's λ values, at the best T
+    kd_weight: float = 0.5  # λ of the T grid, the feature and the method runs
+    features: Tuple[str, ...] = ("mse", "cosine")  # feature-alignment kinds compared with output-only KD
+    feature_weight: float = 1.0
+    # Method keys; "sparse_topk" runs only where sparse_available()
+    methods: Tuple[str, ...] = tuple(m.key for m in METHODS) + (SPARSE_METHOD.key,)
     max_bytes: Optional[int] = None  # keep only the start of the corpus
     teacher_seed: int = 0
 
@@ -133,11 +135,6 @@ PROTOCOLS: Dict[str, Protocol] = {
         optim=loop.OptimSettings(steps=200, batch_size=32, lr=3e-3, eval_every=20),
         seeds=(0, 1, 2),
         temperatures=(1.0, 2.0, 4.0, 8.0, 16.0),
-        kd_weights=(0.1, 0.5, 0.9),
-        kd_weight=0.5,
-        features=("mse", "cosine"),
-        feature_weight=1.0,
-        methods=tuple(m.key for m in METHODS) + (SPARSE_METHOD.key,),
         eval_windows=128,
     ),
     # About 3 minutes with --jobs 2 on two cores: smaller models on the first 200 KB of the corpus,
@@ -152,11 +149,6 @@ PROTOCOLS: Dict[str, Protocol] = {
         optim=loop.OptimSettings(steps=200, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=25),
         seeds=(0, 1),
         temperatures=(1.0, 4.0, 16.0),
-        kd_weights=(0.1, 0.5, 0.9),
-        kd_weight=0.5,
-        features=("mse", "cosine"),
-        feature_weight=1.0,
-        methods=tuple(m.key for m in METHODS) + (SPARSE_METHOD.key,),
         eval_windows=64,
         max_bytes=200_000,
     ),
