@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,39 +18,16 @@ pytest.importorskip("triton")
 import kdkernels  # noqa: E402
 from test_sparse import MODES_AND_DIVERGENCES, check, matrix_inputs, sparse_teacher  # noqa: E402
 from conftest import make_pair  # noqa: E402
+from triton_interpreter import (INTERPRETING, compile_in_child, interpreter_case, parent_case,  # noqa: E402
+                                run_interpreter_cases)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THIS_FILE = os.path.abspath(__file__)
-
-
-def interpreter_case(test):
-    return test if INTERPRETING else None
-
-
-def parent_case(test):
-    return None if INTERPRETING else test
-
-
-def _child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.path.join(REPO_ROOT, "tests"),
-                                                    env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
 
 
 @parent_case
 def test_interpreter_cases():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", THIS_FILE],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200,
-                          env=_child_env(TRITON_INTERPRET="1"))
-    summary = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    print("interpreter cases:", summary[0])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in summary[0] and "skipped" not in summary[0]
+    run_interpreter_cases(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True)
@@ -116,33 +91,23 @@ def test_masked_support_entry_raises():
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from kdkernels.backends.triton import sparse
+    from triton_interpreter import compile_for_gpu
 
-    kernel = sparse._sparse_kd_fwd_kernel
     types = {"ids_ptr": "*i64", "values_ptr": "*fp32", "labels_ptr": "*i64", "row_loss_ptr": "*fp32",
              "grad_scale_ptr": "*fp32", "student_row_stride": "i64", "vocab": "i32", "k": "i32", "pad_id": "i64",
              "ignore_index": "i64"}
-    signature = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*bf16" if p.name.endswith("_ptr")
-                                                                       else "fp32") for p in kernel.params}
     # residual over log-probs (its float64 rest mass) with skew KL, and support over probs: between
     # them every branch of the kernel but renormalize's few lines
     for missing, kind, divergence in [(1, 0, 3), (2, 2, 0), (0, 1, 0)]:
         constexprs = {"DIVERGENCE": divergence, "KIND": kind, "MISSING": missing, "USE_CE": True,
                       "CE_REUSES_Q": False, "COMPUTE_GRAD": True, "BLOCK": sparse.MAX_BLOCK, "K_BLOCK": 64}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 8})
-        assert compiled.asm["cubin"], (missing, kind, divergence)
+        compile_for_gpu(sparse._sparse_kd_fwd_kernel, types, constexprs, arch=90, num_warps=8)
     print("compiled")
 """)
 
 
+
 @parent_case
 def test_kernel_compiles_for_sm90():
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=900, env=_child_env())
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
-        pytest.skip("no ptxas in this triton install: ahead-of-time compilation unavailable")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_in_child(_COMPILE_SCRIPT)
