@@ -4,7 +4,8 @@ backend's own call. Loaded by kdkernels._extension as the module kdkernels._C_cu
 
 Bad values are found in-stream: a row whose logits contain NaN or +inf, or whose label is neither
 ``ignore_index`` nor in [0, V), gets a NaN loss and a NaN gradient row (as on Triton);
-kdkernels.ops.route turns that into the ValueError (one check of the [N] row losses).
+kdkernels.ops.route checks them through kdkernels._reports (a device assertion without host
+synchronisation by default, the ValueError in strict mode).
 """
 
 from __future__ import annotations
