@@ -2,9 +2,10 @@
 against the float64 reference at every grouping rule, dtype and reduction (the tolerance rule of
 tests/conftest.py), plus ties, masking, bad values and the dispatch; and compiled for sm_80 /
 sm_90 ahead of time (Triton's typing rules and register allocation, which the interpreter does not
-check). The interpreter cases run in one child pytest process (tests/triton_interpreter.py);
-``TRITON_INTERPRET=1 pytest tests/test_cakd_triton.py`` shows each on its own. Vocabulary tiles
-shrink to 16 columns so every row spans several, with a ragged last one."""
+check); on a GPU (skipped without one) every rule also runs at its real launch shape. The
+interpreter cases run in one child pytest process (tests/triton_interpreter.py);
+``TRITON_INTERPRET=1 pytest tests/test_cakd_triton.py`` shows each on its own, with vocabulary tiles
+shrunk to 16 columns so every row spans several, with a ragged last one."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ pytest.importorskip("triton")
 import kdkernels  # noqa: E402
 from conftest import make_labels, make_pair  # noqa: E402
 from test_cakd import WEIGHTS, check_against_reference, run_loss, with_clear_mass  # noqa: E402
-from triton_interpreter import compile_in_child, interpreter_case, parent_case, run_interpreter_cases  # noqa: E402
+from triton_interpreter import (INTERPRETING, compile_in_child, interpreter_case, parent_case,  # noqa: E402
+                                run_interpreter_cases)
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the inf - inf or
 # log(0) that the kernel then discards.
@@ -48,9 +50,10 @@ def test_interpreter_cases():
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    from kdkernels.backends.triton import cakd
+    if INTERPRETING:
+        from kdkernels.backends.triton import cakd
 
-    monkeypatch.setattr(cakd, "MAX_BLOCK", 16)
+        monkeypatch.setattr(cakd, "MAX_BLOCK", 16)
 
 
 def check(student, teacher, labels=None, **options):
@@ -271,3 +274,18 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 @parent_case
 def test_kernel_compiles_for_sm80_and_sm90():
     compile_in_child(_COMPILE_SCRIPT)
+
+
+# --- on a GPU ------------------------------------------------------------------------------------
+
+@parent_case
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("groups,extra", RULES, ids=RULE_IDS)
+def test_on_a_gpu_every_rule_matches_reference(groups, extra):
+    # bf16 (ties are frequent), 1271 columns: several tiles of the real launch shape below the largest
+    student, teacher = (t.cuda() for t in make_pair((41, 1271), torch.bfloat16, seed=21))
+    labels = make_labels((41,), 1271, seed=21, ignored=[0, 40]).cuda()
+    extra = with_clear_mass(extra, teacher, 2.0)
+    check(student, teacher, labels, groups=groups, temperature=2.0, **extra, **WEIGHTS)
+
