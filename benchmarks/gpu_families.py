@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 FAMILIES = ("cakd", "sparse", "fused_linear")
 CASES = {

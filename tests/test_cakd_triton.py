@@ -264,7 +264,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     for arch in (80, 90):
         for rule in (0, 1, 2):
             compile_for_gpu(cakd._cakd_fwd_kernel, types,
-                            {"RULE": rule, "HAS_LABELS": True, "COMPUTE_GRAD": True, "BLOCK": block},
+                            {"RULE": rule, "HAS_LABELS": True, "COMPUTE_GRAD": True, "BLOCK": block,
+                             "SEL_BLOCK": cakd.selection_block(block)},
                             arch=arch, num_warps=num_warps)
     print("compiled")
 """)

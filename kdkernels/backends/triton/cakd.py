@@ -10,9 +10,10 @@ Per row:
      the reference rank them) whose weight reaches a target: weight 1 per class and target k, or
      the teacher probability at 1/T and target ``mass`` (the class that crosses it included).
      That prefix is {key > K} plus the classes with key == K up to class index J, where key is an
-     order-preserving int32 image of the teacher logit. K is found by bisection over the 2^32
-     keys (32 counting passes over the teacher row, which stays in L2; k = 1 takes one max
-     pass instead), J by one pass with a running sum over the classes tied at K;
+     order-preserving int32 image of the teacher logit. K is found by a radix-16 search over the
+     2^32 keys (8 passes over the teacher row, which stays in L2, each weighing 16 thresholds;
+     k = 1 takes one max pass instead), J by one pass with a running sum over the classes tied
+     at K;
   1. statistics: per group, online max and per-lane sums of exp((x - max) / T) for the student
      and the teacher; the raw maxima propagate NaN, which flags rows with NaN / +inf;
   2. the row constants (in float64, as the C++ kernel computes them), then one pass for the SCD /
@@ -45,6 +46,8 @@ _MASS = tl.constexpr(CAKD_GROUPS["teacher_mass"])
 _NEG_BIG = tl.constexpr(-3.0e38)
 # Keys below every key of a float (the int32 range): K = _BELOW_ALL_KEYS puts every class in S.
 _BELOW_ALL_KEYS = tl.constexpr(-(2 ** 31) - 1)
+# Buckets per pass of the selection's key search.
+_RADIX = tl.constexpr(16)
 
 # Largest vocabulary tile per loop step.
 MAX_BLOCK = 4096
@@ -86,8 +89,26 @@ def _weight_from(teacher_row, vocab, threshold, inv_temperature, lse_a, RULE: tl
 
 
 @triton.jit
+def _weights_from_thresholds(teacher_row, vocab, lo, width, inv_temperature, lse_a, RULE: tl.constexpr,
+                             SEL_BLOCK: tl.constexpr):
+    """[_RADIX] total selection weight of the classes whose key is >= lo + j * width, for every j:
+    one pass over the row, in narrower tiles (each column is compared with every threshold)."""
+    cols = tl.arange(0, SEL_BLOCK)
+    thresholds = lo + tl.arange(0, _RADIX).to(tl.int64) * width
+    acc = tl.zeros([_RADIX], tl.float32)
+    for tile in range(0, tl.cdiv(vocab, SEL_BLOCK)):
+        offs = tile * SEL_BLOCK + cols
+        in_row = offs < vocab
+        t = tl.load(teacher_row + offs, mask=in_row, other=-float("inf")).to(tl.float32)
+        w = _selection_weight(t, in_row, inv_temperature, lse_a, RULE)
+        above = _rank_key(t)[:, None] >= thresholds[None, :]
+        acc += tl.sum(tl.where(above, w[:, None], 0.0), 0)
+    return acc
+
+
+@triton.jit
 def _select_prefix(teacher_row, vocab, target, inv_temperature, lse_a, RULE: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, SEL_BLOCK: tl.constexpr):
     """(K, J): S = {key > K} + {key == K, class <= J}, the shortest prefix in teacher rank order
     whose selection weight reaches `target` (all classes when the row's total falls short)."""
     cols = tl.arange(0, BLOCK)
@@ -105,12 +126,16 @@ def _select_prefix(teacher_row, vocab, target, inv_temperature, lse_a, RULE: tl.
             best = tl.maximum(best, tl.where(in_row, _rank_key(t), -(2 ** 31)))
         lo = tl.max(best, 0)
     else:
-        for _ in range(0, 32):
-            mid = lo + (hi - lo) // 2
-            if _weight_from(teacher_row, vocab, mid, inv_temperature, lse_a, RULE, BLOCK) >= target:
-                lo = mid
-            else:
-                hi = mid
+        # Radix-16 search: each pass splits [lo, hi) into 16 buckets and keeps the one where the
+        # weight from its start still reaches target; 2^32 keys take 8 passes.
+        steps = tl.arange(0, _RADIX).to(tl.int64)
+        for _ in range(0, 8):
+            width = tl.maximum((hi - lo + (_RADIX - 1)) // _RADIX, 1)
+            weights = _weights_from_thresholds(teacher_row, vocab, lo, width, inv_temperature, lse_a, RULE,
+                                               SEL_BLOCK)
+            start = lo + tl.max(tl.where(weights >= target, steps, 0), 0) * width  # weights[0] >= target
+            hi = tl.minimum(hi, start + width)
+            lo = start
     kth = lo
     # The classes tied at K join S in class order while the weight before each is short of target:
     # J is the first tied class at which the running weight reaches it.
@@ -208,6 +233,7 @@ def _cakd_fwd_kernel(
     HAS_LABELS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    SEL_BLOCK: tl.constexpr,  # vocabulary tile of the selection's search passes (BLOCK / _RADIX)
 ):
     row, student_row, teacher_row, grad_row = row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride,
                                                            teacher_row_stride, vocab)
@@ -229,7 +255,8 @@ def _cakd_fwd_kernel(
                     t = tl.load(teacher_row + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
                     max_t, sum_t = _online_group(t, offs < vocab, max_t, sum_t, inv_temperature)
                 lse_a = tl.where(max_t > _NEG_BIG, max_t * inv_temperature + tl.log(tl.sum(sum_t, 0)), 0.0)
-            kth, last = _select_prefix(teacher_row, vocab, selection_target, inv_temperature, lse_a, RULE, BLOCK)
+            kth, last = _select_prefix(teacher_row, vocab, selection_target, inv_temperature, lse_a, RULE, BLOCK,
+                                       SEL_BLOCK)
 
         # ---- 1. statistics per group ----
         raw_max_z = tl.full([], _NEG_BIG, tl.float32)  # NaN-propagating, over the whole row
@@ -345,6 +372,12 @@ def launch_shape(vocab: int) -> Tuple[int, int]:
     return block, max(4, min(16, block // 256))
 
 
+def selection_block(block: int) -> int:
+    """The search passes compare each column with 16 thresholds at once: a tile of BLOCK / 16
+    columns keeps [columns, 16] at the size of one BLOCK tile (but at least min(BLOCK, 16) columns)."""
+    return max(min(block, 16), block // 16)
+
+
 def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
               grad_scale: torch.Tensor, cfg: CAKDConfig, compute_grad: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -374,6 +407,6 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
             cfg.bcd_weight, cfg.scd_weight, cfg.wcd_weight,
             int(cfg.scd_teacher_mass), int(cfg.wcd_teacher_mass), cfg.ignore_index,
             RULE=rule, HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad,
-            BLOCK=block, num_warps=num_warps,
+            BLOCK=block, SEL_BLOCK=selection_block(block), num_warps=num_warps,
         )
     return row_loss, components, grad
