@@ -15,6 +15,10 @@ context, costs only that implementation's rows):
   eager, compile    the hand-written PyTorch formula (benchmarks.eager) and torch.compile of it
   liger             Liger-Kernel's LigerKLDIVLoss / LigerJSD on eager log_softmax / softmax
                     (benchmarks.kd_loss), where Liger has the divergence and is installed
+Then, at the first shape, the other loss families (benchmarks.gpu_families: cakd_loss / dkd_loss,
+sparse_kd_loss, and fused_linear_kd_loss at hidden size --hidden with its % of the measured bf16
+matmul throughput and its gradient error against float64), each beside its peers; the launch-shape
+sweep comes last. Every configuration runs in its own process; a failing one reads n/a.
 Times are CUDA-event medians of --repeat steps after the warmup (torch.compile compiles there).
 GB/s counts 3 passes over [N, V] in the logits' dtype (read student, read teacher, write gradient:
 6 bytes per element at bf16), the least a fused implementation moves; "% copy" relates it to a
@@ -33,7 +37,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from benchmarks import harness
+from benchmarks import gpu_families, harness
 from benchmarks.kd_loss import DTYPES, LIGER_DIVERGENCES, LOGIT_STD, TENSOR_PASSES, _liger_loss, _parse_list
 
 # In the order they run: what a short time budget must not miss first, torch.compile (slow to
@@ -156,13 +160,39 @@ def _time_steps(step: Callable[[], Any], timer: _Timer, warmup: int, repeat: int
     return {"median_ms": statistics.median(times), "min_ms": min(times), "steps": len(times)}
 
 
+def _run_family_child(request: Dict[str, Any], device, dtype, timer: "_Timer") -> Dict[str, Any]:
+    """{"cases": {case: timing or {"error": ...}}} of one implementation of a loss family."""
+    family, impl, n, v, h = request["family"], request["impl"], request["n"], request["v"], request["h"]
+    results: Dict[str, Any] = {}
+    for case in request["cases"]:
+        try:
+            if impl == "matmul":
+                step = gpu_families.matmul_step(n, h, v, dtype, device)
+            elif family == "fused_linear":
+                step = gpu_families.fused_linear_step(impl, n, h, v, dtype, device)
+            else:
+                step = gpu_families.logits_step(family, case, impl, n, v, dtype, device)
+            result = _time_steps(step, timer, request["warmup"], request["repeat"])
+            result["extra_peak_mib"] = _extra_peak_mib(step, timer)
+            del step
+            if family == "fused_linear" and impl != "matmul":
+                result["grad_error"] = gpu_families.hidden_grad_error(impl, min(n, gpu_families.ERROR_ROWS), h, v,
+                                                                      dtype, device)
+        except Exception as exc:  # this case only
+            result = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        results[case] = result
+    return {"cases": results}
+
+
 def run_request(request: Dict[str, Any]) -> Dict[str, Any]:
     """One request, run in a child process by harness.run_in_child: {"divergences": {name: timing or
-    {"error": ...}}} or {"sweep": [...]}"""
+    {"error": ...}}}, {"cases": ...} or {"sweep": [...]}"""
     import torch
 
     device = torch.device(request["device"])
     dtype = getattr(torch, DTYPES[request["dtype"]][0])
+    if request.get("family", "kd") != "kd":
+        return _run_family_child(request, device, dtype, _Timer(device))
     student, teacher = _inputs(device, dtype, request["n"], request["v"])
     timer = _Timer(device)
     if request["impl"] == "triton-sweep":
@@ -228,7 +258,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the Triton kernel's launch shapes, after the first shape")
+                        help="also time the Triton kernel's launch shapes (last)")
+    parser.add_argument("--families", type=lambda s: _parse_list(s, ("kd",) + gpu_families.FAMILIES),
+                        default=["kd", *gpu_families.FAMILIES],
+                        help="loss families (default: kd,cakd,sparse,fused_linear); the others run at the first shape")
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size H of the fused_linear rows")
     parser.add_argument("--time-budget", type=float, default=360.0,
                         help="seconds for the whole run; configurations past it are reported as skipped")
     parser.add_argument("--child-timeout", type=float, default=180.0, help="seconds per configuration")
@@ -238,7 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.device = "cuda"
     if args.dry_run:
-        args.device, args.shapes, args.repeat, args.warmup = "cpu", [(4, 256)], 2, 1
+        args.device, args.shapes, args.repeat, args.warmup, args.hidden = "cpu", [(4, 256)], 2, 1, 32
         args.impls = [impl for impl in args.impls if impl != "compile"]
     return args
 
@@ -252,7 +286,8 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
     """Every configuration; on_progress(results so far) after each child process (so that a run
     cut short still leaves its tables). The launch-shape sweep runs right after the first shape."""
     started = time.perf_counter()
-    results: Dict[str, Any] = {"rows": [], "copies": {}, "sweep": [], "wall_s": 0.0}
+    results: Dict[str, Any] = {"rows": [], "copies": {}, "sweep": [], "family_rows": [], "matmul_tflops": None,
+                               "wall_s": 0.0}
 
     def request(impl: str, n: int, v: int, divergences=("forward_kl",)) -> Dict[str, Any]:
         return {"impl": impl, "device": args.device, "dtype": args.dtype, "n": n, "v": v,
@@ -268,7 +303,7 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
             # The last child may overrun the budget by at most a minute.
             result = harness.run_in_child("benchmarks.gpu_bench:run_request", req,
                                           timeout_s=min(args.child_timeout, left + 60))
-        parts = result.get("divergences", {"": result})
+        parts = result.get("divergences") or result.get("cases") or {"": result}
         harness.progress(f"  {label}: " + ", ".join(
             f"{name} " * bool(name) + (f"n/a ({r['error']})" if "error" in r else f"{r['median_ms']:.3f} ms")
             for name, r in parts.items() if "sweep" not in r))
@@ -276,6 +311,7 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
 
     def finish_step() -> None:
         _add_peer_ratios(results["rows"])
+        _add_peer_ratios(results["family_rows"], "case")
         results["wall_s"] = time.perf_counter() - started
         on_progress(results)
 
@@ -286,7 +322,7 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
         copy = copy or {"error": "no result"}
         copy_gbs = None if "error" in copy else harness.copy_gbs(n * v * DTYPES[args.dtype][1], copy["median_ms"])
         results["copies"][shape] = {"copy_gbs": copy_gbs, **copy}
-        for impl in args.impls:
+        for impl in args.impls if "kd" in args.families else ():
             divergences = [d for d in args.divergences if impl != "liger" or d in LIGER_DIVERGENCES]
             if not divergences:
                 continue
@@ -295,15 +331,67 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
                 outcome = result.get("divergences", {}).get(divergence) or {"error": result.get("error", "no result")}
                 results["rows"].append(_row(impl, divergence, n, v, outcome, copy_gbs, args.dtype))
             finish_step()
-        if args.sweep and index == 0:
-            result = timed(request("triton-sweep", n, v), f"{shape} Triton launch shapes")
-            results["sweep"] = result.get("sweep") or [{"error": result.get("error")}]
-            for entry in results["sweep"]:
-                if "median_ms" in entry:
-                    entry.update(_bandwidth(entry["median_ms"], n, v, copy_gbs, args.dtype))
-            finish_step()
+        if index == 0:
+            for family in (f for f in args.families if f != "kd"):
+                try:  # a family's failure costs its rows only
+                    _run_family(args, family, n, v, copy_gbs, request, timed, results, finish_step)
+                except Exception as exc:
+                    harness.progress(f"  {family}: n/a ({type(exc).__name__}: {exc})")
+                    results["family_rows"].append({"family": family, "case": "", "impl": "",
+                                                   "error": f"{type(exc).__name__}: {exc}"[:300]})
+    if args.sweep:
+        n, v = args.shapes[0]
+        shape = f"{n}x{v}"
+        result = timed(request("triton-sweep", n, v), f"{shape} Triton launch shapes")
+        results["sweep"] = result.get("sweep") or [{"error": result.get("error")}]
+        for entry in results["sweep"]:
+            if "median_ms" in entry:
+                entry.update(_bandwidth(entry["median_ms"], n, v, results["copies"][shape]["copy_gbs"], args.dtype))
     finish_step()
     return results
+
+
+def _run_family(args: argparse.Namespace, family: str, n: int, v: int, copy_gbs: Optional[float], request,
+                timed, results: Dict[str, Any], finish_step) -> None:
+    """The rows of one loss family at N x V (fused_linear: hidden size args.hidden, after one bf16
+    matmul of the same sizes for the throughput it is related to)."""
+    h = args.hidden
+    shape = f"{n}x{v}" + (f" H={h}" if family == "fused_linear" else "")
+
+    def family_request(impl: str, cases) -> Dict[str, Any]:
+        return {**request(impl, n, v), "family": family, "cases": list(cases), "h": h}
+
+    if family == "fused_linear":
+        matmul = timed(family_request("matmul", ["matmul"]), f"{shape} bf16 matmul").get("cases", {}).get("matmul", {})
+        if "median_ms" in matmul:
+            results["matmul_tflops"] = 2.0 * n * h * v / (matmul["median_ms"] * 1e-3) / 1e12
+    impls = [impl for impl in gpu_families.IMPLS[family] if impl in args.impls]
+    pairs = gpu_families.rows_of(family, impls)
+    for impl in dict.fromkeys(impl for _, impl in pairs):
+        cases = [case for case, i in pairs if i == impl]
+        result = timed(family_request(impl, cases), f"{shape} {family} {impl}")
+        for case in cases:
+            outcome = result.get("cases", {}).get(case) or {"error": result.get("error", "no result")}
+            results["family_rows"].append(_family_row(family, case, impl, n, v, h, outcome, copy_gbs,
+                                                      results["matmul_tflops"], args.dtype))
+        finish_step()
+
+
+def _family_row(family: str, case: str, impl: str, n: int, v: int, h: int, result: Dict[str, Any],
+                copy_gbs: Optional[float], matmul_tflops: Optional[float], dtype: str) -> Dict[str, Any]:
+    row: Dict[str, Any] = {"family": family, "case": case, "impl": impl, "shape": f"{n}x{v}"}
+    if "error" in result:
+        row["error"] = result["error"]
+        return row
+    row.update(median_ms=result["median_ms"], min_ms=result["min_ms"], extra_peak_mib=result["extra_peak_mib"])
+    if family == "fused_linear":
+        tflops = gpu_families.fused_linear_flops(n, h, v) / (result["median_ms"] * 1e-3) / 1e12
+        row.update(tflops=tflops, pct_matmul=gpu_families.pct(tflops, matmul_tflops),
+                   grad_error=result.get("grad_error"))
+    else:
+        row.update(harness.bandwidth(gpu_families.TENSOR_PASSES[family] * n * v * DTYPES[dtype][1],
+                                     result["median_ms"], copy_gbs))
+    return row
 
 
 def _bandwidth(median_ms: float, n: int, v: int, copy_gbs: Optional[float], dtype: str) -> Dict[str, Any]:
@@ -322,17 +410,10 @@ def _row(impl: str, divergence: str, n: int, v: int, result: Dict[str, Any], cop
     return row
 
 
-def _add_peer_ratios(rows: List[Dict[str, Any]]) -> None:
-    """x best peer: time over the fastest of eager / compile / liger at the same shape and divergence."""
-    best: Dict[Tuple[str, str], float] = {}
-    for row in rows:
-        if row["impl"] in PEERS and row.get("median_ms") is not None:
-            key = (row["shape"], row["divergence"])
-            best[key] = min(best.get(key, float("inf")), row["median_ms"])
-    for row in rows:
-        peer_ms = best.get((row["shape"], row["divergence"]))
-        if row.get("median_ms") is not None and peer_ms:
-            row["vs_best_peer"] = row["median_ms"] / peer_ms
+def _add_peer_ratios(rows: List[Dict[str, Any]], case_key: str = "divergence") -> None:
+    """x best peer: time over the fastest of eager / compile / liger at the same shape and case."""
+    harness.add_ratios(rows, "vs_best_peer", baseline=lambda row: row["impl"] in PEERS,
+                       group_by=("family", "shape", case_key))
 
 
 COLUMNS = [
@@ -344,6 +425,11 @@ COLUMNS = [
     harness.Column("x best peer", "vs_best_peer", ".2f"),
     harness.Column("extra MiB", "extra_peak_mib", ".0f"),
 ]
+FAMILY_COLUMNS = [harness.Column("case", "case")] + COLUMNS
+# the fused lm_head's time against the GEMMs' floor (TFLOP/s, % matmul) in place of bytes moved
+FUSED_COLUMNS = COLUMNS[:2] + [harness.Column("TFLOP/s", "tflops", ".0f"),
+                               harness.Column("% matmul", "pct_matmul", ".1f"), COLUMNS[5],
+                               harness.Column("grad err", "grad_error", ".2e"), COLUMNS[6]]
 SWEEP_COLUMNS = [harness.Column("BLOCK", "block"), harness.Column("warps", "num_warps"),
                  harness.Column("median ms", "median_ms", ".3f"), harness.Column("GB/s", "gbs", ".0f"),
                  harness.Column("% copy", "pct_copy", ".1f")]
@@ -360,14 +446,32 @@ def report(args: argparse.Namespace, results: Dict[str, Any]) -> str:
             parts += [f"## {divergence}, N={n}, V={v}", "", harness.format_table(rows, COLUMNS, markdown=True), ""]
         copy_text = f"{copy_gbs:.0f} GB/s" if copy_gbs else "n/a"
         parts += [f"Device-to-device copy at N={n}, V={v}: {copy_text} (read + write).", ""]
+    for family in (f for f in args.families if f != "kd"):
+        rows = [r for r in results["family_rows"] if r["family"] == family]
+        if not rows:
+            continue
+        n, v = args.shapes[0]
+        if family == "fused_linear":
+            tflops = results["matmul_tflops"]
+            parts += [f"## fused_linear_kd_loss (forward KL), N={n}, H={args.hidden}, V={v}", "",
+                      harness.format_table(rows, FUSED_COLUMNS, markdown=True), "",
+                      f"TFLOP/s counts the 4 GEMMs (8 N H V flops); bf16 matmul [N, H] x [H, V] in the same run: "
+                      + (f"{tflops:.0f} TFLOP/s." if tflops else "n/a."),
+                      "grad err: max |dL/dh - float64| / max |float64| on the first "
+                      f"{gpu_families.ERROR_ROWS} rows, after a least-squares scale fit.", ""]
+        else:
+            parts += [f"## {family} ({', '.join(gpu_families.CASES[family])}), N={n}, V={v}", "",
+                      harness.format_table(rows, FAMILY_COLUMNS, markdown=True), "",
+                      f"GB/s counts {gpu_families.TENSOR_PASSES[family]} passes over [N, V].", ""]
     if results["sweep"]:
         n, v = args.shapes[0]
         parts += [f"## Triton launch shapes, forward_kl kernel alone, N={n}, V={v}", "",
                   harness.format_table(results["sweep"], SWEEP_COLUMNS, markdown=True), ""]
-    failures = [r for r in results["rows"] if "error" in r]
+    failures = [r for r in results["rows"] + results["family_rows"] if "error" in r]
     if failures:
-        parts += ["Not measured:", ""] + [f"- {r['shape']} {r['divergence']} {r['impl']}: {r['error'][:200]}"
-                                          for r in failures] + [""]
+        parts += ["Not measured:", ""] + [
+            f"- {r.get('shape', '')} {r.get('family', 'kd')} {r.get('divergence', r.get('case'))} {r['impl']}: "
+            f"{r['error'][:200]}" for r in failures] + [""]
     parts.append(f"GB/s counts {TENSOR_PASSES} passes over [N, V] in {args.dtype}; "
                  f"wall time {results['wall_s']:.0f} s.")
     return "\n".join(parts)

@@ -6,10 +6,14 @@
 #      liger_kernel-*.whl in wheels/); without one, its rows read n/a;
 #   3. builds the compiled kernels in place: the default-ISA CPU module (it carries the op schemas)
 #      and the CUDA module (KDKERNELS_BUILD_CUDA=1);
-#   4. the GPU tests (tests/test_gpu.py);
-#   5. the benchmark (benchmarks/gpu_bench.py): fwd+bwd at bf16, N=8192 V=128256 and N=4096
-#      V=32000, forward KL and JSD, kdkernels (Triton, CUDA) beside eager PyTorch, torch.compile
-#      and Liger-Kernel, plus a sweep of the Triton launch shapes.
+#   4. the GPU tests (tests/test_gpu.py, tests/test_gpu_sync.py: no host sync, CUDA-graph capture
+#      of a compiled step; tests/test_fused_linear_gpu.py: float32 chunk logits, CUDA gradient in
+#      place; the GPU cases of tests/test_cakd_triton.py);
+#   5. the benchmark (benchmarks/gpu_bench.py): fwd+bwd at bf16, N=8192 V=128256: kd_loss (forward
+#      KL, JSD; % of the measured device copy bandwidth), cakd_loss / dkd_loss and sparse_kd_loss
+#      (% copy), fused_linear_kd_loss at H=4096 (% of the measured bf16 matmul throughput, gradient
+#      error against float64), each beside eager PyTorch, torch.compile and Liger-Kernel where it
+#      has the loss; then, time allowing, N=4096 V=32000 and a sweep of the Triton launch shapes.
 # A failing step is recorded and the next one runs; GPU_CHECK_BUDGET_S (default 470) bounds the
 # whole check. Results in $OUT (default ./gpu_results): summary.md (step status + benchmark
 # tables), one log per step, gpu_bench.md / gpu_bench.json.
@@ -89,13 +93,15 @@ export -f environment install_liger build
 step environment 60 bash -c environment
 step liger 60 bash -c install_liger
 step build 270 bash -c build
-step gpu-tests $(( $(remaining) - 150 > 180 ? 180 : $(remaining) - 150 )) \
-  "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_gpu.py
+step gpu-tests $(( $(remaining) - 200 > 150 ? 150 : $(remaining) - 200 )) \
+  "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_gpu.py tests/test_gpu_sync.py \
+  tests/test_fused_linear_gpu.py tests/test_cakd_triton.py -k "not interpreter_cases and not compiles"
 # gpu_bench starts no configuration after its --time-budget and gives the last one at most a
 # minute more; it rewrites its tables after every configuration.
 BENCH_LIMIT=$(( $(remaining) - 5 ))
 step benchmark "$BENCH_LIMIT" \
   "$PYTHON" -m benchmarks.gpu_bench --shapes 8192x128256,4096x32000 --divergences forward_kl,jsd \
+  --families kd,cakd,sparse,fused_linear --hidden 4096 --child-timeout 90 \
   --sweep --out "$OUT" --time-budget $(( BENCH_LIMIT > 90 ? BENCH_LIMIT - 70 : 20 ))
 
 {

@@ -4,6 +4,7 @@ import torch
 
 from kdkernels import _extension, _ops  # noqa: F401  (loads the compiled kernels)
 from kdkernels import nn
+from kdkernels._reports import set_value_checks
 from kdkernels.functional import (attention_transfer_loss, cakd_loss, dkd_loss, feature_alignment_loss,
                                   fused_linear_kd_loss, kd_loss)
 from kdkernels.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
@@ -29,4 +30,5 @@ def empty_cpu_cache() -> int:
 
 
 __all__ = ["kd_loss", "feature_alignment_loss", "attention_transfer_loss", "cakd_loss", "dkd_loss",
-           "fused_linear_kd_loss", "sparse_kd_loss", "fused_linear_sparse_kd_loss", "nn", "backend_info", "empty_cpu_cache", "__version__"]
+           "fused_linear_kd_loss", "sparse_kd_loss", "fused_linear_sparse_kd_loss", "nn", "backend_info", "empty_cpu_cache",
+           "set_value_checks", "__version__"]

@@ -11,9 +11,6 @@ both errors measure computation, not input rounding.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -192,42 +189,3 @@ def student_neg_inf_case(case):
     return student, teacher, labels, dict(divergence="jsd", ce_weight=0.5)
 
 
-# --- Triton without a GPU: the interpreter -------------------------------------------------------
-# The interpreter must be chosen before triton is first imported (triton's own library functions
-# are decorated at that moment), so a normal test run executes a file's interpreter cases in one
-# child pytest process with TRITON_INTERPRET=1.
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def interpreter_case(test):
-    """A test that runs in the interpreter's child process (not collected in the parent)."""
-    return test if INTERPRETING else None
-
-
-def parent_case(test):
-    """A test that runs in the ordinary process (not collected in the interpreter's child)."""
-    return None if INTERPRETING else test
-
-
-def child_env(**extra):
-    """The environment of a test's child process: this tree and tests/ importable, the Triton
-    interpreter off unless `extra` turns it on."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.path.join(REPO_ROOT, "tests"),
-                                                    env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
-
-
-def run_interpreter_cases(test_file: str, *pytest_args: str, timeout: int = 1200) -> str:
-    """Runs `test_file` (narrowed by `pytest_args`, e.g. "-k", "triton") in a child pytest with
-    TRITON_INTERPRET=1; asserts that it passed and returns its summary line."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *pytest_args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout,
-                          env=child_env(TRITON_INTERPRET="1"))
-    summary = (proc.stdout.strip().splitlines()[-1:] or ["(no output)"])[0]
-    print("interpreter cases:", summary)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
-    return summary

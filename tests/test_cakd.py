@@ -61,10 +61,10 @@ def with_clear_mass(extra, teacher, temperature):
 
 
 def check_against_reference(student, teacher, labels=None, *, fn=kdkernels.cakd_loss, grad_output=None,
-                            **options):
-    """The compiled kernel against the float64 oracle under the eager-error tolerance rule, for
-    the loss, each component and the gradient."""
-    kernel, grad = run_loss(student, teacher, labels, fn=fn, grad_output=grad_output, backend="cpu", **options)
+                            backend="cpu", **options):
+    """A fused kernel (`backend`) against the float64 oracle under the eager-error tolerance rule,
+    for the loss, each component and the gradient."""
+    kernel, grad = run_loss(student, teacher, labels, fn=fn, grad_output=grad_output, backend=backend, **options)
     eager, eager_grad = run_loss(student, teacher, labels, fn=fn, grad_output=grad_output, backend="reference",
                                  **options)
     oracle, oracle_grad = run_loss(student.double(), teacher.double(), labels, fn=fn, backend="reference",
@@ -479,7 +479,7 @@ def test_modules_match_functions_and_validate_early():
 
 @pytest.mark.parametrize("backend", ("auto", "triton"))
 def test_backend_without_a_cakd_kernel(monkeypatch, backend):
-    # Where the chosen backend has no decomposed-KL kernel (today: the GPU ones), "auto" runs
+    # Where the chosen backend has no decomposed-KL kernel (today: the CUDA one), "auto" runs
     # the reference and an explicit request says so.
     from kdkernels import backends
 

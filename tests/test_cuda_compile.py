@@ -148,7 +148,7 @@ inline cudaError_t cudaLaunchKernel(const void* func, dim3 grid, dim3 block, voi
 
 _HARNESS = r"""
 // Runs launch_kd_loss_fwd on files: <dir>/meta.txt (key value lines) and raw arrays; writes
-// <dir>/row_loss.bin and <dir>/grad.bin.
+// <dir>/row_loss.bin and <dir>/grad.bin (with in_place, the student buffer the gradient overwrote).
 #include "kd_loss_kernel.cu"
 
 #include <fstream>
@@ -214,6 +214,10 @@ int main(int argc, char** argv) {
   problem.grad_scale = &grad_scale;
   problem.row_loss = row_loss.data();
   problem.grad = meta["compute_grad"] != 0 ? grad : nullptr;
+  if (meta["in_place"] != 0) {  // the gradient written over the student logits
+    grad = student.data() + static_cast<int64_t>(meta["student_offset"]);
+    problem.grad = grad;
+  }
   problem.rows = rows;
   problem.vocab = vocab;
   const KDParams params = kdkernels::make_kd_params(
@@ -276,8 +280,9 @@ def _raw_bytes(tensor: torch.Tensor, offset_elements: int) -> bytes:
     return torch.cat([pad, flat]).view(torch.uint8).numpy().tobytes()
 
 
-def run_emulated(binary, workdir, problem: Problem, *, compute_grad=True, misalign=False):
-    """The CUDA launcher's (row_loss [N] float32, grad [N, V] or None) on the emulation."""
+def run_emulated(binary, workdir, problem: Problem, *, compute_grad=True, misalign=False, in_place=False):
+    """The CUDA launcher's (row_loss [N] float32, grad [N, V] or None) on the emulation; in_place:
+    the gradient written over the student logits."""
     cfg = problem.cfg
     rows, vocab = problem.student.shape
     offset = 1 if misalign else 0  # one element: breaks the 16-byte alignment of every row
@@ -287,7 +292,7 @@ def run_emulated(binary, workdir, problem: Problem, *, compute_grad=True, misali
         "student_row_stride": vocab, "teacher_row_stride": vocab,
         "student_offset": offset * problem.student.element_size(),
         "teacher_offset": offset * problem.teacher.element_size(), "grad_offset": offset,
-        "has_labels": int(problem.labels is not None), "compute_grad": int(compute_grad),
+        "has_labels": int(problem.labels is not None), "compute_grad": int(compute_grad), "in_place": int(in_place),
         "divergence": cfg.divergence_id, "temperature": cfg.temperature, "beta": cfg.beta,
         "kd_weight": cfg.kd_weight, "ce_weight": cfg.ce_weight, "scale_by_t2": int(cfg.scale_by_t2),
         "ignore_index": cfg.ignore_index, "grad_scale": problem.grad_scale,
@@ -442,3 +447,21 @@ def test_emulated_peaked_rows(emulated_kernels, tmp_path, magnitude):
     check_emulated(emulated_kernels, tmp_path, Problem(student, teacher, make_labels((3,), 301),
                                                        config(divergence="skew_kl", temperature=1.0,
                                                               ce_weight=0.5)))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("divergence,temperature", (("forward_kl", 2.0), ("jsd", 1.0), ("reverse_kl", 2.0)))
+def test_emulated_gradient_in_place_equals_the_separate_gradient(emulated_kernels, tmp_path, dtype, divergence,
+                                                                 temperature):
+    # The fused lm_head loss's mode (kd_loss_fwd_inplace_): the CE term reads the label's logit,
+    # which the gradient overwrites; row 1's teacher is masked (the CE-only branch), row 2 ignored.
+    student, teacher = make_pair((4, 1003), dtype, seed=7)
+    teacher[1] = -float("inf")
+    labels = torch.tensor([5, 600, -100, 1002])
+    problem = Problem(student, teacher, labels, config(divergence=divergence, temperature=temperature, ce_weight=0.4))
+    expected_loss, expected_grad = run_emulated(emulated_kernels, tmp_path / "separate", problem)
+    row_loss, grad = run_emulated(emulated_kernels, tmp_path / "in_place", problem, in_place=True)
+    torch.testing.assert_close(row_loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    assert torch.isfinite(row_loss).all() and (grad[2] == 0).all()
+

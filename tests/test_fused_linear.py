@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import kdkernels
 import kdkernels.backends.cpu as cpu_backend
 from kdkernels.ops import fused_linear
-from conftest import DIVERGENCE_NAMES, INTERPRETING, assert_within_eager_error, make_labels, run_interpreter_cases
+from conftest import DIVERGENCE_NAMES, assert_within_eager_error, make_labels
+from triton_interpreter import INTERPRETING, run_interpreter_cases
 
 PARAMS = ("hidden", "weight", "bias")
 LOGIT_STD = 3.0  # spread of the random logits, like a trained lm_head's
@@ -627,7 +628,7 @@ def test_torch_compile_of_a_function_calling_the_loss():
 
 # --- the Triton row kernel (GPU path), under the Triton interpreter ------------------------------------
 
-# The parent test runs the interpreter cases in a child pytest (conftest.run_interpreter_cases; tiny
+# The parent test runs the interpreter cases in a child pytest (triton_interpreter.run_interpreter_cases; tiny
 # shapes: it is slow).
 if INTERPRETING:
     @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on masked lanes

@@ -212,4 +212,12 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
     eager = next(r for r in results["rows"] if r["impl"] == "eager")
     assert eager["median_ms"] > 0 and eager["gbs"] > 0
-    assert "## forward_kl, N=4, V=256" in (tmp_path / "gpu_bench.md").read_text()
+    table = (tmp_path / "gpu_bench.md").read_text()
+    assert "## forward_kl, N=4, V=256" in table
+    # the other loss families at the first shape: CAKD/DKD, sparse teachers, the fused lm_head
+    assert "## cakd (" in table and "## sparse (" in table and "## fused_linear_kd_loss" in table
+    rows = {(r["family"], r["case"], r["impl"]): r for r in results["family_rows"]}
+    assert rows[("cakd", "dkd", "eager")]["median_ms"] > 0 and rows[("sparse", "residual", "eager")]["gbs"] > 0
+    fused = rows[("fused_linear", "forward_kl", "eager")]
+    assert fused["tflops"] > 0 and 0 <= fused["grad_error"] < 0.1
+    assert "error" in rows[("cakd", "cakd_topk", "kdkernels-triton")]  # no Triton on CPU tensors: n/a, not a crash

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from conftest import DIVERGENCE_NAMES, INTERPRETING, assert_within_eager_error, check_against_reference, \
-    make_labels, make_pair, run_interpreter_cases
+from conftest import DIVERGENCE_NAMES, assert_within_eager_error, check_against_reference, make_labels, make_pair
+from triton_interpreter import INTERPRETING, run_interpreter_cases
 
 THIS_FILE = os.path.abspath(__file__)
 

@@ -2,9 +2,8 @@
 against the float64 reference (values and gradients), and compiled for sm_80 / sm_90 ahead of time
 (which checks what the interpreter does not: Triton's typing rules and register allocation).
 
-The interpreter must be chosen before triton is first imported (triton's own library functions
-are decorated at that moment), so a normal test run executes the interpreter cases in one child
-pytest process with TRITON_INTERPRET=1: ``test_interpreter_cases`` reports its outcome. Running
+The interpreter cases run in one child pytest process with TRITON_INTERPRET=1
+(tests/triton_interpreter.py): ``test_interpreter_cases`` reports its outcome. Running
 ``TRITON_INTERPRET=1 pytest tests/test_triton.py`` shows each case on its own. Vocabulary tiles
 are shrunk to 16 columns so that every shape spans several tiles, with a ragged last one.
 """
@@ -13,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,22 +20,21 @@ import torch
 pytest.importorskip("triton")
 
 import kdkernels  # noqa: E402
-from conftest import (DIVERGENCE_NAMES, INTERPRETING, REPO_ROOT, STUDENT_NEG_INF_CASES,  # noqa: E402
-                      check_against_reference, check_masked_teacher_row, child_env, interpreter_case,
-                      loss_and_grad, make_labels, make_logits, make_pair, parent_case, run_interpreter_cases,
-                      student_neg_inf_case)
+from conftest import (DIVERGENCE_NAMES, STUDENT_NEG_INF_CASES, check_against_reference, loss_and_grad,  # noqa: E402
+                      check_masked_teacher_row, make_labels, make_logits, make_pair, student_neg_inf_case)
+from triton_interpreter import (INTERPRETING, compile_in_child, interpreter_case, parent_case,  # noqa: E402
+                                run_interpreter_cases)
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the inf - inf or
 # log(0) that the kernel then discards.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 TILE = 16
-THIS_FILE = os.path.abspath(__file__)
 
 
 @parent_case
 def test_interpreter_cases():
-    run_interpreter_cases(THIS_FILE)
+    run_interpreter_cases(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True)
@@ -318,24 +314,11 @@ def test_auto_on_cpu_tensors_still_picks_the_cpu_kernel():
 # --- ahead-of-time compilation for real GPUs -----------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from kdkernels.backends.triton import kd_loss
+    from triton_interpreter import compile_for_gpu
 
-    kernel = kd_loss._kd_loss_fwd_kernel
-    pointer_types = {"labels_ptr": "*i64", "row_loss_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
-    scalar_types = {"student_row_stride": "i64", "teacher_row_stride": "i64", "vocab": "i32",
-                    "ignore_index": "i32"}
-    signature = {}
-    for param in kernel.params:
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, "*bf16")
-        else:
-            signature[name] = scalar_types.get(name, "fp32")
+    types = {"labels_ptr": "*i64", "row_loss_ptr": "*fp32", "grad_scale_ptr": "*fp32", "student_row_stride": "i64",
+             "teacher_row_stride": "i64", "vocab": "i32", "ignore_index": "i32"}
     block, num_warps = kd_loss.launch_shape(128256)
     # Every divergence with labels, CE and gradient for sm_90; the leanest variant, and sm_80.
     variants = [(90, divergence, True, True) for divergence in range(6)]
@@ -343,18 +326,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     for arch, divergence, has_labels, compute_grad in variants:
         constexprs = {"DIVERGENCE": divergence, "HAS_LABELS": has_labels, "USE_CE": has_labels,
                       "CE_REUSES_Q": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-        assert compiled.asm["cubin"], (arch, divergence, has_labels)
-    scale_signature = {"grad_ptr": "*bf16", "factor_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}
-    assert triton.compile(ASTSource(kd_loss._scale_unless_one_kernel, scale_signature, {"BLOCK": 4096}),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+        compile_for_gpu(kd_loss._kd_loss_fwd_kernel, types, constexprs, arch=arch, num_warps=num_warps)
+    compile_for_gpu(kd_loss._scale_unless_one_kernel, {"factor_ptr": "*fp32", "numel": "i32"}, {"BLOCK": 4096},
+                    arch=90, num_warps=8)
     print("compiled")
 """)
 
 
+
 @parent_case
 def test_kernels_compile_for_sm80_and_sm90():
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=child_env(), cwd=REPO_ROOT, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    compile_in_child(_COMPILE_SCRIPT)

@@ -9,7 +9,10 @@
 //   3. gradient dL/dz in the student dtype, times *grad_scale (read on the device, no host sync);
 //      forward KL sums its value here.
 // Each pass walks the row in the opposite order of the pass before, so that it starts on the
-// columns read last, which are still in L2. No torch header: plain `nvcc -c` compiles this file.
+// columns read last, which are still in L2. The gradient may be written over the student logits
+// (in place): each thread writes only the columns it has just read, and the one value read across
+// threads, the label's logit, is read before a barrier that precedes every write.
+// No torch header: plain `nvcc -c` compiles this file.
 #include "kd_loss_kernel.h"
 
 #include <cuda_bf16.h>
@@ -162,9 +165,11 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
 
   const int64_t row = blockIdx.x;
   const int64_t vocab = problem.vocab;
-  const SRaw* __restrict__ student = static_cast<const SRaw*>(problem.student) + row * problem.student_row_stride;
+  // student and grad may be one buffer (in place): neither is __restrict__, so the compiler
+  // neither treats the student row as read-only memory nor moves its loads past the stores.
+  const SRaw* student = static_cast<const SRaw*>(problem.student) + row * problem.student_row_stride;
   const TRaw* __restrict__ teacher = static_cast<const TRaw*>(problem.teacher) + row * problem.teacher_row_stride;
-  SRaw* __restrict__ grad = problem.grad ? static_cast<SRaw*>(problem.grad) + row * vocab : nullptr;
+  SRaw* grad = problem.grad ? static_cast<SRaw*>(problem.grad) + row * vocab : nullptr;
   const bool load_vector_ok = aligned16(student) && aligned16(teacher);
   const bool store_vector_ok = grad != nullptr && aligned16(grad);
   const int64_t n_chunks = (vocab + kChunk - 1) / kChunk;
@@ -241,9 +246,12 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
   const float log_sum_a = kd_log(sums[2]);
   const float log_sum_z = ce_separate ? kd_log(sums[1]) : log_sum_u;
   // CE = lse(z) - z_y = (max - z_y) + log sum exp(z - max); a label on a student -inf entry
-  // makes it +inf, reported as NaN.
+  // makes it +inf, reported as NaN. The label's logit is read before any thread writes the
+  // gradient, which may overwrite the student row (in place: grad == student); the barrier orders
+  // every thread's read before the first write.
+  const float z_label = use_ce ? SType::to_float(student[label]) : 0.f;
+  __syncthreads();
   auto ce_loss = [&]() {
-    const float z_label = SType::to_float(student[label]);
     return z_label == -INFINITY ? NAN : params.ce_weight * ((row_max_z - z_label) + log_sum_z);
   };
 

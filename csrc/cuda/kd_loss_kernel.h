@@ -25,7 +25,9 @@ struct KDRowsProblem {
   const int64_t* labels;      // [rows] or nullptr
   const float* grad_scale;    // [] on the device: the factor on the gradient (no host read)
   float* row_loss;            // [rows] out
-  void* grad;                 // [rows, vocab] out, contiguous, student_type; nullptr: no gradient
+  // [rows, vocab] out, contiguous, student_type; nullptr: no gradient. May be `student` itself
+  // (the gradient written over the logits, in place) when student_row_stride == vocab.
+  void* grad;
   int64_t rows;
   int64_t vocab;
 };

@@ -25,7 +25,8 @@ kdkernels._checks; a backend never re-validates them):
         while it streams the rows; otherwise the caller checks before the call.
     BAD_INPUT_AS_NAN: bool (optional, default False)
         Whether the backend reports bad values as NaN row losses (GPU kernels: no host
-        synchronisation inside the kernel); the caller then turns them into the ValueError.
+        synchronisation inside the kernel); the caller then checks them (kdkernels._reports: a
+        device assertion by default, the ValueError in strict mode and on CPU tensors).
 
 Backends: ``reference`` (pure PyTorch, differentiable: the float64 test oracle and the fallback),
 ``cpu`` (compiled C++ kernels), ``cuda`` (compiled CUDA kernels), ``triton`` (Triton kernels).

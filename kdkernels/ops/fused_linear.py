@@ -85,6 +85,31 @@ def _pad_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
+def float32_chunk_logits(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an lm_head of `dtype` on `device` produces its chunk logits in float32: on CUDA for
+    bfloat16 / float16, where the GEMM accumulates in float32 and writes float32 (torch.addmm's
+    out_dtype), so the loss sees logits that were never rounded to the lm_head's dtype. CPU BLAS
+    has no such GEMM: there the chunk logits stay in the lm_head's dtype."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _lm_head_gemm(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  logit_scale: float) -> None:
+    """out [n, V] = logit_scale * (hidden [n, H] @ weight [V, H]^T + bias [V]), in out's dtype,
+    which may be float32 for a bfloat16 / float16 lm_head (float32_chunk_logits)."""
+    wide = out.dtype != hidden.dtype
+    if bias is None and wide:
+        torch.mm(hidden, weight.t(), out.dtype, out=out)
+        if logit_scale != 1.0:
+            out.mul_(logit_scale)
+    elif bias is None:  # beta=0: out's previous content is ignored, not read
+        torch.addmm(out, hidden, weight.t(), beta=0, alpha=logit_scale, out=out)
+    elif wide:
+        torch.addmm(bias, hidden, weight.t(), out.dtype, beta=logit_scale, alpha=logit_scale, out=out)
+    else:
+        torch.addmm(bias, hidden, weight.t(), beta=logit_scale, alpha=logit_scale, out=out)
+
+
 class _LinearLogits:
     """Logits of an lm_head, chunk by chunk: softcap(logit_scale * (hidden @ weight^T + bias))."""
 
@@ -93,7 +118,9 @@ class _LinearLogits:
         self.hidden, self.weight, self.bias = hidden, weight, bias  # [N, H], [V_side, H], [V_side]
         self.logit_scale, self.softcap = logit_scale, softcap
         self.vocab = weight.shape[0]
-        self.dtype = hidden.dtype
+        self.dtype = hidden.dtype  # the lm_head's: its gradients' dtype
+        # the chunk logits' (and the row kernel's gradient's) dtype
+        self.logits_dtype = torch.float32 if float32_chunk_logits(hidden.device, hidden.dtype) else hidden.dtype
         self.needs_buffer = True
 
     def chunk(self, start: int, end: int, buffer: Optional[torch.Tensor]) -> torch.Tensor:
@@ -104,11 +131,7 @@ class _LinearLogits:
         # torch.compile refuses an out= view with gaps (own, when the common vocabulary is wider)
         out = own if own.is_contiguous() or not torch.compiler.is_compiling() else torch.empty_like(
             own, memory_format=torch.contiguous_format)
-        if self.bias is None:  # beta=0: out's previous content is ignored, not read
-            torch.addmm(out, hidden, self.weight.t(), beta=0, alpha=self.logit_scale, out=out)
-        else:
-            torch.addmm(self.bias, hidden, self.weight.t(), beta=self.logit_scale, alpha=self.logit_scale,
-                        out=out)
+        _lm_head_gemm(out, hidden, self.weight, self.bias, self.logit_scale)
         if out is not own:
             own.copy_(out)
         _apply_softcap_(own, self.softcap)
@@ -136,7 +159,7 @@ class _GivenLogits:
         self.logits = logits
         self.vocab = logits.shape[-1]
         self.common_vocab = vocab
-        self.dtype = logits.dtype
+        self.dtype = self.logits_dtype = logits.dtype
         self.needs_buffer = self.vocab < vocab
 
     def chunk(self, start: int, end: int, buffer: Optional[torch.Tensor]) -> torch.Tensor:
@@ -196,14 +219,18 @@ class Wanted(NamedTuple):
         return Wanted(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
 
 
-def bytes_per_logit(student_bytes: int, teacher_bytes: int, wanted: Wanted, inplace: bool) -> int:
-    """Memory per vocabulary entry of a chunk row, which sizes the chunks: the student logits and the
+def bytes_per_logit(student_bytes: int, logits_bytes: int, teacher_bytes: int, wanted: Wanted,
+                    inplace: bool) -> int:
+    """Memory per vocabulary entry of a chunk row, which sizes the chunks: the student logits (in
+    `logits_bytes`, float32 where the GEMM writes float32 logits from a bf16/fp16 lm_head) and the
     teacher's buffered logits (`teacher_bytes`, 0 when none are buffered), plus, when a gradient is
-    wanted, the kernel's gradient (none when it overwrites the student logits) and its float32 copy
-    for a low-precision lm_head's weight gradient."""
-    per_entry = student_bytes + teacher_bytes
+    wanted, the kernel's gradient (none when it overwrites the student logits), its copy in the
+    lm_head's dtype when the logits are wider, and a float32 share for a low-precision lm_head's
+    weight gradient."""
+    per_entry = logits_bytes + teacher_bytes
     if any(wanted):
-        per_entry += (0 if inplace else student_bytes) + (4 if wanted.weight and student_bytes < 4 else 0)
+        per_entry += (0 if inplace else logits_bytes) + (student_bytes if logits_bytes > student_bytes else 0)
+        per_entry += 4 if wanted.weight and student_bytes < 4 else 0
     return per_entry
 
 
@@ -360,13 +387,17 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
     def buffer(side) -> Optional[torch.Tensor]:
         if not side.needs_buffer:
             return None
-        logits = _empty((min(chunk, n_rows), vocab), side.dtype, device)
+        logits = _empty((min(chunk, n_rows), vocab), side.logits_dtype, device)
         if side.vocab < vocab:
             # the shorter vocabulary's missing columns: -inf, i.e. probability 0 (never logit 0)
             logits[:, side.vocab:].fill_(-math.inf)
         return logits
 
     student_buffer, teacher_buffer = buffer(student), buffer(teacher)
+    # float32 chunk logits of a low-precision lm_head: the gradient GEMMs take the kernel's
+    # gradient in the lm_head's dtype, rounded into this one reused buffer
+    narrow_grad = (_empty((min(chunk, n_rows), student.vocab), student.dtype, device)
+                   if compute_grad and student.logits_dtype != student.dtype else None)
     # the gradient replaces the student logits in their reused buffer: no allocation per chunk
     inplace = compute_grad and plan.inplace
     row_loss = torch.empty(n_rows, dtype=route.dtype, device=device)
@@ -405,6 +436,8 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
             derivative = student_logits[:, : student.vocab]
             derivative.div_(student.softcap).square_().neg_().add_(1.0)
             grad.mul_(derivative)
+        if grad.dtype != student.dtype:
+            grad = narrow_grad[: end - start].copy_(grad)
         grads.add_chunk(student, start, end, grad, first=start == 0, headroom=plan.headroom)
         del grad  # freed before the next chunk's kernel allocates its own: one gradient chunk at a time
     return row_loss, grads
@@ -486,8 +519,8 @@ def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
     wanted = Wanted.of(student_hidden, student_weight, student_bias)
     inplace = route.has_inplace and softcap is None
     if chunk_size is None:
-        per_entry = bytes_per_logit(student.dtype.itemsize, teacher.dtype.itemsize if teacher.needs_buffer else 0,
-                                    wanted, inplace)
+        per_entry = bytes_per_logit(student.dtype.itemsize, student.logits_dtype.itemsize,
+                                    teacher.logits_dtype.itemsize if teacher.needs_buffer else 0, wanted, inplace)
         chunk_size = chunk_rows(n_rows, vocab, per_entry, student_hidden.device.type)
     plan = _Plan(cfg=cfg, reduction=reduction, batch_shape=batch_shape, vocab=vocab, chunk_size=chunk_size,
                  route=route, inplace=inplace, headroom=gradient_headroom(cfg, student.dtype))

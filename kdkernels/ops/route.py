@@ -3,7 +3,8 @@
 A :class:`Route` is where one call runs and what follows from that: the backend (resolved once,
 kdkernels.backends), whether the call must check values first (``CHECKS_VALUES``), the dtype of
 the reduction scale, and the backend's row kernels, whose NaN reports of bad input
-(``BAD_INPUT_AS_NAN``) it turns into the ValueError the other backends raise.
+(``BAD_INPUT_AS_NAN``) it checks (kdkernels._reports: a device assertion on GPU by default, else the
+ValueError the other backends raise).
 
 :func:`logits_loss` is the whole road for a loss on logits (kd_loss, cakd_loss, dkd_loss): the
 reference backend runs its differentiable formula under autograd (so double backward works);
@@ -19,7 +20,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from kdkernels import _checks, backends
+from kdkernels import _checks, _reports, backends
 from kdkernels._config import math_dtype
 from kdkernels.backends.reference import cakd as reference_cakd
 from kdkernels.backends.reference import kd as reference_kd
@@ -111,17 +112,21 @@ class Route:
 
     def _raise_reported(self, row_loss: torch.Tensor, teacher_logits: torch.Tensor,
                         labels: Optional[torch.Tensor], cfg, student_logits: Optional[torch.Tensor]) -> None:
-        """GPU kernels report bad input as NaN row losses: one look at the [N] row losses turns
-        that into the ValueError naming the argument (teacher or labels first, else the student).
-        Under torch.compile that look would be a data-dependent branch: the NaN stays in the loss."""
-        if not self.nan_reports or torch.compiler.is_compiling() or not bool(torch.isnan(row_loss).any()):
+        """GPU kernels report bad input as NaN row losses: kdkernels._reports checks them without a
+        host synchronisation by default; where it raises, the ValueError names the argument
+        (teacher or labels first, else the student)."""
+        if not self.nan_reports:
             return
-        if student_logits is None:
-            _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
-            raise ValueError("student_logits contains NaN or +inf, or is -inf where the loss needs a finite "
-                             "value (a whole row, the label's entry, or where forward KL's teacher has mass)")
-        _checks.check_logit_values(student_logits, teacher_logits, labels, cfg.ignore_index, cfg.log_q_by_teacher,
-                                   cfg.ce_weight)
+
+        def raise_error() -> None:
+            if student_logits is None:
+                _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
+                raise ValueError("student_logits contains NaN or +inf, or is -inf where the loss needs a finite "
+                                 "value (a whole row, the label's entry, or where forward KL's teacher has mass)")
+            _checks.check_logit_values(student_logits, teacher_logits, labels, cfg.ignore_index,
+                                       cfg.log_q_by_teacher, cfg.ce_weight)
+
+        _reports.raise_reported(row_loss, raise_error)
 
 
 def logits_loss(family: Family, student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -148,6 +148,50 @@ def _divergence_grad(logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE
 
 
 @triton.jit
+def _ce_grad(z, q, max_z, log_sum_z, offs, label, ce_grad_coef, CE_REUSES_Q: tl.constexpr):
+    """The CE blend's gradient ce_weight (softmax(z) - onehot(y)) on columns `offs` (ce_grad_coef
+    carries ce_weight and grad_scale); at T == 1 softmax(z) is the student's q."""
+    if CE_REUSES_Q:
+        softmax_z = q
+    else:
+        softmax_z = tl.exp(z - max_z - log_sum_z)
+    return ce_grad_coef * (softmax_z - tl.where(offs == label, 1.0, 0.0))
+
+
+@triton.jit
+def row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride, teacher_row_stride, vocab):
+    """(row, its student, teacher and gradient rows) of this program: one program per row; the
+    gradient is contiguous [N, V]."""
+    row = tl.program_id(0).to(tl.int64)
+    return (row, student_ptr + row * student_row_stride, teacher_ptr + row * teacher_row_stride,
+            grad_ptr + row * vocab)
+
+
+@triton.jit
+def row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS: tl.constexpr):
+    """(label, active, bad_label) of row `row`: whether the row counts (its label is not
+    ignore_index) and whether its label lies outside [0, V); without labels (-1, True, False)."""
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        active = label != ignore_index
+        bad_label = (label < 0) | (label >= vocab)
+    else:
+        label = -1
+        active = True
+        bad_label = False
+    return label, active, bad_label
+
+
+@triton.jit
+def zero_ignored_row(grad_row, vocab, BLOCK: tl.constexpr):
+    """Zeros one [V] gradient row (an ignored row's), tile by tile."""
+    cols = tl.arange(0, BLOCK)
+    for tile in range(0, tl.cdiv(vocab, BLOCK)):
+        offs = tile * BLOCK + cols
+        tl.store(grad_row + offs, tl.zeros([BLOCK], grad_row.dtype.element_ty), mask=offs < vocab)
+
+
+@triton.jit
 def _kd_loss_fwd_kernel(
     student_ptr,  # [N, V] student logits z (fp32 / bf16 / fp16), unit column stride
     teacher_ptr,  # [N, V] teacher logits, unit column stride
@@ -172,22 +216,12 @@ def _kd_loss_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * student_row_stride
-    teacher_row = teacher_ptr + row * teacher_row_stride
-    grad_row = grad_ptr + row * vocab
+    row, student_row, teacher_row, grad_row = row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride,
+                                                           teacher_row_stride, vocab)
     cols = tl.arange(0, BLOCK)
     n_tiles = tl.cdiv(vocab, BLOCK)
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        active = label != ignore_index
-        bad_label = (label < 0) | (label >= vocab)
-    else:
-        label = -1
-        active = True
-        bad_label = False
-
+    label, active, bad_label = row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS)
     if active:
         # ---- 1. statistics: NaN-propagating running maxima, per-lane sums of exponentials ----
         max_z = tl.full([], _NEG_BIG, tl.float32)  # max of the raw row; max of u = z/T is max_z/T
@@ -279,12 +313,8 @@ def _kd_loss_fwd_kernel(
                 if COMPUTE_GRAD:
                     g = tl.where(has_teacher, kd_grad_coef * _divergence_grad(
                         logp, logq, p, q, mix_wp, mix_wq, row_c, row_c2, DIVERGENCE), 0.0)
-                    if USE_CE:  # ce_weight (softmax(z) - onehot(y))
-                        if CE_REUSES_Q:
-                            softmax_z = q
-                        else:
-                            softmax_z = tl.exp(z - max_z - log_sum_z)
-                        g += ce_grad_coef * (softmax_z - tl.where(offs == label, 1.0, 0.0))
+                    if USE_CE:
+                        g += _ce_grad(z, q, max_z, log_sum_z, offs, label, ce_grad_coef, CE_REUSES_Q)
                     g = tl.where(poisoned, float("nan"), g)
                     tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -299,9 +329,7 @@ def _kd_loss_fwd_kernel(
     else:  # ignored row: loss 0, gradient 0, nothing read
         tl.store(row_loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for tile in range(0, n_tiles):
-                offs = tile * BLOCK + cols
-                tl.store(grad_row + offs, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=offs < vocab)
+            zero_ignored_row(grad_row, vocab, BLOCK)
 
 
 @triton.jit

@@ -12,8 +12,9 @@ Per row:
   3. the gradient: q_j · c_row (+ the CE blend) in every tile, then the k support columns
      overwritten with their own values (a barrier orders the two writes).
 Bad values cost no host synchronisation: a student row with NaN / +inf, or whose loss is
-infinite (the teacher or the label on a masked entry), gets a NaN loss; `rows` turns a NaN loss
-into the ValueError the CPU kernel raises. Teacher ids and values are validated at the public call.
+infinite (the teacher or the label on a masked entry), gets a NaN loss, which kdkernels._reports
+checks (a device assertion on GPU by default; the ValueError the CPU kernel raises in strict mode
+and on CPU tensors). Teacher ids and values are validated at the public call.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkernels import _reports
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
-from kdkernels.backends.triton.kd_loss import (_divergence_grad, _divergence_terms, _max_with_nan, ce_reuses_q,
-                                               _on_device)
+from kdkernels.backends.triton.kd_loss import (_ce_grad, _divergence_grad, _divergence_terms, _max_with_nan,
+                                               _on_device, ce_reuses_q, zero_ignored_row)
 
 _NEG_BIG = tl.constexpr(-3.0e38)
 _LOGPROBS = tl.constexpr(0)
@@ -204,11 +206,7 @@ def _sparse_kd_fwd_kernel(
                 q_tile = tl.exp((z - max_z) * inv_temperature - log_z)
                 g_tile = dense_coef * q_tile
                 if USE_CE:
-                    if CE_REUSES_Q:
-                        softmax_z = q_tile
-                    else:
-                        softmax_z = tl.exp(z - max_z - log_z1)
-                    g_tile += ce_coef * (softmax_z - tl.where(offs == label, 1.0, 0.0))
+                    g_tile += _ce_grad(z, q_tile, max_z, log_z1, offs, label, ce_coef, CE_REUSES_Q)
                 g_tile = tl.where(poisoned, float("nan"), g_tile)
                 tl.store(grad_row + offs, g_tile.to(grad_ptr.dtype.element_ty), mask=offs < vocab)
             tl.debug_barrier()  # the support columns below overwrite what the tiles wrote
@@ -220,9 +218,7 @@ def _sparse_kd_fwd_kernel(
     else:
         tl.store(row_loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for tile in range(0, n_tiles):
-                offs = tile * BLOCK + cols
-                tl.store(grad_row + offs, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=offs < vocab)
+            zero_ignored_row(grad_row, vocab, BLOCK)
 
 
 def _launch(student: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor, grad: Optional[torch.Tensor],
@@ -251,10 +247,14 @@ def _launch(student: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor,
     return row_loss
 
 
+def _raise_bad_student() -> None:
+    raise ValueError("student_logits contains NaN or +inf, or a row's loss is infinite: the teacher or the "
+                     "label puts mass on an entry the student masks with -inf")
+
+
 def _check(row_loss: torch.Tensor) -> torch.Tensor:
-    if bool(torch.isnan(row_loss).any()):  # one look at [N] values, after the kernel
-        raise ValueError("student_logits contains NaN or +inf, or a row's loss is infinite: the teacher or the "
-                         "label puts mass on an entry the student masks with -inf")
+    # NaN rows: a device assertion on GPU by default, the ValueError in strict mode (kdkernels._reports)
+    _reports.raise_reported(row_loss, _raise_bad_student)
     return row_loss
 
 
