@@ -47,6 +47,9 @@ enum class Divergence : int64_t {
 // ---- scalar elementary functions -------------------------------------------------------------
 KD_HD float kd_exp(float x) { return ::expf(x); }
 KD_HD float kd_log(float x) { return ::logf(x); }
+// 1 / x to about 1 ulp (the SIMD version refines a hardware estimate); callers cap it with kd_min,
+// which also turns the SIMD version's NaN for x = 0 into the cap.
+KD_HD float kd_recip(float x) { return 1.f / x; }
 KD_HD float kd_min(float a, float b) { return a < b ? a : b; }
 KD_HD float kd_abs(float x) { return ::fabsf(x); }
 // a > b ? x : y
@@ -116,11 +119,18 @@ KD_HD F mixture_of(F p, F q, const Mixture& mix) {
 // so that a denormal x gives a large finite log, not inf or NaN. x > 0. Both weights come from
 // the Mixture (formed in double): 1 - w_y in float would lose w_x's digits when w_x is tiny (a
 // skew weight of 1e-7).
+// 1 / x capped at 1e30, so that a denormal (or zero) x gives a large finite factor on terms that
+// are themselves ~0 there, not inf * 0 = NaN.
+template <class F>
+KD_HD F inverse_capped(F x) {
+  return kd_min(kd_recip(x), kd_splat(1e30f, x));
+}
+
 template <class F>
 KD_HD F log_mixture_over(F x, F y, float w_x, float w_y) {
   const F one = kd_splat(1.f, x);
   const F cap = kd_splat(1e30f, x);
-  const F inv_x = kd_min(one / x, cap);
+  const F inv_x = inverse_capped(x);
   const F t = kd_min(kd_splat(w_y, x) * ((y - x) * inv_x), cap);
   const F u = kd_min(kd_splat(w_x, x) + kd_splat(w_y, x) * (y * inv_x), cap);
   const F u_minus_1 = u - one;
@@ -237,12 +247,11 @@ struct SkewKL {
     loss = kd_if_pos(p, kd_splat(0.f, p) - p * log_mixture_over(p, q, mix.wp, mix.wq));
     c = kd_if_pos(mixture_of(p, q, mix), q * p * inverse_mixture(p, q, mix));  // m = 0 only where p = q = 0
   }
-  // 1 / m, one division shared by the terms that need it (a kernel computing c and second_term
-  // together divides once), capped like log_mixture_over's ratios: a denormal m gives a large
-  // finite factor on terms that are themselves ~0 there (q, p <= m / w), not inf * 0 = NaN.
+  // 1 / m, one reciprocal shared by the terms that need it (a kernel computing c and
+  // second_term together takes it once).
   template <class F>
   KD_HD static F inverse_mixture(F p, F q, const Mixture& mix) {
-    return kd_min(kd_splat(1.f, p) / mixture_of(p, q, mix), kd_splat(1e30f, p));
+    return inverse_capped(mixture_of(p, q, mix));
   }
   // c2_i = q_i (w_i - 1)
   template <class F>
@@ -276,8 +285,9 @@ struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   // h - C, and the choice is one per call.
   template <class F>
   KD_HD static F h_shifted(F p, F q, F log_m_over_q, const Mixture& mix) {
-    if (mix.wp > 0.5f) return kd_splat(0.f, q) - log_m_over_q - kd_splat(mix.wq, q) * q / mixture_of(p, q, mix);
-    return kd_splat(mix.wp, p) * p / mixture_of(p, q, mix) - log_m_over_q;
+    const F inv_m = inverse_capped(mixture_of(p, q, mix));
+    if (mix.wp > 0.5f) return kd_splat(0.f, q) - log_m_over_q - kd_splat(mix.wq, q) * q * inv_m;
+    return kd_splat(mix.wp, p) * p * inv_m - log_m_over_q;
   }
   template <class F>
   KD_HD static void terms(F, F, F p, F q, const Mixture& mix, F& loss, F& c, F& cached) {
