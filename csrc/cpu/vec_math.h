@@ -76,14 +76,16 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
 }
 inline Vec kd_log(Vec x) { return log_inline(x); }
 
-// 1 / x: the 14-bit hardware estimate and one Newton step (e (2 - x e)), ~1 ulp, in three
-// instructions where a division blocks its unit for several cycles. NaN for x = 0 (inf * 0).
-inline Vec kd_recip(Vec x) {
+// min(1 / x, 1e30) for x >= 0: the 14-bit hardware estimate, capped, and one Newton step
+// (e (2 - x e)), ~1 ulp, in a few instructions where a division blocks its unit for several
+// cycles. The cap before the step keeps x = 0 (or denormal) finite.
+inline Vec kd_inverse_capped(Vec x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 xv = x, e = _mm512_rcp14_ps(xv);
-  return Vec(_mm512_mul_ps(e, _mm512_fnmadd_ps(xv, e, _mm512_set1_ps(2.f))));
+  const __m512 xv = x, cap = _mm512_set1_ps(1e30f);
+  const __m512 e = _mm512_min_ps(_mm512_rcp14_ps(xv), cap);
+  return Vec(_mm512_min_ps(_mm512_mul_ps(e, _mm512_fnmadd_ps(xv, e, _mm512_set1_ps(2.f))), cap));
 #else
-  return Vec(1.f) / x;
+  return kd_min(Vec(1.f) / x, Vec(1e30f));
 #endif
 }
 // kd_min and kd_where_gt in mask-register form where the ISA has it (at::vec's minimum adds NaN

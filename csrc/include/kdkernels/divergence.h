@@ -47,10 +47,11 @@ enum class Divergence : int64_t {
 // ---- scalar elementary functions -------------------------------------------------------------
 KD_HD float kd_exp(float x) { return ::expf(x); }
 KD_HD float kd_log(float x) { return ::logf(x); }
-// 1 / x to about 1 ulp (the SIMD version refines a hardware estimate); callers cap it with kd_min,
-// which also turns the SIMD version's NaN for x = 0 into the cap.
-KD_HD float kd_recip(float x) { return 1.f / x; }
 KD_HD float kd_min(float a, float b) { return a < b ? a : b; }
+// min(1 / x, 1e30) for x >= 0, to about 1 ulp (the SIMD version refines a hardware estimate): a
+// denormal or zero x gives a large finite factor on terms that are themselves ~0 there, not
+// inf * 0 = NaN.
+KD_HD float kd_inverse_capped(float x) { return kd_min(1.f / x, 1e30f); }
 KD_HD float kd_abs(float x) { return ::fabsf(x); }
 // a > b ? x : y
 KD_HD float kd_where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
@@ -119,18 +120,11 @@ KD_HD F mixture_of(F p, F q, const Mixture& mix) {
 // so that a denormal x gives a large finite log, not inf or NaN. x > 0. Both weights come from
 // the Mixture (formed in double): 1 - w_y in float would lose w_x's digits when w_x is tiny (a
 // skew weight of 1e-7).
-// 1 / x capped at 1e30, so that a denormal (or zero) x gives a large finite factor on terms that
-// are themselves ~0 there, not inf * 0 = NaN.
-template <class F>
-KD_HD F inverse_capped(F x) {
-  return kd_min(kd_recip(x), kd_splat(1e30f, x));
-}
-
 template <class F>
 KD_HD F log_mixture_over(F x, F y, float w_x, float w_y) {
   const F one = kd_splat(1.f, x);
   const F cap = kd_splat(1e30f, x);
-  const F inv_x = inverse_capped(x);
+  const F inv_x = kd_inverse_capped(x);
   const F t = kd_min(kd_splat(w_y, x) * ((y - x) * inv_x), cap);
   const F u = kd_min(kd_splat(w_x, x) + kd_splat(w_y, x) * (y * inv_x), cap);
   const F u_minus_1 = u - one;
@@ -251,7 +245,7 @@ struct SkewKL {
   // second_term together takes it once).
   template <class F>
   KD_HD static F inverse_mixture(F p, F q, const Mixture& mix) {
-    return inverse_capped(mixture_of(p, q, mix));
+    return kd_inverse_capped(mixture_of(p, q, mix));
   }
   // c2_i = q_i (w_i - 1)
   template <class F>
@@ -285,7 +279,7 @@ struct SkewReverseKL : CachedGrad<SkewReverseKL> {
   // h - C, and the choice is one per call.
   template <class F>
   KD_HD static F h_shifted(F p, F q, F log_m_over_q, const Mixture& mix) {
-    const F inv_m = inverse_capped(mixture_of(p, q, mix));
+    const F inv_m = kd_inverse_capped(mixture_of(p, q, mix));
     if (mix.wp > 0.5f) return kd_splat(0.f, q) - log_m_over_q - kd_splat(mix.wq, q) * q * inv_m;
     return kd_splat(mix.wp, p) * p * inv_m - log_m_over_q;
   }
