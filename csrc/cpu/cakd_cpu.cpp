@@ -96,17 +96,20 @@ struct GroupedSoftmax {
   // s_mask: the block's lanes of the row mask, or nullptr when the block holds no class of S.
   void add_block(const float* x, const float* s_mask, int64_t n, float inv_t, float* exps, float* shift_s,
                  float* shift_w) {
+    // The maxima may drop a NaN lane (max_unordered); its exp is NaN, which the sums then show.
     float bmax_s = kNegInf, bmax_w;
     if (s_mask == nullptr) {
-      bmax_w = block_max(x, n);
+      Vec vmax_w(kNegInf);
+      for (int64_t i = 0; i < n; i += kW) vmax_w = max_unordered(vmax_w, load_masked(x + i, std::min(kW, n - i)));
+      bmax_w = hmax(vmax_w);
     } else {
       const Vec neg_inf(kNegInf);
       Vec vmax_s(kNegInf), vmax_w(kNegInf);
       for (int64_t i = 0; i < n; i += kW) {
         const int64_t m = std::min(kW, n - i);
         const Vec xv = load_masked(x + i, m), in_s = Vec::loadu(s_mask + i, m);
-        vmax_s = at::vec::maximum(vmax_s, by_group(in_s, xv, neg_inf));
-        vmax_w = at::vec::maximum(vmax_w, by_group(in_s, neg_inf, xv));
+        vmax_s = max_unordered(vmax_s, by_group(in_s, xv, neg_inf));
+        vmax_w = max_unordered(vmax_w, by_group(in_s, neg_inf, xv));
       }
       bmax_s = hmax(vmax_s);
       bmax_w = hmax(vmax_w);
@@ -143,8 +146,10 @@ struct GroupedSoftmax {
       if (s_mask != nullptr) block_s.add_partial(acc_s);
       block_w.add_partial(acc_w);
     }
-    if (s_mask != nullptr) s.sum += block_s.total();
-    w.sum += block_w.total();
+    const double sum_s = s_mask != nullptr ? block_s.total() : 0.0, sum_w = block_w.total();
+    if (std::isnan(sum_s) || std::isnan(sum_w)) bad = true;
+    s.sum += sum_s;
+    w.sum += sum_w;
   }
 
   bool empty() const { return s.empty() && w.empty(); }
