@@ -35,6 +35,7 @@ constexpr int kInfiniteLoss = 16;  // the student masks (-inf) what the teacher 
 
 struct SparseScratch {
   std::vector<float> exps;       // [V] exp((z − running max) / T), zero at the support ids
+  std::vector<float> exps_1;     // [V] exp(z − running max) for the CE term when T != 1
   std::vector<float> block_max;  // [blocks] the running max each block was shifted by
   std::vector<float> factor;     // [blocks] turns the stored exps into probabilities
   std::vector<float> s_buf, g_buf;            // fp32 rows of bf16 / fp16 logits and gradient
@@ -78,6 +79,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
 
   // 1. online statistics, exps into scratch
   sc.exps.resize(V);
+  if (ce_separate) sc.exps_1.resize(V);
   sc.block_max.resize(blocks);
   float max_z = kNegInf;
   double sum_t = 0.0, sum_1 = 0.0;  // Σ exp((z − max) / T), Σ exp(z − max)
@@ -85,7 +87,11 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
     const float* x = row.z + off;
     float* out = sc.exps.data() + off;
-    const float bmax = block_max(x, n);
+    float* out_1 = ce_separate ? sc.exps_1.data() + off : nullptr;
+    // one-instruction max: a NaN lane it drops makes its exp, and so the block's sum, NaN
+    Vec vbmax(kNegInf);
+    for (int64_t i = 0; i < n; i += kW) vbmax = max_unordered(vbmax, load_masked(x + i, std::min(kW, n - i)));
+    const float bmax = hmax(vbmax);
     if (bad_logit(bmax)) {
       *error |= kBadStudent;
       return zero_grad();
@@ -100,6 +106,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
     sc.block_max[b] = max_z;
     if (max_z == kNegInf) {
       std::fill(out, out + n, 0.f);
+      if (out_1) std::fill(out_1, out_1 + n, 0.f);
       continue;
     }
     const Vec vmax(max_z), vinv(inv_t);
@@ -110,10 +117,19 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
       const Vec e = exp_nonpositive((xv - vmax) * vinv);
       e.store(out + i, m);
       acc = acc + e;
-      if (ce_separate) acc_1 = acc_1 + exp_nonpositive(xv - vmax);
+      if (ce_separate) {
+        const Vec e_1 = exp_nonpositive(xv - vmax);
+        e_1.store(out_1 + i, m);
+        acc_1 = acc_1 + e_1;
+      }
     }
-    sum_t += hsum(acc);
-    if (ce_separate) sum_1 += hsum(acc_1);
+    const float block_sum = hsum(acc), block_sum_1 = ce_separate ? hsum(acc_1) : 0.f;
+    if (std::isnan(block_sum) || std::isnan(block_sum_1)) {
+      *error |= kBadStudent;
+      return zero_grad();
+    }
+    sum_t += block_sum;
+    sum_1 += block_sum_1;
   }
   if (max_z == kNegInf) {  // the whole student row masked: no distribution
     *error |= kInfiniteLoss;
@@ -173,17 +189,20 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   const float scale = row.grad_scale;
   const float kd_coef = kd.kd_coef * scale, ce_coef = kd.ce_weight * scale;
   const float inv_sum = static_cast<float>(1.0 / sum_t);
-  const Vec v_dense(kd_coef * c_row), v_ce(ce_coef), v_max(max_z);
-  const Vec v_log_sum_1(static_cast<float>(log_sum_1));
+  const Vec v_dense(kd_coef * c_row), v_ce(ce_coef);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
     const Vec to_q(sc.factor[b] * inv_sum);
+    // softmax(z) at T = 1 from the stored exps (the block's running max over the row's)
+    const Vec to_softmax_1(ce_separate && sc.block_max[b] != kNegInf
+                               ? static_cast<float>(std::exp(static_cast<double>(sc.block_max[b] - max_z)) / sum_1)
+                               : 0.f);
     for (int64_t i = off; i < bend; i += kW) {
       const int64_t n = std::min(kW, bend - i);
       const Vec q = Vec::loadu(sc.exps.data() + i, n) * to_q;  // 0 at the support ids
       Vec g = v_dense * q;
       if (use_ce) {
-        const Vec softmax_1 = ce_separate ? exp_nonpositive(load_masked(row.z + i, n) - v_max - v_log_sum_1) : q;
+        const Vec softmax_1 = ce_separate ? Vec::loadu(sc.exps_1.data() + i, n) * to_softmax_1 : q;
         g = g + v_ce * softmax_1;
       }
       if (n == kW && row.stream_grad) {
