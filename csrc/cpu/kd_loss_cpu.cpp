@@ -35,21 +35,23 @@ namespace {
 // Per-thread buffers reused across rows.
 struct RowScratch {
   std::vector<float> exp_s, exp_t;            // [V] exp((x - running max) / T)
+  std::vector<float> exp_1;                   // [V] the student's exp(z - running max), for CE at T != 1
   std::vector<float> block_max_s, block_max_t;  // [blocks] running max each block was shifted by
-  std::vector<float> factor_s, factor_t;        // [blocks] turns the stored exps into probabilities
+  std::vector<float> factor_s, factor_t, factor_1;  // [blocks] turn the stored exps into probabilities
   std::vector<double> mass_t, gap_t;            // [blocks] forward KL's block sums (stats_block)
 };
 
 // Pass 1 over one block of both rows (read from DRAM once; the block then stays in L1): raises
 // both running maxima to the block's, adds the exps at 1/T to the sums and stores them in
-// scratch, adds the student's exps at T = 1 to `unit` when given. With kGapSums it also returns
+// scratch, adds the student's exps at T = 1 to `unit` when given (and stores them in `exp_1`).
+// With kGapSums it also returns
 // the block's sums E = sum e_t and G = sum e_t ((t - max_t) - (z - max_s)) at the block's running
 // maxima, from which forward KL's value follows without a per-element log (kd_row). Returns false
 // (and sets the error bits) when the block holds NaN or +inf: +inf from the maxima, NaN from the
 // sums (the maxima may drop a NaN lane; its exp is NaN).
 template <bool kGapSums, typename S, typename T>
 bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_u, OnlineLse* unit, OnlineLse& lse_a,
-                 float* exp_s, float* exp_t, double* mass, double* gap, int* error) {
+                 float* exp_s, float* exp_t, float* exp_1, double* mass, double* gap, int* error) {
   Vec max_s(kNegInf), max_t(kNegInf);
   for (int64_t i = 0; i < n; i += kW) {
     const int64_t m = std::min(kW, n - i);
@@ -75,7 +77,11 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
     et.store(exp_t + i, m);
     acc_s = acc_s + es;
     acc_t = acc_t + et;
-    if (unit) acc_unit = acc_unit + exp_nonpositive(ds);
+    if (unit) {
+      const Vec e_1 = exp_nonpositive(ds);
+      e_1.store(exp_1 + i, m);
+      acc_unit = acc_unit + e_1;
+    }
     if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
   }
   const float block_mass = hsum(acc_t), block_sum_s = hsum(acc_s);
@@ -178,11 +184,13 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   }
   OnlineLse lse_u, lse_z, lse_a;
   OnlineLse* const ce_lse = ce_separate ? &lse_z : nullptr;
+  if (ce_separate) scratch.exp_1.resize(V);
   bool bad = false;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
     bad |= !stats_block<kGapSums>(args.student + off, args.teacher + off, n, inv_t, lse_u, ce_lse, lse_a,
                                   scratch.exp_s.data() + off, scratch.exp_t.data() + off,
+                                  ce_separate ? scratch.exp_1.data() + off : nullptr,
                                   kGapSums ? scratch.mass_t.data() + b : nullptr,
                                   kGapSums ? scratch.gap_t.data() + b : nullptr, error);
     scratch.block_max_s[b] = lse_u.max;
@@ -260,12 +268,16 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   // reduction factor; divergences without a row constant add up their value here.
   const float scale = args.grad_scale;
   const Vec v_kd(params.kd_coef * scale), v_ce(params.ce_weight * scale);
-  const Vec v_log_sum_1(ce_separate ? static_cast<float>(std::log(lse_z.sum)) : 0.f);
   const float label_term = params.ce_weight * scale;
   auto store_grad = [&](int64_t i, int64_t n, const Vec& g) { store_grad_vector(args, i, n, g, use_ce, label_term); };
-  // softmax(z) at T = 1 for the CE blend: q itself when T = 1
+  // softmax(z) at T = 1 for the CE blend: q itself when T = 1, else the stored exps at T = 1
+  // times their block's factor
+  if (ce_separate) {
+    scratch.factor_1.resize(blocks);
+    for (int64_t b = 0; b < blocks; ++b) scratch.factor_1[b] = lse_z.probability_factor(scratch.block_max_s[b], 1.f);
+  }
   auto ce_softmax = [&](int64_t i, int64_t n, const Vec& q) {
-    return ce_separate ? exp_nonpositive(load_row(args.student + i, n) - v_max_s - v_log_sum_1) : q;
+    return ce_separate ? Vec::loadu(scratch.exp_1.data() + i, n) * Vec(scratch.factor_1[i / kBlock]) : q;
   };
   if constexpr (kGapSums) {
     // Forward KL's value came from pass 1: its gradient q - p needs the two exps only.
