@@ -119,19 +119,11 @@ KD_ALWAYS_INLINE Vec load_row(const T* ptr, int64_t n) {
       x = _mm512_cvtph_ps(raw);
     }
     return n == kW ? Vec(x) : Vec(_mm512_mask_blend_ps(lanes, _mm512_set1_ps(kNegInf), x));
-#elif defined(CPU_CAPABILITY_AVX2)
-    if (n == kW) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-      } else {
-        return Vec(_mm256_cvtph_ps(raw));
-      }
-    }
+#else
+    // at::vec's conversion of the first kW elements (its low half)
+    const Vec x = std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(ptr, n)));
+    return n == kW ? x : Vec::set(Vec(kNegInf), x, n);
 #endif
-    alignas(64) float lanes_f[kW];
-    for (int64_t i = 0; i < n; ++i) lanes_f[i] = static_cast<float>(ptr[i]);
-    return load_masked(lanes_f, n);
   }
 }
 
@@ -146,10 +138,8 @@ KD_ALWAYS_INLINE void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
       v.store(ptr, n);
     }
   } else {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
-    using HalfVec = __m256i;
-    HalfVec packed;
+    __m256i packed;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       const __m512 x = v;
       const __m512i bits = _mm512_castps_si512(x);
@@ -162,43 +152,14 @@ KD_ALWAYS_INLINE void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
     }
     if (n != kW) {
       _mm256_mask_storeu_epi16(ptr, __mmask16((1u << n) - 1u), packed);
-      return;
-    }
-#else
-    using HalfVec = __m128i;
-    HalfVec packed;
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      const __m256 x = v;
-      const __m256i bits = _mm256_castps_si256(x);
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-      __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-      rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-      packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    } else {
-      packed = _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    if (n != kW) {
-      alignas(32) T lanes_t[kW];
-      std::memcpy(lanes_t, &packed, sizeof(packed));
-      std::copy(lanes_t, lanes_t + n, ptr);
-      return;
-    }
-#endif
-    if (stream && reinterpret_cast<uintptr_t>(ptr) % sizeof(HalfVec) == 0) {
-#if defined(CPU_CAPABILITY_AVX512)
+    } else if (stream && reinterpret_cast<uintptr_t>(ptr) % sizeof(packed) == 0) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(ptr), packed);
-#else
-      _mm_stream_si128(reinterpret_cast<__m128i*>(ptr), packed);
-#endif
     } else {
-      std::memcpy(ptr, &packed, sizeof(packed));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptr), packed);
     }
 #else
-    alignas(64) float lanes_f[kW];
-    v.store(lanes_f);
-    for (int64_t i = 0; i < n; ++i) ptr[i] = static_cast<T>(lanes_f[i]);
     (void)stream;
+    at::vec::convert_from_float<T>(v, v).store(ptr, n);
 #endif
   }
 }

@@ -39,7 +39,7 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
   // frexp by bits: x = 2^e m, m in [0.5, 1)
   using IVec = at::vec::Vectorized<int32_t>;
   const IVec bits = at::vec::cast<int32_t>(x);
-  const IVec exp_bits = (bits >> 23) & IVec(0xFF);
+  const IVec exp_bits = (bits >> IVec(23)) & IVec(0xFF);
   Vec m = at::vec::cast<float>((bits & IVec(0x807FFFFF)) | IVec(0x3F000000));
   Vec ev = at::vec::convert_to_fp_of_same_size<float>(exp_bits - IVec(126));
   const Vec small = m < Vec(0.707106781186547524f);
@@ -76,18 +76,6 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
 }
 inline Vec kd_log(Vec x) { return log_inline(x); }
 
-// min(1 / x, 1e30) for x >= 0: the 14-bit hardware estimate, capped, and one Newton step
-// (e (2 - x e)), ~1 ulp, in a few instructions where a division blocks its unit for several
-// cycles. The cap before the step keeps x = 0 (or denormal) finite.
-inline Vec kd_inverse_capped(Vec x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 xv = x, cap = _mm512_set1_ps(1e30f);
-  const __m512 e = _mm512_min_ps(_mm512_rcp14_ps(xv), cap);
-  return Vec(_mm512_min_ps(_mm512_mul_ps(e, _mm512_fnmadd_ps(xv, e, _mm512_set1_ps(2.f))), cap));
-#else
-  return kd_min(Vec(1.f) / x, Vec(1e30f));
-#endif
-}
 // kd_min and kd_where_gt in mask-register form where the ISA has it (at::vec's minimum adds NaN
 // propagation and its comparisons widen masks into vectors: three extra instructions each, in
 // the divergences' inner loops). kd_min(a, b) gives b where a is NaN.
@@ -112,33 +100,34 @@ inline Vec kd_where_gt(Vec a, Vec b, Vec x, Vec y) {
 }
 inline Vec kd_splat(float v, Vec) { return Vec(v); }
 
+// min(1 / x, 1e30) for x >= 0: the 14-bit hardware estimate, capped, and one Newton step
+// (e (2 - x e)), ~1 ulp, in a few instructions where a division blocks its unit for several
+// cycles. The cap before the step keeps x = 0 (or denormal) finite.
+inline Vec kd_inverse_capped(Vec x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 xv = x, cap = _mm512_set1_ps(1e30f);
+  const __m512 e = _mm512_min_ps(_mm512_rcp14_ps(xv), cap);
+  return Vec(_mm512_min_ps(_mm512_mul_ps(e, _mm512_fnmadd_ps(xv, e, _mm512_set1_ps(2.f))), cap));
+#else
+  return kd_min(Vec(1.f) / x, Vec(1e30f));
+#endif
+}
+
 // exp(x) for x <= 0: the softmax exps after max subtraction. Cody-Waite range reduction
 // x = n ln2 + r and a degree-5 polynomial for e^r (the Cephes expf scheme, ~1 ulp like Sleef's
 // u10 variant) but inlined, which makes the statistics pass cheaper. Arguments whose exp is
 // below the normal float range (x < -87.3, and -inf for masked entries) give exactly 0: no
 // denormal probabilities, whose mixtures (0.5 * p) would round to 0 beside a nonzero p.
 KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  // The same steps in mask-register form: at::vec's maximum and comparisons widen masks to
-  // vectors and back, a third of this function's instructions. max(lowest, x) keeps a NaN x.
-  const __m512 xv = x, lowest_v = _mm512_set1_ps(-87.33654f);
-  const __m512 xc = _mm512_max_ps(lowest_v, xv);
-  const __m512 nv = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(nv, _mm512_set1_ps(-0.693359375f), xc);
-  r = _mm512_fmadd_ps(nv, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 e_r = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __mmask16 keep = _mm512_cmp_ps_mask(xv, lowest_v, _CMP_NLT_UQ);  // not below: NaN kept
-  return Vec(_mm512_maskz_scalef_ps(keep, e_r, nv));
-#else
+  // max(lowest, x) keeps a NaN x (NaN in, NaN out). On AVX512 the clamp, the scaling and the
+  // final select are single mask-register instructions: at::vec's maximum and comparisons widen
+  // masks to vectors and back, a third of the instructions here otherwise.
   const Vec lowest(-87.33654f);
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec xc(_mm512_max_ps(lowest, x));
+#else
   const Vec xc = at::vec::maximum(x, lowest);
+#endif
   const Vec n = (xc * Vec(1.44269504088896341f)).round();
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
@@ -150,12 +139,12 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   poly = at::vec::fmadd(poly, r, Vec(5.0000001201e-1f));
   const Vec e_r = at::vec::fmadd(poly, r * r, r + Vec(1.f));
 #if defined(CPU_CAPABILITY_AVX512)
-  const Vec scaled(_mm512_scalef_ps(e_r, n));  // e_r * 2^n in one instruction, exact
+  // e_r * 2^n in one instruction, exact; 0 below the normal range
+  return Vec(_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ), e_r, n));
 #else
   using IVec = at::vec::Vectorized<int32_t>;
   const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
   const Vec scaled = e_r * at::vec::cast<float>(biased * IVec(1 << 23));
-#endif
   return Vec::blendv(scaled, Vec(0.f), x < lowest);
 #endif
 }
