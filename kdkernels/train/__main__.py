@@ -191,7 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads or preset.threads:
         torch.set_num_threads(args.threads or preset.threads)
     try:
-        return _run(parser, args, kinds, preset)
+        code = _run(parser, args, kinds, preset)
+        parallel.finish()
+        return code
     finally:  # main() may be called inside a larger program (tests): leave its setting as it was
         torch.set_num_threads(threads_before)
 

@@ -30,6 +30,7 @@ from kdkernels.distributed import vocab_parallel_fused_linear_kd_loss
 
 MODES = ("none", "tp", "fsdp")
 _mode = "none"
+_owns_group = False  # init() created the process group (finish() destroys it)
 
 
 def add_argument(group) -> None:
@@ -52,16 +53,28 @@ def check(parser, args, kinds) -> None:
 def init(mode: str) -> bool:
     """Joins the process group torchrun describes (gloo) for `mode`; returns whether this process
     is the one that reports (rank 0, or the only one). Other ranks' stdout goes to /dev/null."""
-    global _mode
+    global _mode, _owns_group
     _mode = mode
     if mode == "none":
         return True
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        _owns_group = True
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
         return False
     return True
+
+
+def finish() -> None:
+    """Leaves the process group init() joined, every rank together, after a run that succeeded: a
+    gloo group still alive at interpreter exit can abort a rank while its threads shut down. A
+    group the caller made is left to the caller."""
+    global _owns_group
+    if _owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _owns_group = False
 
 
 def mode() -> str:
