@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
             harness.progress(f"  running {label} ...")
             # The last child may overrun the budget by at most a minute.
             result = harness.run_in_child("benchmarks.gpu_bench:run_request", req,
-                                          timeout_s=min(args.child_timeout, left + 60))
+                                          time_limit_s=min(args.child_timeout, left + 60))
         parts = result.get("divergences") or result.get("cases") or {"": result}
         harness.progress(f"  {label}: " + ", ".join(
             f"{name} " * bool(name) + (f"n/a ({r['error']})" if "error" in r else f"{r['median_ms']:.3f} ms")

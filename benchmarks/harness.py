@@ -3,7 +3,7 @@
 API (everything a benchmark needs):
 
     measure(setup, kwargs=None, *, repeat=5, warmup=2, label="", threads=None, env=None,
-            time_budget_s=None, timeout_s=1800) -> dict
+            time_budget_s=None, time_limit_s=1800) -> dict
         Runs one configuration in a fresh Python subprocess. ``setup`` is an importable
         ``"package.module:function"`` string; the child calls ``function(**kwargs)`` (kwargs must
         be JSON-serialisable), which builds the inputs and returns a zero-argument ``step``
@@ -24,7 +24,7 @@ API (everything a benchmark needs):
           retained_mib          VmRSS before the timed steps minus rss_inputs_mib (memory the
                                 warmup left behind: compiled code, caches), part of extra_peak.
 
-    run_in_child(runner, request, *, env=None, timeout_s=1800) -> dict
+    run_in_child(runner, request, *, env=None, time_limit_s=1800) -> dict
         The process plumbing under measure(), for benchmarks that measure differently (e.g. on a
         GPU): the child calls the "module:function" ``runner`` with the JSON ``request`` and
         sends back its dict; an exception, a crash or a timeout comes back as {"error": reason}.
@@ -110,7 +110,7 @@ def progress(message: str) -> None:
 
 def measure(setup: str, kwargs: Optional[Dict[str, Any]] = None, *, repeat: int = 5, warmup: int = 2,
             label: str = "", threads: Optional[int] = None, env: Optional[Dict[str, str]] = None,
-            time_budget_s: Optional[float] = None, timeout_s: float = 1800) -> Dict[str, Any]:
+            time_budget_s: Optional[float] = None, time_limit_s: float = 1800) -> Dict[str, Any]:
     """One configuration in a fresh subprocess; see the module docstring for the result keys.
 
     time_budget_s: stop the timed steps early once they have taken this long (at least 3 steps
@@ -119,14 +119,14 @@ def measure(setup: str, kwargs: Optional[Dict[str, Any]] = None, *, repeat: int 
                "threads": int(threads or available_cpus()), "time_budget_s": time_budget_s}
     if label:
         progress(f"  running {label} ...")
-    result = run_in_child("benchmarks.harness:measure_steps", request, env=env, timeout_s=timeout_s)
+    result = run_in_child("benchmarks.harness:measure_steps", request, env=env, time_limit_s=time_limit_s)
     if label:
         progress(f"  {label}: {_summary(result)}")
     return result
 
 
 def run_in_child(runner: str, request: Dict[str, Any], *, env: Optional[Dict[str, str]] = None,
-                 timeout_s: float = 1800) -> Dict[str, Any]:
+                 time_limit_s: float = 1800) -> Dict[str, Any]:
     """``runner(request)`` in a fresh ``python -m benchmarks.harness --child``; returns its dict
     (JSON-serialisable) plus "wall_s", or {"error": reason, "wall_s"} when it raised, crashed or
     timed out. The child dies with this process."""
@@ -137,9 +137,9 @@ def run_in_child(runner: str, request: Dict[str, Any], *, env: Optional[Dict[str
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", "--child"],
                               input=json.dumps({"runner": runner, "request": request}), capture_output=True,
-                              text=True, cwd=REPO_ROOT, env=child_env, timeout=timeout_s)
+                              text=True, cwd=REPO_ROOT, env=child_env, timeout=time_limit_s)
     except subprocess.TimeoutExpired:
-        result: Dict[str, Any] = {"error": f"timed out after {timeout_s:.0f} s"}
+        result: Dict[str, Any] = {"error": f"timed out after {time_limit_s:.0f} s"}
     else:
         result = _parse_child_output(proc)
     result["wall_s"] = time.perf_counter() - started
