@@ -1,6 +1,6 @@
 // What a CPU build is, for kdkernels.backend_info() and the build tests: its SIMD level, vector
 // width and threading runtime, and a probe of how many threads at::parallel_for really uses.
-#include "kernels.h"
+#include "build_info.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>

@@ -15,12 +15,13 @@
 // student that is -inf where the teacher has mass (the loss would be +inf; a whole student row
 // -inf with a live teacher included) are reported as ValueError.
 #include "class_sets.h"
-#include "kernels.h"
+#include "cpu_alloc.h"
 #include "row_ops.h"
 
 #include <kdkernels/cakd.h>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -248,8 +249,8 @@ float cakd_row(const RowArgs& args, const CakdParams& params, CakdScratch& scrat
   return loss;
 }
 
-}  // namespace
-
+// The op (schema in csrc/ops.cpp): -> (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad [N, V]
+// in the student dtype or an empty tensor when !compute_grad).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t group_rule,
@@ -283,5 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
   });
   return {row_loss, components, grad};
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("cakd_loss_fwd", &cakd_loss_fwd_cpu); }
 
 }  // namespace kdkernels

@@ -11,13 +11,13 @@
 // -inf has no distribution: its KD term is 0 and its CE term stays. Non-finite teacher/student
 // entries other than -inf (masking), out-of-range labels, and a student that is -inf where the
 // loss needs it finite (RowError) are reported as ValueError.
-#include "kernels.h"
 #include "row_ops.h"
 
 #include <kdkernels/divergence.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -218,20 +218,23 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   // normaliser stays small, which keeps precision when all logits are large.
   const Vec v_inv_t(inv_t), v_max_s(lse_u.max), v_max_t(lse_a.max);
   const Vec v_log_sum_s(static_cast<float>(std::log(lse_u.sum))), v_log_sum_t(static_cast<float>(std::log(lse_a.sum)));
-  // Visits every vector of the row (from L2) with the tempered student logit z, the teacher
-  // and student log-probabilities and probabilities.
-  auto for_each_vector = [&](auto&& body) {
+  // Visits every vector of the row (from L2), block by block, with the factors that turn the block's
+  // stored exps into q and p.
+  auto for_each_block_vector = [&](auto&& body) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
       const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
-      for (int64_t i = off; i < bend; i += kW) {
-        const int64_t n = std::min(kW, bend - i);
-        const Vec z = load_row(args.student + i, n);
-        const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-        const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
-        body(i, n, z, p, q);
-      }
+      for (int64_t i = off; i < bend; i += kW) body(i, std::min(kW, bend - i), fq, fp);
     }
+  };
+  // The same with the tempered student logit z and the probabilities p and q.
+  auto for_each_vector = [&](auto&& body) {
+    for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) {
+      const Vec z = load_row(args.student + i, n);
+      const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
+      const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
+      body(i, n, z, p, q);
+    });
   };
   auto logs = [&](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) {
     logq = (z - v_max_s) * v_inv_t - v_log_sum_s;
@@ -281,32 +284,22 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   };
   if constexpr (kGapSums) {
     // Forward KL's value came from pass 1: its gradient q - p needs the two exps only.
-    for (int64_t b = 0; write_grad && b < blocks; ++b) {
-      const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
-      const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
-      for (int64_t i = off; i < bend; i += kW) {
-        const int64_t n = std::min(kW, bend - i);
-        const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-        const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
-        Vec g = v_kd * Div::grad(q, q, p, q, params.mix, 0.f);
-        if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
-        store_grad(i, n, g);
-      }
-    }
+    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) {
+      const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
+      const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
+      Vec g = v_kd * Div::grad(q, q, p, q, params.mix, 0.f);
+      if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
+      store_grad(i, n, g);
+    });
   } else if constexpr (kCachedGrad<Div>) {
     // From L2: q and the cached quantity only, no logs or mixtures recomputed (the value and C
     // came from pass 2, so without a gradient there is nothing left to do).
-    for (int64_t b = 0; write_grad && b < blocks; ++b) {
-      const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
-      const Vec fq(scratch.factor_s[b]);
-      for (int64_t i = off; i < bend; i += kW) {
-        const int64_t n = std::min(kW, bend - i);
-        const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-        Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), params.mix, row_c);
-        if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
-        store_grad(i, n, g);
-      }
-    }
+    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec&) {
+      const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
+      Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), params.mix, row_c);
+      if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
+      store_grad(i, n, g);
+    });
   } else if (write_grad || !Div::kRowSum) {
     for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
       Vec logp, logq;
@@ -351,8 +344,8 @@ at::Tensor kd_rows_cpu(const RowInputs& in, at::Tensor* grad, const at::Tensor& 
   return row_loss;
 }
 
-}  // namespace
-
+// The ops (schemas in csrc/ops.cpp). kd_loss_fwd: -> (row_loss [N] float32, grad [N, V] in the
+// student dtype, or an empty tensor when !compute_grad), grad = d(grad_scale * sum(row_loss)) / dz.
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t divergence,
@@ -378,6 +371,13 @@ at::Tensor kd_loss_fwd_inplace_cpu(
   at::Tensor grad = student_logits;
   return kd_rows_cpu(in, &grad, grad_scale, divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2,
                      ignore_index);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_cpu);
 }
 
 }  // namespace kdkernels

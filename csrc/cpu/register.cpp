@@ -1,18 +1,13 @@
-// Registers the CPU implementations (csrc/cpu/kernels.h) of the ops declared in csrc/ops.cpp, and
-// makes each ISA build an importable module named by KDK_MODULE (e.g. _C_avx512): importing it
-// loads the library, which registers the schemas and these kernels.
-#include "kernels.h"
+// Makes each ISA build an importable module named by KDK_MODULE (e.g. _C_avx512): importing it
+// loads the library, which registers the schemas (csrc/ops.cpp) and the CPU kernels (each kernel
+// file registers its own ops), and registers here the ops without tensor arguments.
+#include "build_info.h"
+#include "cpu_alloc.h"
 
 #include <Python.h>
 #include <torch/library.h>
 
 namespace kdkernels {
-
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
-  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_cpu);
-  m.impl("cakd_loss_fwd", &cakd_loss_fwd_cpu);
-}
 
 // Ops without tensor arguments: one kernel for every dispatch key.
 TORCH_LIBRARY_IMPL(kdkernels, CompositeExplicitAutograd, m) {

@@ -206,13 +206,16 @@ inline bool raise_to_block_max(const T* x, int64_t n, float inv_t, OnlineLse& ls
 }
 
 // Adds exp((x - lse.max) / T) over a block to lse.sum (and exp(x - max) to unit->sum when `unit`
-// is given), storing the exps at scale 1/T into `exps` with kStoreExps, so later passes need no
-// exp. The max must already cover the block (raise_to_block_max).
+// is given), storing the exps at scale 1/T into `exps` with kStoreExps (and those at scale 1 into
+// `unit_exps` when given), so later passes need no exp. The max must already cover the block
+// (raise_to_block_max). False when a sum is NaN: the block held a NaN the maxima dropped.
 template <bool kStoreExps, typename T>
-inline void add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit, float* exps) {
+inline bool add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, OnlineLse* unit, float* exps,
+                           float* unit_exps = nullptr) {
   if (lse.empty()) {  // everything so far masked
     if constexpr (kStoreExps) std::fill(exps, exps + n, 0.f);
-    return;
+    if (unit_exps) std::fill(unit_exps, unit_exps + n, 0.f);
+    return true;
   }
   const Vec vmax(lse.max), vinv(inv_t);
   Vec acc(0.f), acc_unit(0.f);
@@ -222,10 +225,17 @@ inline void add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, O
     const Vec e = exp_nonpositive((xv - vmax) * vinv);
     if constexpr (kStoreExps) e.store(exps + i, m);
     acc = acc + e;
-    if (unit) acc_unit = acc_unit + exp_nonpositive(xv - vmax);
+    if (unit) {
+      const Vec e_unit = exp_nonpositive(xv - vmax);
+      if (unit_exps) e_unit.store(unit_exps + i, m);
+      acc_unit = acc_unit + e_unit;
+    }
   }
-  lse.sum += hsum(acc);
-  if (unit) unit->sum += hsum(acc_unit);
+  const float sum = hsum(acc), sum_unit = unit ? hsum(acc_unit) : 0.f;
+  if (std::isnan(sum) || std::isnan(sum_unit)) return false;
+  lse.sum += sum;
+  if (unit) unit->sum += sum_unit;
+  return true;
 }
 
 // One row as a row kernel sees it: in the logits' own dtypes (S, T) for kernels that read rows in

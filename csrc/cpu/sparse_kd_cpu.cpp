@@ -81,60 +81,24 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   sc.exps.resize(V);
   if (ce_separate) sc.exps_1.resize(V);
   sc.block_max.resize(blocks);
-  float max_z = kNegInf;
-  double sum_t = 0.0, sum_1 = 0.0;  // Σ exp((z − max) / T), Σ exp(z − max)
+  OnlineLse lse_u, lse_1;  // the student at 1/T, and at T = 1 for the CE term when it cannot reuse q
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
-    const float* x = row.z + off;
-    float* out = sc.exps.data() + off;
-    float* out_1 = ce_separate ? sc.exps_1.data() + off : nullptr;
-    // one-instruction max: a NaN lane it drops makes its exp, and so the block's sum, NaN
-    Vec vbmax(kNegInf);
-    for (int64_t i = 0; i < n; i += kW) vbmax = max_unordered(vbmax, load_masked(x + i, std::min(kW, n - i)));
-    const float bmax = hmax(vbmax);
-    if (bad_logit(bmax)) {
+    OnlineLse* unit = ce_separate ? &lse_1 : nullptr;
+    if (!raise_to_block_max(row.z + off, n, inv_t, lse_u, unit) ||
+        !add_block_exps<true>(row.z + off, n, inv_t, lse_u, unit, sc.exps.data() + off,
+                              ce_separate ? sc.exps_1.data() + off : nullptr)) {
       *error |= kBadStudent;
       return zero_grad();
     }
-    if (bmax > max_z) {
-      if (max_z != kNegInf) {
-        sum_t *= std::exp(static_cast<double>(max_z - bmax) * inv_t);
-        sum_1 *= std::exp(static_cast<double>(max_z - bmax));
-      }
-      max_z = bmax;
-    }
-    sc.block_max[b] = max_z;
-    if (max_z == kNegInf) {
-      std::fill(out, out + n, 0.f);
-      if (out_1) std::fill(out_1, out_1 + n, 0.f);
-      continue;
-    }
-    const Vec vmax(max_z), vinv(inv_t);
-    Vec acc(0.f), acc_1(0.f);
-    for (int64_t i = 0; i < n; i += kW) {
-      const int64_t m = std::min(kW, n - i);
-      const Vec xv = load_masked(x + i, m);
-      const Vec e = exp_nonpositive((xv - vmax) * vinv);
-      e.store(out + i, m);
-      acc = acc + e;
-      if (ce_separate) {
-        const Vec e_1 = exp_nonpositive(xv - vmax);
-        e_1.store(out_1 + i, m);
-        acc_1 = acc_1 + e_1;
-      }
-    }
-    const float block_sum = hsum(acc), block_sum_1 = ce_separate ? hsum(acc_1) : 0.f;
-    if (std::isnan(block_sum) || std::isnan(block_sum_1)) {
-      *error |= kBadStudent;
-      return zero_grad();
-    }
-    sum_t += block_sum;
-    sum_1 += block_sum_1;
+    sc.block_max[b] = lse_u.max;
   }
-  if (max_z == kNegInf) {  // the whole student row masked: no distribution
+  if (lse_u.empty()) {  // the whole student row masked: no distribution
     *error |= kInfiniteLoss;
     return zero_grad();
   }
+  const float max_z = lse_u.max;
+  const double sum_t = lse_u.sum, sum_1 = lse_1.sum;
   const float log_z = static_cast<float>(std::log(sum_t));  // LSE_V(u) − max_z / T
 
   // 2. gather the support, zero its exps
