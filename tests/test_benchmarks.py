@@ -146,3 +146,21 @@ def test_liger_peer_runs_or_says_why_not():
               "temperature": 2.0, "beta": 0.5}
     result = harness.measure("benchmarks.kd_loss:setup", kwargs, repeat=1, warmup=0)
     assert "median_ms" in result or "Liger-Kernel" in result["error"], result
+
+
+def test_compare_builds_times_each_row_for_both_checkouts(tmp_path):
+    json_path = tmp_path / "compare.json"
+    command = [sys.executable, "-m", "benchmarks.compare_builds", "--before", REPO_ROOT, "--after", REPO_ROOT,
+               "--n", "8", "--v", "64", "--h", "8", "--rounds", "1", "--repeat", "1", "--json", str(json_path)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Setup: {harness.describe_setup(harness.setup_info())}" in proc.stdout
+    rows = json.loads(json_path.read_text())
+    assert {(r["loss"], r["divergence"], r["dtype"]) for r in rows} == {
+        ("kd_loss", "forward_kl", "bfloat16"), *(("kd_loss", d, "float32") for d in
+        ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")),
+        ("fused_linear", "forward_kl", "float32"), ("fused_linear", "forward_kl", "bfloat16")}
+    for row in rows:
+        assert row["before_ms"] > 0 and row["after_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["after_ms"] / row["before_ms"])
+    assert sum(1 for line in proc.stdout.splitlines() if line.startswith(("kd_loss", "fused_linear"))) == len(rows)
