@@ -53,11 +53,10 @@ template <bool kGapSums, typename S, typename T>
 bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_u, OnlineLse* unit, OnlineLse& lse_a,
                  float* exp_s, float* exp_t, float* exp_1, double* mass, double* gap, int* error) {
   Vec max_s(kNegInf), max_t(kNegInf);
-  for (int64_t i = 0; i < n; i += kW) {
-    const int64_t m = std::min(kW, n - i);
+  for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
     max_s = max_unordered(max_s, load_row(z + i, m));
     max_t = max_unordered(max_t, load_row(t + i, m));
-  }
+  });
   const float block_s = hmax(max_s), block_t = hmax(max_t);
   if (bad_logit(block_s)) *error |= kBadStudent;
   if (bad_logit(block_t)) *error |= kBadTeacher;
@@ -69,8 +68,7 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const Vec shift_s(lse_u.empty() ? kInf : lse_u.max), shift_t(lse_a.empty() ? kInf : lse_a.max), vinv(inv_t);
   Vec acc_s(0.f), acc_t(0.f), acc_unit(0.f), acc_gap(0.f);
-  for (int64_t i = 0; i < n; i += kW) {
-    const int64_t m = std::min(kW, n - i);
+  for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
     const Vec ds = load_row(z + i, m) - shift_s, dt = load_row(t + i, m) - shift_t;
     const Vec es = exp_nonpositive(ds * vinv), et = exp_nonpositive(dt * vinv);
     es.store(exp_s + i, m);
@@ -83,7 +81,7 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
       acc_unit = acc_unit + e_1;
     }
     if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
-  }
+  });
   const float block_mass = hsum(acc_t), block_sum_s = hsum(acc_s);
   // A NaN logit the maxima dropped still makes its exp, and so the block's sum, NaN.
   if (std::isnan(block_sum_s)) *error |= kBadStudent;
@@ -224,12 +222,12 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
       const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
-      for (int64_t i = off; i < bend; i += kW) body(i, std::min(kW, bend - i), fq, fp);
+      for_each_vec(off, bend, [&](int64_t i, int64_t n) KD_ALWAYS_INLINE_LAMBDA { body(i, n, fq, fp); });
     }
   };
   // The same with the tempered student logit z and the probabilities p and q.
   auto for_each_vector = [&](auto&& body) {
-    for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) {
+    for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) KD_ALWAYS_INLINE_LAMBDA {
       const Vec z = load_row(args.student + i, n);
       const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
       const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
@@ -249,7 +247,7 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   DoubleSum<kBlock / kW> divergence, row_c_sum, row_c2_sum;
   float row_c = 0.f, row_c2 = 0.f;
   if constexpr (Div::kRowSum) {
-    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
+    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) KD_ALWAYS_INLINE_LAMBDA {
       Vec logp, logq, loss, c;
       logs(i, n, z, logp, logq);
       if constexpr (kCachedGrad<Div>) {
@@ -284,7 +282,7 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   };
   if constexpr (kGapSums) {
     // Forward KL's value came from pass 1: its gradient q - p needs the two exps only.
-    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) {
+    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) KD_ALWAYS_INLINE_LAMBDA {
       const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
       const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
       Vec g = v_kd * Div::grad(q, q, p, q, params.mix, 0.f);
@@ -294,14 +292,14 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   } else if constexpr (kCachedGrad<Div>) {
     // From L2: q and the cached quantity only, no logs or mixtures recomputed (the value and C
     // came from pass 2, so without a gradient there is nothing left to do).
-    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec&) {
+    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec&) KD_ALWAYS_INLINE_LAMBDA {
       const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
       Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), params.mix, row_c);
       if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
       store_grad(i, n, g);
     });
   } else if (write_grad || !Div::kRowSum) {
-    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) {
+    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) KD_ALWAYS_INLINE_LAMBDA {
       Vec logp, logq;
       if constexpr (!Div::kRowSum) {
         Vec loss, c;

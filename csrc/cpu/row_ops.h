@@ -33,6 +33,15 @@ KD_ALWAYS_INLINE Vec load_masked(const float* ptr, int64_t n) {
   return Vec::set(Vec(kNegInf), Vec::loadu(ptr, n), n);
 }
 
+// Calls body(i, n) for the vectors [i, i + n) of [begin, end): the full ones with n = kW, a constant
+// the inlined body sees (no tail checks in its loads and stores), then the partial last one.
+template <class Body>
+KD_ALWAYS_INLINE void for_each_vec(int64_t begin, int64_t end, Body&& body) {
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) body(i, kW);
+  if (i < end) body(i, end - i);
+}
+
 inline float hsum(const Vec& v) {
   alignas(64) float lanes[kW];
   v.store(lanes);

@@ -15,6 +15,8 @@
 // For the small per-vector helpers of the row loops: a call per vector (arguments spilled to
 // the stack) costs as much as the helper itself, and GCC stops inlining inside large kernels.
 #define KD_ALWAYS_INLINE inline __attribute__((always_inline))
+// The same for a lambda, written after its parameter list.
+#define KD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace kdkernels {
 
