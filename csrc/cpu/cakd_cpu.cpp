@@ -101,17 +101,18 @@ struct GroupedSoftmax {
     float bmax_s = kNegInf, bmax_w;
     if (s_mask == nullptr) {
       Vec vmax_w(kNegInf);
-      for (int64_t i = 0; i < n; i += kW) vmax_w = max_unordered(vmax_w, load_masked(x + i, std::min(kW, n - i)));
+      for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+        vmax_w = max_unordered(vmax_w, load_masked(x + i, m));
+      });
       bmax_w = hmax(vmax_w);
     } else {
       const Vec neg_inf(kNegInf);
       Vec vmax_s(kNegInf), vmax_w(kNegInf);
-      for (int64_t i = 0; i < n; i += kW) {
-        const int64_t m = std::min(kW, n - i);
+      for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
         const Vec xv = load_masked(x + i, m), in_s = Vec::loadu(s_mask + i, m);
         vmax_s = max_unordered(vmax_s, by_group(in_s, xv, neg_inf));
         vmax_w = max_unordered(vmax_w, by_group(in_s, neg_inf, xv));
-      }
+      });
       bmax_s = hmax(vmax_s);
       bmax_w = hmax(vmax_w);
     }
@@ -129,8 +130,7 @@ struct GroupedSoftmax {
     for (int64_t c = 0; c < n; c += kFold * kW) {
       const int64_t cend = std::min(n, c + kFold * kW);
       Vec acc_s(0.f), acc_w(0.f);
-      for (int64_t i = c; i < cend; i += kW) {
-        const int64_t m = std::min(kW, cend - i);
+      for_each_vec(c, cend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
         const Vec xv = load_masked(x + i, m);
         if (s_mask == nullptr) {
           const Vec e = exp_nonpositive((xv - vshift_w) * vinv);
@@ -143,7 +143,7 @@ struct GroupedSoftmax {
           acc_s = acc_s + by_group(in_s, e, zero);
           acc_w = acc_w + by_group(in_s, zero, e);
         }
-      }
+      });
       if (s_mask != nullptr) block_s.add_partial(acc_s);
       block_w.add_partial(acc_w);
     }
@@ -204,8 +204,7 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
     for (int64_t c = off; c < bend; c += kFold * kW) {
       const int64_t cend = std::min(bend, c + kFold * kW);
       Vec acc_s(0.f), acc_w(0.f);
-      for (int64_t i = c; i < cend; i += kW) {
-        const int64_t m = std::min(kW, cend - i);
+      for_each_vec(c, cend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
         const Vec es = Vec::loadu(scratch.exp_s.data() + i, m), et = Vec::loadu(scratch.exp_t.data() + i, m);
         const Vec a = load_masked(args.teacher + i, m) * vinv, u = load_masked(args.student + i, m) * vinv;
         const Vec in_s = mixed ? Vec::loadu(scratch.s_mask.data() + i, m) : zero;
@@ -226,7 +225,7 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
         } else if (args.grad) {
           grad.store(args.grad + i, m);
         }
-      }
+      });
       if (mixed) scd.add_partial(acc_s);
       wcd.add_partial(acc_w);
     }

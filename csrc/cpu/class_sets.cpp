@@ -44,14 +44,13 @@ void select_top_k_buffered(const float* teacher, const float* student, int64_t V
     return buffer[k - 1].logit;  // the k-th best: everything before it ranks before it
   };
   float kth = trim();
-  for (int64_t i = k; i < V; i += kW) {
+  for_each_vec(k, V, [&](int64_t i, int64_t n) KD_ALWAYS_INLINE_LAMBDA {
     __builtin_prefetch(student + i, 0, 3);
-    const int64_t n = std::min(kW, V - i);
-    if (!any_lane(load_masked(teacher + i, n) > Vec(kth))) continue;
+    if (!any_lane(load_masked(teacher + i, n) > Vec(kth))) return;
     for (int64_t j = i; j < i + n; ++j)
       if (teacher[j] > kth) buffer.push_back(Ranked{teacher[j], j});
     if (buffer.size() >= capacity) kth = trim();
-  }
+  });
   trim();
   for (const Ranked& r : buffer) out.push_back(r.index);
 }
@@ -84,12 +83,11 @@ void select_prefix_by_threshold(const float* teacher, int64_t V, const float* pr
     for (int64_t b = 0; b < V; b += kBlock) {
       const int64_t bend = std::min(V, b + kBlock);
       Vec acc_w(0.f), acc_c(0.f);
-      for (int64_t i = b; i < bend; i += kW) {
-        const int64_t m = std::min(kW, bend - i);
+      for_each_vec(b, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
         const Vec above = load_masked(teacher + i, m) >= vthr;
         acc_c = acc_c + Vec::blendv(zero, one, above);
         if (probs) acc_w = acc_w + Vec::blendv(zero, Vec::loadu(probs + i, m), above);
-      }
+      });
       total_count += hsum(acc_c);
       total_weight += hsum(acc_w);
     }
@@ -97,12 +95,11 @@ void select_prefix_by_threshold(const float* teacher, int64_t V, const float* pr
     *weight = probs ? total_weight : total_count;
   };
   Vec vmin(std::numeric_limits<float>::infinity()), vmax(kNegInf);
-  for (int64_t i = 0; i < V; i += kW) {
-    const int64_t m = std::min(kW, V - i);
+  for_each_vec(0, V, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
     const Vec x = Vec::loadu(teacher + i, m);
     vmin = at::vec::minimum(vmin, Vec::set(vmin, x, m));
     vmax = at::vec::maximum(vmax, Vec::set(vmax, x, m));
-  }
+  });
   const float min_t = -hmax(Vec(0.f) - vmin), max_t = hmax(vmax);
   if (std::isnan(min_t) || std::isnan(max_t) || max_t == std::numeric_limits<float>::infinity())
     return;  // reported by the statistics pass
@@ -134,15 +131,14 @@ void select_prefix_by_threshold(const float* teacher, int64_t V, const float* pr
   // rank order while the weight before each class is short of target.
   const float low = key_value(lo), high = key_value(hi);
   window.clear();
-  for (int64_t i = 0; i < V; i += kW) {
-    const int64_t m = std::min(kW, V - i);
+  for_each_vec(0, V, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
     const Vec x = load_masked(teacher + i, m);
-    if (!any_lane(x >= Vec(low))) continue;
+    if (!any_lane(x >= Vec(low))) return;
     for (int64_t j = i; j < i + m; ++j) {
       if (teacher[j] >= high) out.push_back(j);
       else if (teacher[j] >= low) window.push_back(Ranked{teacher[j], j});
     }
-  }
+  });
   std::sort(window.begin(), window.end(), ranks_before);
   double before = weight_hi;
   for (const Ranked& r : window) {
@@ -194,10 +190,9 @@ void select_mass(const float* teacher, const float* student, int64_t V, float in
   out.clear();
   probs.resize(V);
   const Vec vinv(inv_t), vlse(static_cast<float>(lse_a));
-  for (int64_t i = 0; i < V; i += kW) {
-    const int64_t m = std::min(kW, V - i);
+  for_each_vec(0, V, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
     (load_masked(teacher + i, m) * vinv - vlse).exp().store(probs.data() + i, m);
-  }
+  });
   select_prefix_by_threshold(teacher, V, probs.data(), mass, buffer, out);
 }
 
