@@ -23,20 +23,56 @@ namespace kdkernels {
 using Vec = at::vec::Vectorized<float>;
 
 inline Vec kd_exp(Vec x) { return x.exp(); }
-// log(x) inlined (at::vec's log is an out-of-line call per vector): x = 2^e m with m in
-// [sqrt(1/2), sqrt(2)), log x = e ln2 + log1p(m - 1), the log1p by the Cephes logf polynomial
-// (~1 ulp) and ln2 split in two parts so that e ln2 adds exactly. log(0) = -inf, log(inf) = inf,
-// NaN or a negative x give NaN. Denormal x are treated as 0 (-inf): no kernel produces them as
-// an argument (exp_nonpositive flushes them).
+// log(x) inlined (at::vec's log is an out-of-line call per vector), within 1.2 ulp. log(0) = -inf,
+// log(inf) = inf, NaN or a negative x give NaN. Denormal x are treated as 0 (-inf): no kernel
+// produces them as an argument (exp_nonpositive flushes them).
+// AVX512: x = 2^e m with m in [0.75, 1.5) (getexp / getmant), m split by its top four mantissa
+// bits into 16 intervals, each with a float c close to 1 / (its centre) and -log(c) as two floats
+// from tables (one permute each): log x = e ln2 - log(c) + log1p(m c - 1), where m c - 1 (one
+// FMA, so exact to its own rounding) is at most 1/16 in size and its log1p a short polynomial.
+// The two intervals around 1 have c = 1, so log x near 1 is log1p of the exact m - 1.
+// Elsewhere: m in [sqrt(1/2), sqrt(2)) and log1p(m - 1) by the Cephes logf polynomial (~1 ulp).
 KD_ALWAYS_INLINE Vec log_inline(Vec x) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 xv = x;
-  __m512 m = _mm512_getmant_ps(xv, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);  // [0.5, 1)
-  __m512 e = _mm512_add_ps(_mm512_getexp_ps(xv), _mm512_set1_ps(1.f));
-  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  m = _mm512_mask_add_ps(m, small, m, m);
-  e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.f));
-  const Vec f = Vec(m) - Vec(1.f), ev(e);
+  const __m512 m = _mm512_getmant_ps(xv, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan);  // NaN for x < 0
+  const __m512 e = _mm512_sub_ps(_mm512_getexp_ps(xv), _mm512_getexp_ps(m));
+  // top four mantissa bits: 0-7 for m in [1, 1.5) (intervals of 1/16), 8-15 for [0.75, 1) (of 1/32)
+  const __m512i interval = _mm512_srli_epi32(_mm512_castps_si512(m), 19);
+  const __m512 c = _mm512_permutexvar_ps(
+      interval, _mm512_setr_ps(1.0f, 0.9142857193946838f, 0.8648648858070374f, 0.8205128312110901f,
+                               0.7804877758026123f, 0.7441860437393188f, 0.7111111283302307f, 0.6808510422706604f,
+                               1.3061224222183228f, 1.2549020051956177f, 1.2075471878051758f, 1.163636326789856f,
+                               1.1228070259094238f, 1.0847457647323608f, 1.049180269241333f, 1.0f));
+  const __m512 minus_log_c = _mm512_permutexvar_ps(
+      interval, _mm512_setr_ps(0.0f, 0.08961215615272522f, 0.14518198370933533f, 0.19782572984695435f,
+                               0.24783620238304138f, 0.2954642176628113f, 0.34092655777931213f, 0.3844117224216461f,
+                               -0.2670627534389496f, -0.22705748677253723f, -0.18859118223190308f,
+                               -0.15154986083507538f, -0.11583182215690613f, -0.08134564012289047f,
+                               -0.04800916463136673f, 0.0f));
+  // -log(c) - minus_log_c: a second float, so that -log(c) adds without its rounding
+  const __m512 minus_log_c_lo = _mm512_permutexvar_ps(
+      interval, _mm512_setr_ps(0.0f, -3.050973473861518e-09f, 1.9207759827111204e-09f, 4.4444958824385594e-10f,
+                               -1.2255564341145941e-09f, -1.0436851383133217e-09f, 4.976894452113356e-09f,
+                               8.15365375217425e-09f, -1.1320999249164743e-08f, 7.46933959128171e-10f,
+                               -2.476808091955718e-09f, -5.627157406706829e-09f, -8.187961419992007e-10f,
+                               -1.1937071331402649e-09f, 1.324362175481042e-09f, 0.0f));
+  const __m512 r = _mm512_fmsub_ps(m, c, _mm512_set1_ps(1.f));
+  // log1p(r) = r + r^2 (-1/2 + r/3 - r^2/4 + r^3/5 - r^4/6), |r| <= 1/16: the rest is below 1e-8 r
+  __m512 poly = _mm512_set1_ps(-1.f / 6.f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.2f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(-0.25f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 3.f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(-0.5f));
+  const __m512 log1p_r = _mm512_fmadd_ps(_mm512_mul_ps(r, r), poly, _mm512_add_ps(r, minus_log_c_lo));
+  // e ln2 in one rounding: float(ln2)'s error, 2e-9 |e|, stays below 0.1 ulp of a result that is
+  // at least 0.28 |e| in size
+  const __m512 result = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147182464599609375f), _mm512_add_ps(minus_log_c, log1p_r));
+  // 0 <= x < the smallest normal: -inf (getexp / getmant do not give it)
+  const __mmask16 tiny = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GE_OQ), xv,
+                                                 _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ);
+  return Vec(_mm512_mask_mov_ps(result, tiny, _mm512_set1_ps(-kInf)));
 #else
   // frexp by bits: x = 2^e m, m in [0.5, 1)
   using IVec = at::vec::Vectorized<int32_t>;
@@ -48,7 +84,6 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
   m = Vec::blendv(m, m + m, small);
   ev = Vec::blendv(ev, ev - Vec(1.f), small);
   const Vec f = m - Vec(1.f);
-#endif
   const Vec z = f * f;
   Vec poly(7.0376836292e-2f);
   poly = at::vec::fmadd(poly, f, Vec(-1.1514610310e-1f));
@@ -63,14 +98,6 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
   y = at::vec::fmadd(ev, Vec(-2.12194440e-4f), y);
   y = at::vec::fmadd(z, Vec(-0.5f), y);
   const Vec result = at::vec::fmadd(ev, Vec(0.693359375f), f + y);
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 out = _mm512_mask_mov_ps(result, _mm512_cmp_ps_mask(xv, _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ),
-                                  _mm512_set1_ps(-kInf));
-  out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kInf), _CMP_EQ_OQ), _mm512_set1_ps(kInf));
-  const __mmask16 invalid = _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_NGE_UQ);  // x < 0 or NaN
-  return Vec(_mm512_mask_mov_ps(out, invalid, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
-#else
   Vec out = Vec::blendv(result, Vec(-kInf), x < Vec(std::numeric_limits<float>::min()));
   out = Vec::blendv(out, Vec(kInf), x == Vec(kInf));
   return Vec::blendv(out, Vec(std::numeric_limits<float>::quiet_NaN()), (x < Vec(0.f)) | (x != x));
