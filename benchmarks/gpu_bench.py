@@ -38,7 +38,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from benchmarks import gpu_families, harness
-from benchmarks.kd_loss import DTYPES, LIGER_DIVERGENCES, LOGIT_STD, TENSOR_PASSES, _liger_loss, _parse_list
+from benchmarks.kd_loss import DTYPES, LIGER_DIVERGENCES, LOGIT_STD, TENSOR_PASSES, _liger_loss
 
 # In the order they run: what a short time budget must not miss first, torch.compile (slow to
 # compile) last.
@@ -249,16 +249,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
                         help="NxV list (default 8192x128256,4096x32000)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--divergences", type=lambda s: _parse_list(s, DIVERGENCES), default=["forward_kl", "jsd"],
+    parser.add_argument("--divergences", type=harness.comma_list(DIVERGENCES), default=["forward_kl", "jsd"],
                         help="divergences to time (default forward_kl,jsd)")
-    parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=list(IMPLS),
                         help=f"implementations (default: all of {', '.join(IMPLS)})")
     parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing / skew weight (default 0.5)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sweep", action="store_true",
                         help="also time the Triton kernel's launch shapes (last)")
-    parser.add_argument("--families", type=lambda s: _parse_list(s, ("kd",) + gpu_families.FAMILIES),
+    parser.add_argument("--families", type=harness.comma_list(("kd",) + gpu_families.FAMILIES),
                         default=["kd", *gpu_families.FAMILIES],
                         help="loss families (default: kd,cakd,sparse,fused_linear); the others run at the first shape")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size H of the fused_linear rows")

@@ -70,6 +70,8 @@ API (everything a benchmark needs):
     benchmark_parser(name, doc, *, v=32000, v_help="vocabulary size", temperature=2.0)
         The parser of ``python -m benchmarks.<name>``, described by the first line of ``doc``, with
         --v and --temperature (each left out when its default is None).
+    comma_list(allowed)
+        The argparse ``type`` of a flag that takes a comma-separated list of items of ``allowed``.
     add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
                  quick_repeat=3)
         The flags every benchmark shares: --n, --repeat, --warmup, --time-budget, --quick, --json,
@@ -325,6 +327,19 @@ def benchmark_parser(name: str, doc: str, *, v: Optional[int] = 32000, v_help: s
     if temperature is not None:
         parser.add_argument("--temperature", type=float, default=temperature)
     return parser
+
+
+def comma_list(allowed: Sequence[str]) -> Callable[[str], List[str]]:
+    """An argparse ``type``: a comma-separated list of items of ``allowed``, in the order given
+    ("none" for none)."""
+    def parse(text: str) -> List[str]:
+        items = [item.strip() for item in text.split(",") if item.strip() not in ("", "none")]
+        unknown = [item for item in items if item not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
+        return items
+
+    return parse
 
 
 COMPILE_WARMUP_HELP = "untimed steps (default: 2 for torch.compile, which compiles in them, 1 otherwise)"

@@ -116,24 +116,16 @@ def setup(impl: str, divergence: str, dtype: str, n: int, v: int, temperature: f
     return harness.fwd_bwd_step(loss_fn, student, teacher)
 
 
-def _parse_list(text: str, allowed) -> List[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
-    return items
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = harness.benchmark_parser("kd_loss", __doc__)
     parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing weight (default 0.5)")
     parser.add_argument("--skew-alpha", type=float, default=0.1,
                         help="skew weight of skew_kl / skew_reverse_kl (default 0.1, as DistiLLM)")
-    parser.add_argument("--dtypes", type=lambda s: _parse_list(s, DTYPES), default=["fp32", "bf16"],
+    parser.add_argument("--dtypes", type=harness.comma_list(DTYPES), default=["fp32", "bf16"],
                         help="dtypes of the forward-KL table (default fp32,bf16)")
-    parser.add_argument("--divergences", type=lambda s: _parse_list(s, DIVERGENCES), default=list(DIVERGENCES),
+    parser.add_argument("--divergences", type=harness.comma_list(DIVERGENCES), default=list(DIVERGENCES),
                         help="divergences of the fp32 table (default: all)")
-    parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=list(IMPLS),
                         help="implementations to run (default: all)")
     parser.add_argument("--thp", action="store_true",
                         help="run every child with THP_MEM_ALLOC_ENABLE=1 (PyTorch allocates with huge pages)")

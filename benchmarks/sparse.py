@@ -130,26 +130,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = harness.benchmark_parser("sparse", __doc__, temperature=None)
     parser.add_argument("--k", type=int, default=64, help="teacher ids per row (default 64)")
     parser.add_argument("--missing-mass", choices=MODES, default="renormalize")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default both)")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    parser.add_argument("--dtypes", type=harness.comma_list(DTYPES), default="fp32,bf16",
+                        help="comma list of fp32, bf16 (default both)")
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=",".join(IMPLS),
+                        help=f"comma list of {', '.join(IMPLS)}")
     parser.add_argument("--fused-v", type=int, default=128000, help="fused-linear vocabulary (default 128000)")
     parser.add_argument("--fused-h", type=int, default=1024, help="fused-linear hidden size (default 1024)")
-    parser.add_argument("--fused-dtypes", default="fp32,bf16", help="fused-linear lm_head dtypes (default both)")
-    parser.add_argument("--fused-impls", default=",".join(FUSED_IMPLS),
+    parser.add_argument("--fused-dtypes", type=harness.comma_list(DTYPES), default="fp32,bf16",
+                        help="fused-linear lm_head dtypes (default both)")
+    parser.add_argument("--fused-impls", type=harness.comma_list(FUSED_IMPLS), default=",".join(FUSED_IMPLS),
                         help=f"comma list of {', '.join(FUSED_IMPLS)}, or none (default both)")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-linear table")
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None)
-    args = harness.parse_run_args(parser, argv)
-    args.dtypes, args.fused_dtypes = ([d for d in value.split(",") if d] for value in (args.dtypes, args.fused_dtypes))
-    args.impls, args.fused_impls = ([i for i in value.split(",") if i and i != "none"]
-                                    for value in (args.impls, args.fused_impls))
-    for value, allowed, flag in ((args.dtypes, DTYPES, "--dtypes"), (args.impls, IMPLS, "--impls"),
-                                 (args.fused_dtypes, DTYPES, "--fused-dtypes"),
-                                 (args.fused_impls, FUSED_IMPLS, "--fused-impls")):
-        unknown = [item for item in value if item not in allowed]
-        if unknown:
-            parser.error(f"{flag}: unknown {unknown}")
-    return args
+    return harness.parse_run_args(parser, argv)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
