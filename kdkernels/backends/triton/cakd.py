@@ -35,15 +35,14 @@ import triton
 import triton.language as tl
 
 from kdkernels._config import CAKD_GROUPS, CAKDConfig
-from kdkernels.backends.triton.kd_loss import (_load_tile, _max_with_nan, _unit_column_stride, launch_over_rows,
-                                               row_label, row_pointers, zero_ignored_row)
+from kdkernels.backends.triton.kd_loss import (_NEG_BIG, _load_tile, _max_with_nan, _unit_column_stride,
+                                               launch_over_rows, row_label, row_pointers, zero_ignored_row)
 
 # Compile-time selection rules: the ids of kdkernels._config.CAKD_GROUPS (cakd.h enum GroupRule).
 _LABEL = tl.constexpr(CAKD_GROUPS["label"])
 _TOP_K = tl.constexpr(CAKD_GROUPS["teacher_topk"])
 _MASS = tl.constexpr(CAKD_GROUPS["teacher_mass"])
 
-_NEG_BIG = tl.constexpr(-3.0e38)
 # Keys below every key of a float (the int32 range): K = _BELOW_ALL_KEYS puts every class in S.
 _BELOW_ALL_KEYS = tl.constexpr(-(2 ** 31) - 1)
 # Buckets per pass of the selection's key search.

@@ -27,10 +27,9 @@ import triton.language as tl
 
 from kdkernels import _reports
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
-from kdkernels.backends.triton.kd_loss import (_ce_grad, _divergence_grad, _divergence_terms, _max_with_nan,
-                                               ce_reuses_q, launch_over_rows, zero_ignored_row)
+from kdkernels.backends.triton.kd_loss import (_NEG_BIG, _ce_grad, _divergence_grad, _divergence_terms,
+                                               _max_with_nan, ce_reuses_q, launch_over_rows, zero_ignored_row)
 
-_NEG_BIG = tl.constexpr(-3.0e38)
 _LOGPROBS = tl.constexpr(0)
 _PROBS = tl.constexpr(2)
 _RENORMALIZE = tl.constexpr(0)
