@@ -125,8 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peer-n", type=int, default=512,
                         help="rows the eager / torch.compile peers run at, scaled to --n (default 512)")
     parser.add_argument("--no-peers", action="store_true", help="kdkernels rows only")
-    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None)
-    harness.add_png_arg(parser, "cakd")
+    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None, png="cakd")
     return harness.parse_run_args(parser, argv)
 
 

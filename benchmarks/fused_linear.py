@@ -139,8 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fastest round (for a machine shared with other work; default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     harness.add_run_args(parser, repeat=5, time_budget_s=60.0, warmup=1,
-                         warmup_help="untimed steps, compilation included (default 1)")
-    harness.add_png_arg(parser, "fused_linear")
+                         warmup_help="untimed steps, compilation included (default 1)", png="fused_linear")
     return harness.parse_run_args(parser, argv)
 
 

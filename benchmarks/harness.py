@@ -73,9 +73,9 @@ API (everything a benchmark needs):
     comma_list(allowed)
         The argparse ``type`` of a flag that takes a comma-separated list of items of ``allowed``.
     add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
-                 quick_repeat=3)
+                 quick_repeat=3, png=None)
         The flags every benchmark shares: --n, --repeat, --warmup, --time-budget, --quick, --json,
-        --markdown; then ``args = parse_run_args(parser, argv)`` fills --n and --repeat from
+        --markdown, and --png for one that draws a plot (add_png_arg(parser, png)); then ``args = parse_run_args(parser, argv)`` fills --n and --repeat from
         --quick when they were not given. ``warmup=None``: warmup_for(impl, args) is 2 steps
         for torch.compile (which compiles in them) and 1 for the rest, unless --warmup is given.
     add_output_args(parser)   adds ``--json PATH`` and ``--markdown`` (part of add_run_args)
@@ -355,7 +355,7 @@ def warmup_for(impl: str, args: argparse.Namespace) -> int:
 
 def add_run_args(parser: argparse.ArgumentParser, *, repeat: int, time_budget_s: float,
                  warmup: Optional[int] = 1, warmup_help: Optional[str] = None, n: int = 4096,
-                 quick_n: int = 1024, quick_repeat: int = 3) -> None:
+                 quick_n: int = 1024, quick_repeat: int = 3, png: Optional[str] = None) -> None:
     parser.add_argument("--n", type=int, default=None, help=f"rows (tokens); default {n}, {quick_n} with --quick")
     parser.add_argument("--repeat", type=int, default=None,
                         help=f"timed steps (default {repeat}, {quick_repeat} with --quick)")
@@ -368,6 +368,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, repeat: int, time_budget_s:
     parser.add_argument("--quick", action="store_true",
                         help=f"N={quick_n} and {quick_repeat} timed steps, for a fast look")
     add_output_args(parser)
+    if png is not None:
+        add_png_arg(parser, png)
     parser.set_defaults(**{_RUN_DEFAULTS: (n, quick_n, repeat, quick_repeat)})
 
 

@@ -129,8 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="implementations to run (default: all)")
     parser.add_argument("--thp", action="store_true",
                         help="run every child with THP_MEM_ALLOC_ENABLE=1 (PyTorch allocates with huge pages)")
-    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None)
-    harness.add_png_arg(parser, "kd_loss")
+    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None, png="kd_loss")
     return harness.parse_run_args(parser, argv)
 
 
