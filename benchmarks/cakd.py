@@ -119,17 +119,13 @@ def _label(config: Dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cakd", description=__doc__.split("\n")[0])
-    parser.add_argument("--v", type=int, default=32000, help="vocabulary size (default 32000)")
-    parser.add_argument("--temperature", type=float, default=2.0)
+    parser = harness.benchmark_parser("cakd", __doc__)
     parser.add_argument("--k", type=int, default=5, help="teacher top-k of the CAKD rows (default 5)")
     parser.add_argument("--mass", type=float, default=0.5, help="teacher mass of the teacher_mass row (default 0.5)")
     parser.add_argument("--peer-n", type=int, default=512,
                         help="rows the eager / torch.compile peers run at, scaled to --n (default 512)")
     parser.add_argument("--no-peers", action="store_true", help="kdkernels rows only")
-    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None,
-                         warmup_help="untimed steps (default: 2 for torch.compile, which compiles in them, 1 otherwise)")
-    harness.add_png_arg(parser, "cakd")
+    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None, png="cakd")
     return harness.parse_run_args(parser, argv)
 
 
@@ -140,18 +136,18 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     rows = []
     for index, config in enumerate(configs, 1):
         impl, n_run = config["impl"], config["rows_run"]
-        warmup = args.warmup if args.warmup is not None else (2 if impl == "compile" else 1)
         result = harness.measure(
             "benchmarks.cakd:setup",
             {"impl": impl, "loss": config["loss"], "n": n_run, "v": args.v, "k": args.k, "mass": args.mass,
              "temperature": args.temperature},
-            repeat=args.repeat if impl == "kdkernels" else min(args.repeat, 3), warmup=warmup,
-            time_budget_s=args.time_budget, label=f"[{index}/{len(configs)}] {impl} {_label(config, args)} N={n_run}")
+            repeat=args.repeat if impl == "kdkernels" else min(args.repeat, 3),
+            warmup=harness.warmup_for(impl, args), time_budget_s=args.time_budget,
+            label=f"[{index}/{len(configs)}] {impl} {_label(config, args)} N={n_run}")
         scale = args.n / n_run  # linear in rows: the peers run at --peer-n
-        row = {"impl": impl, "loss": _label(config, args), "n_run": n_run, **harness.result_fields(result, scale)}
+        row = harness.measured_row({"impl": impl, "loss": _label(config, args), "n_run": n_run}, result,
+                                   scale=scale, grad_bytes=args.n * args.v * 4)
         if "error" not in row:
-            row.update(peak_per_grad=row["extra_peak_mib"] * harness.MIB / (args.n * args.v * 4),
-                       scaled="" if scale == 1 else f"x{scale:g}")
+            row["scaled"] = "" if scale == 1 else f"x{scale:g}"
         rows.append(row)
     harness.add_ratios(rows, "vs_fkl", baseline=lambda row: row["loss"] == "forward KL", group_by=())
     return rows
@@ -171,9 +167,7 @@ def main(argv=None) -> int:
     harness.print_table(rows, COLUMNS, markdown=args.markdown, title=f"CAKD / DKD, {shape}")
     print("\n'scaled': the row ran at 'rows run' rows; its time and memory are multiplied to N. "
           "'x fused KL': median over kdkernels.kd_loss (forward KL) in this run.")
-    for row in rows:
-        if "error" in row:
-            print(f"n/a: {row['impl']} {row['loss']}: {row['error']}")
+    harness.print_failures(rows, "impl", "loss")
     if args.json:
         meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "k": args.k, "mass": args.mass,
                 "peer_n": args.peer_n, "repeat": args.repeat, "threads": harness.available_cpus(),

@@ -213,18 +213,15 @@ def main(argv=None) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=",".join(IMPLS),
+                        help=f"comma-separated subset of {IMPLS}")
     args = harness.parse_run_args(parser, argv)
-    impls = [name.strip() for name in args.impls.split(",")]
-    unknown = [name for name in impls if name not in IMPLS]
-    if unknown:
-        parser.error(f"unknown --impls {unknown}; choose from {IMPLS}")
     if args.v % args.ranks:
         parser.error(f"--v ({args.v}) must be a multiple of --ranks ({args.ranks})")
 
     harness.progress(f"vocab-parallel forward KL, fwd+bwd, N={args.n}, V={args.v} over {args.ranks} ranks, "
                      f"T={args.temperature:g}, fp32")
-    rows = [run_impl(impl, args) for impl in impls]
+    rows = [run_impl(impl, args) for impl in args.impls]
     baseline = next((r for r in rows if r["impl"] == "all-gather" and "error" not in r), None)
     for row in rows:
         if baseline is not None and "error" not in row:

@@ -72,12 +72,10 @@ def _loss_fn(impl: str, temperature: float, chunk_size) -> Callable[..., Any]:
             return jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
         return liger
 
-    from benchmarks.eager import forward_kl
+    from benchmarks.eager import lm_head_forward_kl
 
-    def eager(student_hidden, student_weight, teacher_hidden, teacher_weight):
-        with torch.no_grad():
-            teacher_logits = teacher_hidden @ teacher_weight.t()
-        return forward_kl(student_hidden @ student_weight.t(), teacher_logits, temperature)
+    def eager(*lm_heads):
+        return lm_head_forward_kl(*lm_heads, temperature)
 
     return torch.compile(eager, dynamic=False) if impl == "compile" else eager
 
@@ -122,11 +120,9 @@ def setup(impl: str, n: int, h: int, v: int, dtype: str, temperature: float, chu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fused_linear", description=__doc__.split("\n")[0])
+    parser = harness.benchmark_parser("fused_linear", __doc__, v_help="vocabulary of table 1")
     parser.add_argument("--h", type=int, default=1024, help="hidden size of table 1 (default 1024)")
-    parser.add_argument("--v", type=int, default=32000, help="vocabulary of table 1 (default 32000)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="kdkernels rows per chunk (default: from its memory budget)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
@@ -143,8 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fastest round (for a machine shared with other work; default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     harness.add_run_args(parser, repeat=5, time_budget_s=60.0, warmup=1,
-                         warmup_help="untimed steps, compilation included (default 1)")
-    harness.add_png_arg(parser, "fused_linear")
+                         warmup_help="untimed steps, compilation included (default 1)", png="fused_linear")
     return harness.parse_run_args(parser, argv)
 
 

@@ -38,7 +38,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from benchmarks import gpu_families, harness
-from benchmarks.kd_loss import DTYPES, LIGER_DIVERGENCES, LOGIT_STD, TENSOR_PASSES, _liger_loss, _parse_list
+from benchmarks.kd_loss import DTYPES, LIGER_DIVERGENCES, LOGIT_STD, TENSOR_PASSES, _liger_loss
 
 # In the order they run: what a short time budget must not miss first, torch.compile (slow to
 # compile) last.
@@ -245,21 +245,20 @@ def _parse_shapes(text: str) -> List[Tuple[int, int]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_bench", description=__doc__.split("\n")[0])
+    parser = harness.benchmark_parser("gpu_bench", __doc__, v=None)
     parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
                         help="NxV list (default 8192x128256,4096x32000)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--divergences", type=lambda s: _parse_list(s, DIVERGENCES), default=["forward_kl", "jsd"],
+    parser.add_argument("--divergences", type=harness.comma_list(DIVERGENCES), default=["forward_kl", "jsd"],
                         help="divergences to time (default forward_kl,jsd)")
-    parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=list(IMPLS),
                         help=f"implementations (default: all of {', '.join(IMPLS)})")
-    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing / skew weight (default 0.5)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sweep", action="store_true",
                         help="also time the Triton kernel's launch shapes (last)")
-    parser.add_argument("--families", type=lambda s: _parse_list(s, ("kd",) + gpu_families.FAMILIES),
+    parser.add_argument("--families", type=harness.comma_list(("kd",) + gpu_families.FAMILIES),
                         default=["kd", *gpu_families.FAMILIES],
                         help="loss families (default: kd,cakd,sparse,fused_linear); the others run at the first shape")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size H of the fused_linear rows")
@@ -346,7 +345,8 @@ def run(args: argparse.Namespace, on_progress: Callable[[Dict[str, Any]], None] 
         results["sweep"] = result.get("sweep") or [{"error": result.get("error")}]
         for entry in results["sweep"]:
             if "median_ms" in entry:
-                entry.update(_bandwidth(entry["median_ms"], n, v, results["copies"][shape]["copy_gbs"], args.dtype))
+                entry.update(harness.bandwidth(_bytes_per_step(n, v, args.dtype), entry["median_ms"],
+                                               results["copies"][shape]["copy_gbs"]))
     finish_step()
     return results
 
@@ -379,11 +379,9 @@ def _run_family(args: argparse.Namespace, family: str, n: int, v: int, copy_gbs:
 
 def _family_row(family: str, case: str, impl: str, n: int, v: int, h: int, result: Dict[str, Any],
                 copy_gbs: Optional[float], matmul_tflops: Optional[float], dtype: str) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"family": family, "case": case, "impl": impl, "shape": f"{n}x{v}"}
-    if "error" in result:
-        row["error"] = result["error"]
+    row = _measured({"family": family, "case": case, "impl": impl, "shape": f"{n}x{v}"}, result)
+    if "error" in row:
         return row
-    row.update(median_ms=result["median_ms"], min_ms=result["min_ms"], extra_peak_mib=result["extra_peak_mib"])
     if family == "fused_linear":
         tflops = gpu_families.fused_linear_flops(n, h, v) / (result["median_ms"] * 1e-3) / 1e12
         row.update(tflops=tflops, pct_matmul=gpu_families.pct(tflops, matmul_tflops),
@@ -394,19 +392,19 @@ def _family_row(family: str, case: str, impl: str, n: int, v: int, h: int, resul
     return row
 
 
-def _bandwidth(median_ms: float, n: int, v: int, copy_gbs: Optional[float], dtype: str) -> Dict[str, Any]:
-    gbs = _bytes_per_step(n, v, dtype) / (median_ms * 1e-3) / 1e9
-    return {"gbs": gbs, "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None}
+def _measured(row: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any]:
+    """``row`` with the result's median and fastest step and extra peak memory, or with its error."""
+    if "error" in result:
+        return {**row, "error": result["error"]}
+    return {**row, "median_ms": result["median_ms"], "min_ms": result["min_ms"],
+            "extra_peak_mib": result["extra_peak_mib"]}
 
 
 def _row(impl: str, divergence: str, n: int, v: int, result: Dict[str, Any], copy_gbs: Optional[float],
          dtype: str) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"impl": impl, "divergence": divergence, "shape": f"{n}x{v}"}
-    if "error" in result:
-        row["error"] = result["error"]
-        return row
-    row.update(median_ms=result["median_ms"], min_ms=result["min_ms"], extra_peak_mib=result["extra_peak_mib"],
-               **_bandwidth(result["median_ms"], n, v, copy_gbs, dtype))
+    row = _measured({"impl": impl, "divergence": divergence, "shape": f"{n}x{v}"}, result)
+    if "error" not in row:
+        row.update(harness.bandwidth(_bytes_per_step(n, v, dtype), row["median_ms"], copy_gbs))
     return row
 
 

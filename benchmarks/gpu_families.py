@@ -145,12 +145,10 @@ def fused_linear_loss(impl: str) -> Callable[..., Any]:
         jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=TEMPERATURE)
         return lambda hs, ws, ht, wt: jsd(hs, ws, ht, wt, torch.zeros(hs.shape[0], dtype=torch.long,
                                                                         device=hs.device))
-    from benchmarks.eager import forward_kl
+    from benchmarks.eager import lm_head_forward_kl
 
-    def eager(hs, ws, ht, wt):
-        with torch.no_grad():
-            teacher_logits = ht @ wt.t()
-        return forward_kl(hs @ ws.t(), teacher_logits, TEMPERATURE)
+    def eager(*lm_heads):
+        return lm_head_forward_kl(*lm_heads, TEMPERATURE)
 
     return torch.compile(eager, dynamic=False) if impl == "compile" else eager
 

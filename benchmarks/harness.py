@@ -48,10 +48,15 @@ API (everything a benchmark needs):
     result_fields(result, scale=1.0) -> dict
         A table row's fields from a measure() result (median_ms, min_ms, extra_peak_mib,
         retained_mib, steps; times and memory multiplied by ``scale``), or {"error": reason}.
+    measured_row(config, result, *, scale=1.0, grad_bytes=None) -> dict
+        ``config`` plus result_fields(), and peak_per_grad (extra peak over the bytes of the
+        student's gradient) when ``grad_bytes`` is given.
+    print_failures(rows, *keys)
+        An "n/a: <keys>: <reason>" line per row that has no measurement.
 
     Column(header, key, fmt="")
-    IMPL_COLUMN, PEAK_PER_GRAD_COLUMN, measured_columns(ratio=None, *, digits=1)
-        The columns the benchmarks share: impl; median ms, min ms, [ratio], extra peak MiB.
+    IMPL_COLUMN, PEAK_PER_GRAD_COLUMN, measured_columns(*ratios, digits=1)
+        The columns the benchmarks share: impl; median ms, min ms, [ratios], extra peak MiB.
     format_table(rows, columns, *, markdown=False) -> str / print_table(...)
         Aligned plain-text (or markdown) table of dict rows; a missing or None cell prints "n/a".
 
@@ -62,11 +67,17 @@ API (everything a benchmark needs):
         ``--png PATH`` (default results/<name>.png) and the PNG it names: per configuration, a
         bar per implementation for the median time and one for the extra peak memory.
 
+    benchmark_parser(name, doc, *, v=32000, v_help="vocabulary size", temperature=2.0)
+        The parser of ``python -m benchmarks.<name>``, described by the first line of ``doc``, with
+        --v and --temperature (each left out when its default is None).
+    comma_list(allowed)
+        The argparse ``type`` of a flag that takes a comma-separated list of items of ``allowed``.
     add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
-                 quick_repeat=3)
+                 quick_repeat=3, png=None)
         The flags every benchmark shares: --n, --repeat, --warmup, --time-budget, --quick, --json,
-        --markdown; then ``args = parse_run_args(parser, argv)`` fills --n and --repeat from
-        --quick when they were not given.
+        --markdown, and --png for one that draws a plot (add_png_arg(parser, png)); then ``args = parse_run_args(parser, argv)`` fills --n and --repeat from
+        --quick when they were not given. ``warmup=None``: warmup_for(impl, args) is 2 steps
+        for torch.compile (which compiles in them) and 1 for the rest, unless --warmup is given.
     add_output_args(parser)   adds ``--json PATH`` and ``--markdown`` (part of add_run_args)
     write_json(path, payload) writes the results (rows + run metadata) for --json
 
@@ -226,11 +237,11 @@ IMPL_COLUMN = Column("impl", "impl")
 PEAK_PER_GRAD_COLUMN = Column("peak / grad", "peak_per_grad", ".2f")
 
 
-def measured_columns(ratio: Optional[Column] = None, *, digits: int = 1) -> List[Column]:
+def measured_columns(*ratios: Column, digits: int = 1) -> List[Column]:
     """The columns of result_fields() that every benchmark table shows: median and fastest step
-    in ms (``digits`` decimals), an optional ratio column (e.g. "x compile"), extra peak MiB."""
+    in ms (``digits`` decimals), the ratio columns (e.g. "x compile"), extra peak MiB."""
     columns = [Column("median ms", "median_ms", f".{digits}f"), Column("min ms", "min_ms", f".{digits}f")]
-    return columns + ([ratio] if ratio else []) + [Column("extra peak MiB", "extra_peak_mib", ".0f")]
+    return columns + list(ratios) + [Column("extra peak MiB", "extra_peak_mib", ".0f")]
 
 
 def result_fields(result: Dict[str, Any], scale: float = 1.0) -> Dict[str, Any]:
@@ -242,6 +253,23 @@ def result_fields(result: Dict[str, Any], scale: float = 1.0) -> Dict[str, Any]:
     return {"median_ms": result["median_ms"] * scale, "min_ms": result["min_ms"] * scale,
             "extra_peak_mib": result["extra_peak_mib"] * scale, "retained_mib": result["retained_mib"],
             "steps": len(result["times_ms"])}
+
+
+def measured_row(config: Dict[str, Any], result: Dict[str, Any], *, scale: float = 1.0,
+                 grad_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """A table row: ``config`` plus result_fields(result, scale), and for a measured row with
+    ``grad_bytes`` the extra peak memory per byte of the student's gradient (peak_per_grad)."""
+    row = dict(config, **result_fields(result, scale))
+    if grad_bytes and "error" not in row:
+        row["peak_per_grad"] = row["extra_peak_mib"] * MIB / grad_bytes
+    return row
+
+
+def print_failures(rows: Sequence[Dict[str, Any]], *keys: str) -> None:
+    """An "n/a" line per row without a measurement: the row's ``keys`` and the reason."""
+    for row in rows:
+        if "error" in row:
+            print(f"n/a: {' '.join(str(row[key]) for key in keys)}: {row['error']}")
 
 
 def _cell(row: Dict[str, Any], column: Column) -> str:
@@ -288,20 +316,60 @@ def print_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], *, ma
     print(format_table(rows, columns, markdown=markdown), flush=True)
 
 
+def benchmark_parser(name: str, doc: str, *, v: Optional[int] = 32000, v_help: str = "vocabulary size",
+                     temperature: Optional[float] = 2.0) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks.<name>``, described by the first line of ``doc``, with
+    the flags of the logits most benchmarks share: --v (the vocabulary) and --temperature, each
+    left out when its default is None."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n")[0])
+    if v is not None:
+        parser.add_argument("--v", type=int, default=v, help=f"{v_help} (default {v})")
+    if temperature is not None:
+        parser.add_argument("--temperature", type=float, default=temperature)
+    return parser
+
+
+def comma_list(allowed: Sequence[str]) -> Callable[[str], List[str]]:
+    """An argparse ``type``: a comma-separated list of items of ``allowed``, in the order given
+    ("none" for none)."""
+    def parse(text: str) -> List[str]:
+        items = [item.strip() for item in text.split(",") if item.strip() not in ("", "none")]
+        unknown = [item for item in items if item not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
+        return items
+
+    return parse
+
+
+COMPILE_WARMUP_HELP = "untimed steps (default: 2 for torch.compile, which compiles in them, 1 otherwise)"
+
+
+def warmup_for(impl: str, args: argparse.Namespace) -> int:
+    """The untimed steps of ``impl``: --warmup when given, else 2 for torch.compile (which compiles
+    in them) and 1 for the rest (see add_run_args' ``warmup=None``)."""
+    if args.warmup is not None:
+        return args.warmup
+    return 2 if impl == "compile" else 1
+
+
 def add_run_args(parser: argparse.ArgumentParser, *, repeat: int, time_budget_s: float,
                  warmup: Optional[int] = 1, warmup_help: Optional[str] = None, n: int = 4096,
-                 quick_n: int = 1024, quick_repeat: int = 3) -> None:
+                 quick_n: int = 1024, quick_repeat: int = 3, png: Optional[str] = None) -> None:
     parser.add_argument("--n", type=int, default=None, help=f"rows (tokens); default {n}, {quick_n} with --quick")
     parser.add_argument("--repeat", type=int, default=None,
                         help=f"timed steps (default {repeat}, {quick_repeat} with --quick)")
     parser.add_argument("--warmup", type=int, default=warmup,
-                        help=warmup_help or f"untimed steps before the timed ones (default {warmup})")
+                        help=warmup_help or (COMPILE_WARMUP_HELP if warmup is None else
+                                             f"untimed steps before the timed ones (default {warmup})"))
     parser.add_argument("--time-budget", type=float, default=time_budget_s,
                         help=f"stop a configuration's timed steps after this many seconds, at least 3 "
                              f"steps still run (default {time_budget_s:g})")
     parser.add_argument("--quick", action="store_true",
                         help=f"N={quick_n} and {quick_repeat} timed steps, for a fast look")
     add_output_args(parser)
+    if png is not None:
+        add_png_arg(parser, png)
     parser.set_defaults(**{_RUN_DEFAULTS: (n, quick_n, repeat, quick_repeat)})
 
 

@@ -87,13 +87,12 @@ def setup(impl: str, vocab: int, layers: int, hidden: int, seq: int, batch: int,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_trainer", description=__doc__.split("\n")[0])
+    parser = harness.benchmark_parser("hf_trainer", __doc__, v=None)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--repeat", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (default 1)")

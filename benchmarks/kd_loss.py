@@ -116,33 +116,20 @@ def setup(impl: str, divergence: str, dtype: str, n: int, v: int, temperature: f
     return harness.fwd_bwd_step(loss_fn, student, teacher)
 
 
-def _parse_list(text: str, allowed) -> List[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
-    return items
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kd_loss", description=__doc__.split("\n")[0])
-    parser.add_argument("--v", type=int, default=32000, help="vocabulary size (default 32000)")
-    parser.add_argument("--temperature", type=float, default=2.0)
+    parser = harness.benchmark_parser("kd_loss", __doc__)
     parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing weight (default 0.5)")
     parser.add_argument("--skew-alpha", type=float, default=0.1,
                         help="skew weight of skew_kl / skew_reverse_kl (default 0.1, as DistiLLM)")
-    parser.add_argument("--dtypes", type=lambda s: _parse_list(s, DTYPES), default=["fp32", "bf16"],
+    parser.add_argument("--dtypes", type=harness.comma_list(DTYPES), default=["fp32", "bf16"],
                         help="dtypes of the forward-KL table (default fp32,bf16)")
-    parser.add_argument("--divergences", type=lambda s: _parse_list(s, DIVERGENCES), default=list(DIVERGENCES),
+    parser.add_argument("--divergences", type=harness.comma_list(DIVERGENCES), default=list(DIVERGENCES),
                         help="divergences of the fp32 table (default: all)")
-    parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=list(IMPLS),
                         help="implementations to run (default: all)")
     parser.add_argument("--thp", action="store_true",
                         help="run every child with THP_MEM_ALLOC_ENABLE=1 (PyTorch allocates with huge pages)")
-    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None,
-                         warmup_help="untimed steps (default: 2 for torch.compile, which compiles in "
-                                     "them, 1 otherwise)")
-    harness.add_png_arg(parser, "kd_loss")
+    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None, png="kd_loss")
     return harness.parse_run_args(parser, argv)
 
 
@@ -157,12 +144,6 @@ def _configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def _beta_for(divergence: str, args: argparse.Namespace) -> float:
     return args.skew_alpha if divergence.startswith("skew") else args.beta
-
-
-def _warmup_for(impl: str, args: argparse.Namespace) -> int:
-    if args.warmup is not None:
-        return args.warmup
-    return 2 if impl == "compile" else 1
 
 
 def _copy_ms(args: argparse.Namespace, dtype: str) -> float:
@@ -186,7 +167,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "benchmarks.kd_loss:setup",
             {"impl": impl, "divergence": divergence, "dtype": dtype, "n": args.n, "v": args.v,
              "temperature": args.temperature, "beta": _beta_for(divergence, args)},
-            repeat=args.repeat, warmup=_warmup_for(impl, args), time_budget_s=args.time_budget, env=env,
+            repeat=args.repeat, warmup=harness.warmup_for(impl, args), time_budget_s=args.time_budget, env=env,
             label=f"[{index}/{len(configs)}] {divergence} {dtype} {impl}")
         rows.append(_row(config, result, args, copy_ms[dtype]))
     harness.add_ratios(rows, "vs_compile", baseline=lambda row: row["impl"] == "compile",
@@ -198,14 +179,13 @@ def _row(config: Dict[str, Any], result: Dict[str, Any], args: argparse.Namespac
          copy_ms: float) -> Dict[str, Any]:
     """One table row. The memory floor of a fused loss is reading two [N, V] tensors and writing
     one: FLOOR_COPIES times the copy of one [N, V] tensor of the same dtype."""
-    row = dict(config, **harness.result_fields(result))
+    grad_bytes = args.n * args.v * DTYPES[config["dtype"]][1]
+    row = harness.measured_row(config, result, grad_bytes=grad_bytes)
     if "error" in row:
         return row
-    grad_bytes = args.n * args.v * DTYPES[config["dtype"]][1]
-    row.update(peak_per_grad=row["extra_peak_mib"] * harness.MIB / grad_bytes,
-               floor_ms=FLOOR_COPIES * copy_ms, vs_floor=row["median_ms"] / (FLOOR_COPIES * copy_ms),
+    row.update(floor_ms=FLOOR_COPIES * copy_ms, vs_floor=row["median_ms"] / (FLOOR_COPIES * copy_ms),
                **harness.bandwidth(TENSOR_PASSES * grad_bytes, row["median_ms"],
-                                  harness.copy_gbs(grad_bytes, copy_ms)))
+                                   harness.copy_gbs(grad_bytes, copy_ms)))
     return row
 
 
@@ -242,9 +222,7 @@ def main(argv=None) -> int:
     print(f"\ncopy of one [N, V] tensor: {copies}. 'x floor': median over the memory floor, "
           f"{FLOOR_COPIES:g}x that copy (a fused loss reads two [N, V] tensors and writes one). "
           f"GB/s counts {TENSOR_PASSES} passes over [N, V] in the logits' dtype; '% copy' relates it to the copy.")
-    for row in rows:
-        if "error" in row:
-            print(f"n/a: {row['impl']} {row['divergence']} {row['dtype']}: {row['error']}")
+    harness.print_failures(rows, "impl", "divergence", "dtype")
     if args.json:
         harness.write_json(args.json, {"title": "kd_loss", "meta": meta, "rows": rows})
     harness.plot_bars(args.png, rows, group=lambda row: f"{row['divergence']} {row['dtype']}",

@@ -127,31 +127,22 @@ def fused_setup(impl: str, n: int, v: int, h: int, k: int, missing_mass: str, dt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sparse", description=__doc__.split("\n")[0])
-    parser.add_argument("--v", type=int, default=32000, help="vocabulary size (default 32000)")
+    parser = harness.benchmark_parser("sparse", __doc__, temperature=None)
     parser.add_argument("--k", type=int, default=64, help="teacher ids per row (default 64)")
     parser.add_argument("--missing-mass", choices=MODES, default="renormalize")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default both)")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    parser.add_argument("--dtypes", type=harness.comma_list(DTYPES), default="fp32,bf16",
+                        help="comma list of fp32, bf16 (default both)")
+    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=",".join(IMPLS),
+                        help=f"comma list of {', '.join(IMPLS)}")
     parser.add_argument("--fused-v", type=int, default=128000, help="fused-linear vocabulary (default 128000)")
     parser.add_argument("--fused-h", type=int, default=1024, help="fused-linear hidden size (default 1024)")
-    parser.add_argument("--fused-dtypes", default="fp32,bf16", help="fused-linear lm_head dtypes (default both)")
-    parser.add_argument("--fused-impls", default=",".join(FUSED_IMPLS),
+    parser.add_argument("--fused-dtypes", type=harness.comma_list(DTYPES), default="fp32,bf16",
+                        help="fused-linear lm_head dtypes (default both)")
+    parser.add_argument("--fused-impls", type=harness.comma_list(FUSED_IMPLS), default=",".join(FUSED_IMPLS),
                         help=f"comma list of {', '.join(FUSED_IMPLS)}, or none (default both)")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-linear table")
-    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None,
-                         warmup_help="untimed steps (default: 2 for torch.compile, 1 otherwise)")
-    args = harness.parse_run_args(parser, argv)
-    args.dtypes, args.fused_dtypes = ([d for d in value.split(",") if d] for value in (args.dtypes, args.fused_dtypes))
-    args.impls, args.fused_impls = ([i for i in value.split(",") if i and i != "none"]
-                                    for value in (args.impls, args.fused_impls))
-    for value, allowed, flag in ((args.dtypes, DTYPES, "--dtypes"), (args.impls, IMPLS, "--impls"),
-                                 (args.fused_dtypes, DTYPES, "--fused-dtypes"),
-                                 (args.fused_impls, FUSED_IMPLS, "--fused-impls")):
-        unknown = [item for item in value if item not in allowed]
-        if unknown:
-            parser.error(f"{flag}: unknown {unknown}")
-    return args
+    harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None)
+    return harness.parse_run_args(parser, argv)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -160,13 +151,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                      f"{len(configs)} configurations, {harness.available_cpus()} threads")
     rows: List[Dict[str, Any]] = []
     for index, (dtype, impl) in enumerate(configs, 1):
-        warmup = args.warmup if args.warmup is not None else (2 if impl == "compile" else 1)
         result = harness.measure("benchmarks.sparse:setup",
                                  {"impl": impl, "dtype": dtype, "n": args.n, "v": args.v, "k": args.k,
                                   "missing_mass": args.missing_mass},
-                                 repeat=args.repeat, warmup=warmup, time_budget_s=args.time_budget,
+                                 repeat=args.repeat, warmup=harness.warmup_for(impl, args), time_budget_s=args.time_budget,
                                  label=f"[{index}/{len(configs)}] {dtype} {impl}")
-        rows.append(_row({"dtype": dtype, "impl": impl}, result, args.n * args.v * DTYPES[dtype][1]))
+        rows.append(harness.measured_row({"dtype": dtype, "impl": impl}, result,
+                                         grad_bytes=args.n * args.v * DTYPES[dtype][1]))
     harness.add_ratios(rows, "vs_compile", baseline=lambda row: row["impl"] == "compile", group_by=("dtype",))
     harness.add_ratios(rows, "vs_dense", baseline=lambda row: row["impl"] == "dense", group_by=("dtype",))
     fused_rows: List[Dict[str, Any]] = []
@@ -179,48 +170,36 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                           "k": args.k, "missing_mass": args.missing_mass, "dtype": dtype},
                                          repeat=max(1, min(args.repeat, 3)), warmup=1,
                                          time_budget_s=args.time_budget, label=f"fused-linear {dtype} {impl}")
-                row = _row({"dtype": dtype, "impl": impl, "weight_grad_mib": weight_grad_mib}, result,
-                           args.n * args.fused_v * DTYPES[dtype][1])
+                row = harness.measured_row({"dtype": dtype, "impl": impl, "weight_grad_mib": weight_grad_mib},
+                                           result, grad_bytes=args.n * args.fused_v * DTYPES[dtype][1])
                 if "error" not in row:
                     row["beyond_weight_grad_mib"] = row["extra_peak_mib"] - weight_grad_mib
                 fused_rows.append(row)
     return {"rows": rows, "fused_rows": fused_rows}
 
 
-def _row(config: Dict[str, Any], result: Dict[str, Any], grad_bytes: int) -> Dict[str, Any]:
-    row = dict(config)
-    if "error" in result:
-        row["error"] = result["error"]
-        return row
-    row.update(median_ms=result["median_ms"], min_ms=result["min_ms"], extra_peak_mib=result["extra_peak_mib"],
-               peak_per_grad=result["extra_peak_mib"] * harness.MIB / grad_bytes, steps=len(result["times_ms"]))
-    return row
+_CONFIG_COLUMNS = [harness.Column("dtype", "dtype"), harness.IMPL_COLUMN]
+COLUMNS = _CONFIG_COLUMNS + harness.measured_columns(
+    harness.Column("x compile", "vs_compile", ".2f"), harness.Column("x dense kd_loss", "vs_dense", ".2f")) + [
+    harness.PEAK_PER_GRAD_COLUMN]
+FUSED_COLUMNS = _CONFIG_COLUMNS + [
+    harness.Column("median ms", "median_ms", ".1f"), harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
+    harness.Column("weight grad MiB", "weight_grad_mib", ".0f"),
+    harness.Column("peak - weight grad MiB", "beyond_weight_grad_mib", ".0f"),
+]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = run(args)
-    threads = harness.available_cpus()
-    if results["rows"]:
-        harness.print_table(results["rows"], [
-            harness.Column("dtype", "dtype"), harness.Column("impl", "impl"),
-            harness.Column("median ms", "median_ms", ".1f"), harness.Column("min ms", "min_ms", ".1f"),
-            harness.Column("x compile", "vs_compile", ".2f"), harness.Column("x dense kd_loss", "vs_dense", ".2f"),
-            harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
-            harness.Column("peak / grad", "peak_per_grad", ".2f"),
-        ], markdown=args.markdown, title=f"sparse_kd_loss, forward KL ({args.missing_mass}) + CE, N={args.n}, "
-                                         f"V={args.v}, k={args.k}, fwd+bwd, {threads} threads")
-    if results["fused_rows"]:
-        harness.print_table(results["fused_rows"], [
-            harness.Column("dtype", "dtype"), harness.Column("impl", "impl"),
-            harness.Column("median ms", "median_ms", ".1f"), harness.Column("extra peak MiB", "extra_peak_mib", ".0f"),
-            harness.Column("weight grad MiB", "weight_grad_mib", ".0f"),
-            harness.Column("peak - weight grad MiB", "beyond_weight_grad_mib", ".0f"),
-        ], markdown=args.markdown, title=f"fused lm_head + sparse loss, N={args.n}, V={args.fused_v}, "
-                                         f"H={args.fused_h}, k={args.k}, fwd+bwd")
-    for row in results["rows"] + results["fused_rows"]:
-        if "error" in row:
-            print(f"n/a: {row['dtype']} {row['impl']}: {row['error']}")
+    tables = (("rows", COLUMNS, f"sparse_kd_loss, forward KL ({args.missing_mass}) + CE, N={args.n}, V={args.v}, "
+                                f"k={args.k}, fwd+bwd, {harness.available_cpus()} threads"),
+              ("fused_rows", FUSED_COLUMNS, f"fused lm_head + sparse loss, N={args.n}, V={args.fused_v}, "
+                                            f"H={args.fused_h}, k={args.k}, fwd+bwd"))
+    for key, columns, title in tables:
+        if results[key]:
+            harness.print_table(results[key], columns, markdown=args.markdown, title=title)
+    harness.print_failures(results["rows"] + results["fused_rows"], "dtype", "impl")
     if args.json:
         harness.write_json(args.json, {"title": "sparse", "meta": vars(args), **results})
     return 0

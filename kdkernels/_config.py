@@ -5,7 +5,7 @@ once; the compiled kernels receive its results as arguments."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -24,6 +24,13 @@ REDUCTIONS = ("mean", "batchmean", "sum", "none")
 
 # Temperatures outside this range overflow or underflow float32 in 1 / T, T^2 or z / T.
 TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def kernel_id(ids: Dict[str, int], option: str) -> property:
+    """A config property: the integer id, in ``ids``, that the compiled kernels use for the name
+    the config holds in its field ``option``."""
+    return property(lambda self: ids[getattr(self, option)],
+                    doc=f"The compiled kernels' integer id of ``{option}``.")
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,9 +68,7 @@ class KDConfig(_TemperatureOptions):
     kd_weight: float = 1.0
     ce_weight: float = 0.0
 
-    @property
-    def divergence_id(self) -> int:
-        return DIVERGENCES[self.divergence]
+    divergence_id = kernel_id(DIVERGENCES, "divergence")
 
     @property
     def kd_scale(self) -> float:
@@ -131,6 +136,4 @@ class CAKDConfig(_TemperatureOptions):
     log_q_by_teacher = True
     ce_weight = 0.0
 
-    @property
-    def group_rule_id(self) -> int:
-        return CAKD_GROUPS[self.groups]
+    group_rule_id = kernel_id(CAKD_GROUPS, "groups")

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from kdkernels import _checks
-from kdkernels._config import TEMPERATURE_RANGE, KDConfig
+from kdkernels._config import TEMPERATURE_RANGE, KDConfig, kernel_id
 
 # Names and the integer ids the compiled kernels use (csrc/include/kdkernels/sparse.h).
 TEACHER_KINDS = {"logprobs": 0, "logits": 1, "probs": 2}
@@ -31,13 +31,8 @@ class SparseConfig:
     def ignore_index(self) -> int:
         return self.kd.ignore_index
 
-    @property
-    def teacher_kind_id(self) -> int:
-        return TEACHER_KINDS[self.teacher_kind]
-
-    @property
-    def missing_mass_id(self) -> int:
-        return MISSING_MASS[self.missing_mass]
+    teacher_kind_id = kernel_id(TEACHER_KINDS, "teacher_kind")
+    missing_mass_id = kernel_id(MISSING_MASS, "missing_mass")
 
 
 class SparseTeacher(NamedTuple):

@@ -119,38 +119,30 @@ class Protocol:
             raise ValueError("a study needs at least one seed and one temperature")
 
 
-_FULL_CONTEXT = 64
-_QUICK_CONTEXT = 32
+def _protocol(name: str, context: int, teacher: Tuple[int, int], students: Sequence[Tuple[int, int]],
+              **settings) -> Protocol:
+    """A protocol whose teacher and students, each given as (layers, width), share one context."""
+    return Protocol(name=name, teacher=models.transformer_shape(*teacher, context=context),
+                    students=tuple(models.transformer_shape(*shape, context=context) for shape in students),
+                    **settings)
+
 
 PROTOCOLS: Dict[str, Protocol] = {
     # About 25 minutes with --jobs 2 on two idle cores, under 40 on busy ones (README: how it was sized).
     # A 4x192 teacher, so that the three students span 5% to 25% of its parameters.
-    "full": Protocol(
-        name="full",
-        teacher=models.transformer_shape(4, 192, context=_FULL_CONTEXT),
+    "full": _protocol(
+        "full", context=64, teacher=(4, 192), students=((1, 64), (2, 96), (2, 128)), main_student=2,
         teacher_optim=loop.OptimSettings(steps=800, batch_size=32, lr=2e-3, eval_every=200),
-        students=tuple(models.transformer_shape(layers, width, context=_FULL_CONTEXT)
-                       for layers, width in ((1, 64), (2, 96), (2, 128))),
-        main_student=2,
         optim=loop.OptimSettings(steps=200, batch_size=32, lr=3e-3, eval_every=20),
-        seeds=(0, 1, 2),
-        temperatures=(1.0, 2.0, 4.0, 8.0, 16.0),
-        eval_windows=128,
+        seeds=(0, 1, 2), temperatures=(1.0, 2.0, 4.0, 8.0, 16.0), eval_windows=128,
     ),
     # About 3 minutes with --jobs 2 on two cores: smaller models on the first 200 KB of the corpus,
     # two seeds, three temperatures; every table and figure of the full study.
-    "quick": Protocol(
-        name="quick",
-        teacher=models.transformer_shape(3, 128, context=_QUICK_CONTEXT),
+    "quick": _protocol(
+        "quick", context=32, teacher=(3, 128), students=((1, 32), (1, 64), (2, 64)), main_student=2,
         teacher_optim=loop.OptimSettings(steps=300, batch_size=32, lr=3e-3, eval_every=100),
-        students=tuple(models.transformer_shape(layers, width, context=_QUICK_CONTEXT)
-                       for layers, width in ((1, 32), (1, 64), (2, 64))),
-        main_student=2,
         optim=loop.OptimSettings(steps=200, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=25),
-        seeds=(0, 1),
-        temperatures=(1.0, 4.0, 16.0),
-        eval_windows=64,
-        max_bytes=200_000,
+        seeds=(0, 1), temperatures=(1.0, 4.0, 16.0), eval_windows=64, max_bytes=200_000,
     ),
 }
 

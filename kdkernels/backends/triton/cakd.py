@@ -35,15 +35,14 @@ import triton
 import triton.language as tl
 
 from kdkernels._config import CAKD_GROUPS, CAKDConfig
-from kdkernels.backends.triton.kd_loss import (_load_tile, _max_with_nan, _on_device, _unit_column_stride, row_label,
-                                               row_pointers, zero_ignored_row)
+from kdkernels.backends.triton.kd_loss import (_NEG_BIG, _load_tile, _max_with_nan, _unit_column_stride,
+                                               launch_over_rows, row_label, row_pointers, zero_ignored_row)
 
 # Compile-time selection rules: the ids of kdkernels._config.CAKD_GROUPS (cakd.h enum GroupRule).
 _LABEL = tl.constexpr(CAKD_GROUPS["label"])
 _TOP_K = tl.constexpr(CAKD_GROUPS["teacher_topk"])
 _MASS = tl.constexpr(CAKD_GROUPS["teacher_mass"])
 
-_NEG_BIG = tl.constexpr(-3.0e38)
 # Keys below every key of a float (the int32 range): K = _BELOW_ALL_KEYS puts every class in S.
 _BELOW_ALL_KEYS = tl.constexpr(-(2 ** 31) - 1)
 # Buckets per pass of the selection's key search.
@@ -74,16 +73,28 @@ def _selection_weight(t, in_row, inv_temperature, lse_a, RULE: tl.constexpr):
 
 
 @triton.jit
+def _teacher_tile(teacher_row, tile, vocab, BLOCK: tl.constexpr):
+    """(columns, which of them are in the row, teacher logits as fp32, -inf past the row) of the
+    row's tile number `tile`, BLOCK columns wide."""
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    in_row = offs < vocab
+    return offs, in_row, tl.load(teacher_row + offs, mask=in_row, other=-float("inf")).to(tl.float32)
+
+
+@triton.jit
+def _weighted_tile(teacher_row, tile, vocab, inv_temperature, lse_a, RULE: tl.constexpr, BLOCK: tl.constexpr):
+    """(teacher logits, selection weights; 0 past the row) of the row's tile number `tile`."""
+    _, in_row, t = _teacher_tile(teacher_row, tile, vocab, BLOCK)
+    return t, _selection_weight(t, in_row, inv_temperature, lse_a, RULE)
+
+
+@triton.jit
 def _weight_from(teacher_row, vocab, threshold, inv_temperature, lse_a, RULE: tl.constexpr,
                  BLOCK: tl.constexpr):
     """Total selection weight of the classes whose key is >= threshold (int64)."""
-    cols = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for tile in range(0, tl.cdiv(vocab, BLOCK)):
-        offs = tile * BLOCK + cols
-        in_row = offs < vocab
-        t = tl.load(teacher_row + offs, mask=in_row, other=-float("inf")).to(tl.float32)
-        w = _selection_weight(t, in_row, inv_temperature, lse_a, RULE)
+        t, w = _weighted_tile(teacher_row, tile, vocab, inv_temperature, lse_a, RULE, BLOCK)
         acc += tl.where(_rank_key(t) >= threshold, w, 0.0)
     return tl.sum(acc, 0)
 
@@ -93,14 +104,10 @@ def _weights_from_thresholds(teacher_row, vocab, lo, width, inv_temperature, lse
                              SEL_BLOCK: tl.constexpr):
     """[_RADIX] total selection weight of the classes whose key is >= lo + j * width, for every j:
     one pass over the row, in narrower tiles (each column is compared with every threshold)."""
-    cols = tl.arange(0, SEL_BLOCK)
     thresholds = lo + tl.arange(0, _RADIX).to(tl.int64) * width
     acc = tl.zeros([_RADIX], tl.float32)
     for tile in range(0, tl.cdiv(vocab, SEL_BLOCK)):
-        offs = tile * SEL_BLOCK + cols
-        in_row = offs < vocab
-        t = tl.load(teacher_row + offs, mask=in_row, other=-float("inf")).to(tl.float32)
-        w = _selection_weight(t, in_row, inv_temperature, lse_a, RULE)
+        t, w = _weighted_tile(teacher_row, tile, vocab, inv_temperature, lse_a, RULE, SEL_BLOCK)
         above = _rank_key(t)[:, None] >= thresholds[None, :]
         acc += tl.sum(tl.where(above, w[:, None], 0.0), 0)
     return acc
@@ -111,7 +118,6 @@ def _select_prefix(teacher_row, vocab, target, inv_temperature, lse_a, RULE: tl.
                    BLOCK: tl.constexpr, SEL_BLOCK: tl.constexpr):
     """(K, J): S = {key > K} + {key == K, class <= J}, the shortest prefix in teacher rank order
     whose selection weight reaches `target` (all classes when the row's total falls short)."""
-    cols = tl.arange(0, BLOCK)
     n_tiles = tl.cdiv(vocab, BLOCK)
     # Invariant: weight(key >= lo) >= target > weight(key >= hi).
     lo = tl.full([], -(2 ** 31), tl.int64)
@@ -120,9 +126,7 @@ def _select_prefix(teacher_row, vocab, target, inv_temperature, lse_a, RULE: tl.
     if RULE == _TOP_K and target == 1.0:  # top-1: K is the largest key
         best = tl.full([BLOCK], -(2 ** 31), tl.int64)
         for tile in range(0, n_tiles):
-            offs = tile * BLOCK + cols
-            in_row = offs < vocab
-            t = tl.load(teacher_row + offs, mask=in_row, other=-float("inf")).to(tl.float32)
+            _, in_row, t = _teacher_tile(teacher_row, tile, vocab, BLOCK)
             best = tl.maximum(best, tl.where(in_row, _rank_key(t), -(2 ** 31)))
         lo = tl.max(best, 0)
     else:
@@ -142,9 +146,7 @@ def _select_prefix(teacher_row, vocab, target, inv_temperature, lse_a, RULE: tl.
     running = _weight_from(teacher_row, vocab, kth + 1, inv_temperature, lse_a, RULE, BLOCK)
     last = tl.full([], 0, tl.int64) + vocab
     for tile in range(0, n_tiles):
-        offs = tile * BLOCK + cols
-        in_row = offs < vocab
-        t = tl.load(teacher_row + offs, mask=in_row, other=-float("inf")).to(tl.float32)
+        offs, in_row, t = _teacher_tile(teacher_row, tile, vocab, BLOCK)
         tied = in_row & (_rank_key(t) == kth)
         w = tl.where(tied, _selection_weight(t, in_row, inv_temperature, lse_a, RULE), 0.0)
         reached = tied & (running + tl.cumsum(w, 0) >= target)
@@ -163,6 +165,15 @@ def _in_s(offs, t, label, kth, last, RULE: tl.constexpr):
         key = _rank_key(t)
         member = (key > kth) | ((key == kth) & (offs <= last))
     return member
+
+
+@triton.jit
+def _grouped_tile(student_row, teacher_row, tile, vocab, label, kth, last, RULE: tl.constexpr, BLOCK: tl.constexpr):
+    """(student and teacher logits as fp32, which columns belong to S, the columns, which of them
+    are in the row) of the row's tile number `tile`."""
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    z, t, in_row = _load_tile(student_row, teacher_row, offs, vocab)
+    return z, t, _in_s(offs, t, label, kth, last, RULE), offs, in_row
 
 
 @triton.jit
@@ -237,7 +248,6 @@ def _cakd_fwd_kernel(
 ):
     row, student_row, teacher_row, grad_row = row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride,
                                                            teacher_row_stride, vocab)
-    cols = tl.arange(0, BLOCK)
     n_tiles = tl.cdiv(vocab, BLOCK)
 
     label, active, bad_label = row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS)
@@ -251,9 +261,8 @@ def _cakd_fwd_kernel(
                 max_t = tl.full([], _NEG_BIG, tl.float32)
                 sum_t = tl.zeros([BLOCK], tl.float32)
                 for tile in range(0, n_tiles):
-                    offs = tile * BLOCK + cols
-                    t = tl.load(teacher_row + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
-                    max_t, sum_t = _online_group(t, offs < vocab, max_t, sum_t, inv_temperature)
+                    _, in_row, t = _teacher_tile(teacher_row, tile, vocab, BLOCK)
+                    max_t, sum_t = _online_group(t, in_row, max_t, sum_t, inv_temperature)
                 lse_a = tl.where(max_t > _NEG_BIG, max_t * inv_temperature + tl.log(tl.sum(sum_t, 0)), 0.0)
             kth, last = _select_prefix(teacher_row, vocab, selection_target, inv_temperature, lse_a, RULE, BLOCK,
                                        SEL_BLOCK)
@@ -270,11 +279,9 @@ def _cakd_fwd_kernel(
         sum_as = tl.zeros([BLOCK], tl.float32)
         sum_aw = tl.zeros([BLOCK], tl.float32)
         for tile in range(0, n_tiles):
-            offs = tile * BLOCK + cols
-            z, t, in_row = _load_tile(student_row, teacher_row, offs, vocab)
+            z, t, in_s, _, _ = _grouped_tile(student_row, teacher_row, tile, vocab, label, kth, last, RULE, BLOCK)
             raw_max_z = _max_with_nan(raw_max_z, tl.reduce(z, 0, _max_with_nan))
             raw_max_t = _max_with_nan(raw_max_t, tl.reduce(t, 0, _max_with_nan))
-            in_s = _in_s(offs, t, label, kth, last, RULE)
             max_us, sum_us = _online_group(z, in_s, max_us, sum_us, inv_temperature)
             max_uw, sum_uw = _online_group(z, ~in_s, max_uw, sum_uw, inv_temperature)
             max_as, sum_as = _online_group(t, in_s, max_as, sum_as, inv_temperature)
@@ -321,9 +328,8 @@ def _cakd_fwd_kernel(
         scd_acc = tl.zeros([BLOCK], tl.float32)
         wcd_acc = tl.zeros([BLOCK], tl.float32)
         for tile in range(0, n_tiles):
-            offs = tile * BLOCK + cols
-            z, t, in_row = _load_tile(student_row, teacher_row, offs, vocab)
-            in_s = _in_s(offs, t, label, kth, last, RULE)
+            z, t, in_s, offs, in_row = _grouped_tile(student_row, teacher_row, tile, vocab, label, kth, last, RULE,
+                                                     BLOCK)
             log_phat = (t - tl.where(in_s, shift_as, shift_aw)) * inv_temperature - tl.where(
                 in_s, log_norm_as, log_norm_aw)
             log_qhat = (z - tl.where(in_s, shift_us, shift_uw)) * inv_temperature - tl.where(
@@ -387,15 +393,13 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     teacher = _unit_column_stride(teacher_logits)
     n_rows, vocab = student.shape
     device = student.device
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     components = torch.empty((n_rows, 3), dtype=torch.float32, device=device)
     grad = torch.empty(student.shape, dtype=student.dtype, device=device) if compute_grad else None
-    if n_rows == 0:
-        return row_loss, components, grad
-    rule = cfg.group_rule_id
-    target = float(cfg.mass) if rule == CAKD_GROUPS["teacher_mass"] else float(cfg.top_k)
-    block, num_warps = launch_shape(vocab)
-    with _on_device(device):
+
+    def launch(row_loss: torch.Tensor) -> None:
+        rule = cfg.group_rule_id
+        target = float(cfg.mass) if rule == CAKD_GROUPS["teacher_mass"] else float(cfg.top_k)
+        block, num_warps = launch_shape(vocab)
         _cakd_fwd_kernel[(n_rows,)](
             student, teacher,
             labels if labels is not None else row_loss,  # placeholder pointer, never read
@@ -409,4 +413,5 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
             RULE=rule, HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad,
             BLOCK=block, SEL_BLOCK=selection_block(block), num_warps=num_warps,
         )
-    return row_loss, components, grad
+
+    return launch_over_rows(student, launch), components, grad

@@ -28,7 +28,7 @@ values also get a NaN gradient row.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -410,14 +410,21 @@ def rows_inplace(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 def _row_losses(student, teacher_logits, labels, grad, grad_scale, cfg: KDConfig, block: Optional[int] = None,
                 num_warps: Optional[int] = None) -> torch.Tensor:
     """Launches the kernel over every row (gradient into `grad` when given); returns row_loss."""
-    n_rows, vocab = student.shape
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    if n_rows == 0:
-        return row_loss
-    default_block, default_warps = launch_shape(vocab)
-    with _on_device(student.device):
+    def launch(row_loss: torch.Tensor) -> None:
+        default_block, default_warps = launch_shape(student.shape[1])
         _launch(student, _unit_column_stride(teacher_logits), labels, grad, row_loss, grad_scale, cfg,
                 block or default_block, num_warps or default_warps)
+
+    return launch_over_rows(student, launch)
+
+
+def launch_over_rows(student: torch.Tensor, launch: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """A float32 row_loss [N] for the rows of `student`, filled by ``launch(row_loss)`` on the
+    tensors' device; nothing is launched for zero rows."""
+    row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+    if row_loss.numel():
+        with _on_device(student.device):
+            launch(row_loss)
     return row_loss
 
 

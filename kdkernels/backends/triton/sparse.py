@@ -27,10 +27,9 @@ import triton.language as tl
 
 from kdkernels import _reports
 from kdkernels._sparse_checks import SparseConfig, SparseTeacher
-from kdkernels.backends.triton.kd_loss import (_ce_grad, _divergence_grad, _divergence_terms, _max_with_nan,
-                                               _on_device, ce_reuses_q, zero_ignored_row)
+from kdkernels.backends.triton.kd_loss import (_NEG_BIG, _ce_grad, _divergence_grad, _divergence_terms,
+                                               _max_with_nan, ce_reuses_q, launch_over_rows, zero_ignored_row)
 
-_NEG_BIG = tl.constexpr(-3.0e38)
 _LOGPROBS = tl.constexpr(0)
 _PROBS = tl.constexpr(2)
 _RENORMALIZE = tl.constexpr(0)
@@ -223,17 +222,15 @@ def _sparse_kd_fwd_kernel(
 
 def _launch(student: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor, grad: Optional[torch.Tensor],
             grad_scale: torch.Tensor, cfg: SparseConfig, block: Optional[int] = None) -> torch.Tensor:
-    n_rows, vocab = student.shape
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    if n_rows == 0:
-        return row_loss
     if student.stride(-1) != 1:
         student = student.contiguous()
-    kd = cfg.kd
-    k = teacher.ids.shape[-1]
-    mix_wp, mix_wq = kd.mixture_weights
-    block = block or min(MAX_BLOCK, triton.next_power_of_2(vocab))
-    with _on_device(student.device):
+
+    def launch(row_loss: torch.Tensor) -> None:
+        n_rows, vocab = student.shape
+        kd = cfg.kd
+        k = teacher.ids.shape[-1]
+        mix_wp, mix_wq = kd.mixture_weights
+        tile = block or min(MAX_BLOCK, triton.next_power_of_2(vocab))
         _sparse_kd_fwd_kernel[(n_rows,)](
             student, teacher.ids.contiguous(), teacher.values.float().contiguous(), labels.long().contiguous(),
             grad if grad is not None else student, row_loss,
@@ -243,8 +240,9 @@ def _launch(student: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor,
             mix_wp, mix_wq, kd.ignore_index,
             DIVERGENCE=kd.divergence_id, KIND=cfg.teacher_kind_id, MISSING=cfg.missing_mass_id,
             USE_CE=kd.ce_weight > 0, CE_REUSES_Q=ce_reuses_q(kd.temperature), COMPUTE_GRAD=grad is not None,
-            BLOCK=block, K_BLOCK=triton.next_power_of_2(k), num_warps=4 if block <= 1024 else 8)
-    return row_loss
+            BLOCK=tile, K_BLOCK=triton.next_power_of_2(k), num_warps=4 if tile <= 1024 else 8)
+
+    return launch_over_rows(student, launch)
 
 
 def _raise_bad_student() -> None:
