@@ -86,8 +86,8 @@ def _cpu_extensions(CppExtension, isas):
             CppExtension(
                 name=f"kdkernels.{module}",
                 sources=["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp"),
-                include_dirs=[os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc", "cpu")],
-                depends=_sources("csrc/include/kdkernels/*.h") + _sources("csrc/cpu/*.h"),
+                include_dirs=[os.path.join(HERE, "csrc", d) for d in ("", "include", "cpu")],
+                depends=_sources("csrc/*.h") + _sources("csrc/include/kdkernels/*.h") + _sources("csrc/cpu/*.h"),
                 extra_compile_args=["-O3", "-std=c++17", "-fopenmp", f"-DKDK_MODULE={module}"]
                 + CPU_ISAS[isa],
                 extra_link_args=["-fopenmp"],
@@ -116,7 +116,8 @@ def _cuda_extensions(CUDAExtension):
         CUDAExtension(
             name="kdkernels._C_cuda",
             sources=sources,
-            include_dirs=[os.path.join(HERE, "csrc", "include")],
+            include_dirs=[os.path.join(HERE, "csrc", d) for d in ("", "include")],
+            depends=_sources("csrc/*.h") + _sources("csrc/include/kdkernels/*.h") + _sources("csrc/cuda/*.h"),
             extra_compile_args={
                 "cxx": ["-O3", "-std=c++17", "-DKDK_MODULE=_C_cuda"],
                 "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DKDK_MODULE=_C_cuda",

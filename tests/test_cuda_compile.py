@@ -9,21 +9,26 @@
    kernels' block reductions do). Its row losses and gradients are checked against the float64
    reference like every other backend. A kernel that uses a CUDA feature the emulation lacks
    fails to build here: extend ``_EMULATION`` below.
+3. The torch glue (``csrc/cuda/*.cpp``) compiles against torch's and the CUDA toolkit's headers
+   (a syntax check; skipped where the toolkit's headers are absent).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.cpp_extension import include_paths
 
 from conftest import (DIVERGENCE_NAMES, STUDENT_NEG_INF_CASES, assert_within_eager_error, make_labels, make_logits,
                       make_pair, masked_teacher_row_oracle, student_neg_inf_case)
@@ -70,6 +75,39 @@ def test_cuda_sources_compile_with_nvcc_for_sm80_and_sm90(source, tmp_path):
          f"-I{INCLUDE_DIR}", f"-I{CUDA_DIR}", source, "-o", str(tmp_path / "kernel.o")],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"nvcc failed on {os.path.basename(source)}:\n{proc.stderr[-4000:]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime_include() -> Optional[str]:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    # nvcc may be a wrapper script on PATH: ask it where its own binary lives
+    proc = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True)
+    for home in re.findall(r"TOP=(\S+)", proc.stdout + proc.stderr) + [os.path.dirname(os.path.dirname(nvcc))]:
+        include = os.path.join(home, "include")
+        if os.path.isfile(os.path.join(include, "cuda_runtime.h")):
+            return include
+    return None
+
+
+GLUE_SOURCES = sorted(glob.glob(os.path.join(REPO_ROOT, "csrc", "cuda", "*.cpp")))
+
+
+@pytest.mark.skipif(_cuda_runtime_include() is None, reason="the CUDA toolkit's headers are not installed")
+@pytest.mark.parametrize("source", GLUE_SOURCES, ids=os.path.basename)
+def test_cuda_torch_glue_compiles_against_torch_headers(source, tmp_path):
+    # A CPU torch ships c10/cuda's headers but not the one its CMake build generates: an empty
+    # stand-in is enough for a syntax check.
+    generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#pragma once\n")
+    includes = [*include_paths(), str(tmp_path), sysconfig.get_paths()["include"], _cuda_runtime_include(),
+                os.path.join(REPO_ROOT, "csrc"), INCLUDE_DIR, CUDA_DIR]
+    proc = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-w", "-DKDK_MODULE=_C_cuda",
+                           *(f"-I{path}" for path in includes), source],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{os.path.basename(source)} does not compile:\n{proc.stderr[-4000:]}"
 
 
 # --- the kernels run on the CPU through an emulation of CUDA ---------------------------------------

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_alloc.h"
+#include "op_glue.h"
 
 namespace kdkernels {
 namespace {
@@ -323,59 +324,33 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   return static_cast<float>(loss);
 }
 
-// The forward of both ops: row losses, and the gradient into `grad` when it is given.
-at::Tensor kd_rows_cpu(const RowInputs& in, at::Tensor* grad, const at::Tensor& grad_scale,
-                       int64_t divergence, double temperature, double beta, double kd_weight,
-                       double ce_weight, bool scale_by_t2, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(is_divergence_id(divergence), "unknown divergence id ", divergence);
-  const KDParams params = make_kd_params(divergence, static_cast<float>(temperature), beta, static_cast<float>(kd_weight),
-                                      static_cast<float>(ce_weight), scale_by_t2, ignore_index);
-  const float scale = grad_scale.item<float>();
+// The row function of both kd_loss ops (csrc/op_glue.h). Each row is read before its gradient is
+// written over it (every pass works row by row, the label's logit is read first), so the student
+// logits' own storage can hold the gradient: no [N, V] allocation and no first-touch page faults
+// for callers that reuse a logits buffer.
+std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(const KdLossTensors& tensors, const KDParams& params, GradInto into) {
+  const RowInputs in = row_inputs(tensors.student, tensors.teacher, tensors.labels);
+  at::Tensor grad;
+  if (into == GradInto::kNew) grad = empty_huge_pages({in.rows, in.vocab}, in.student.options());
+  if (into == GradInto::kStudent) grad = tensors.student;
+  const float scale = tensors.grad_scale.item<float>();
   at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(at::kFloat));
-  run_rows</*kNativeRows=*/true>(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), grad, [&]() {
+  run_rows</*kNativeRows=*/true>(in, params.ignore_index, scale, row_loss.mutable_data_ptr<float>(),
+                                 grad.defined() ? &grad : nullptr, [&]() {
     return [&params, scratch = RowScratch{}](const auto& args, int64_t, int* error) mutable {
       float loss = 0.f;
       dispatch_divergence(params.divergence, [&](auto tag) { loss = kd_row<decltype(tag)>(args, params, scratch, error); });
       return loss;
     };
   });
-  return row_loss;
-}
-
-// The ops (schemas in csrc/ops.cpp). kd_loss_fwd: -> (row_loss [N] float32, grad [N, V] in the
-// student dtype, or an empty tensor when !compute_grad), grad = d(grad_scale * sum(row_loss)) / dz.
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
-    int64_t ignore_index, bool compute_grad) {
-  const RowInputs in = row_inputs(student_logits, teacher_logits, labels);
-  at::Tensor grad = compute_grad ? empty_huge_pages({in.rows, in.vocab}, in.student.options())
-                                 : at::empty({0}, in.student.options());
-  at::Tensor row_loss = kd_rows_cpu(in, compute_grad ? &grad : nullptr, grad_scale, divergence, temperature,
-                                    beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
   return {row_loss, grad};
-}
-
-// Each row is read before its gradient is written over it (every pass works row by row, the
-// label's logit is read first), so the student logits' own storage can hold the gradient: no
-// [N, V] allocation and no first-touch page faults for callers that reuse a logits buffer.
-at::Tensor kd_loss_fwd_inplace_cpu(
-    at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
-    const at::Tensor& grad_scale, int64_t divergence, double temperature, double beta, double kd_weight,
-    double ce_weight, bool scale_by_t2, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(student_logits.is_contiguous(), "student_logits must be contiguous to take the gradient in place");
-  const RowInputs in = row_inputs(student_logits, teacher_logits, labels);
-  at::Tensor grad = student_logits;
-  return kd_rows_cpu(in, &grad, grad_scale, divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2,
-                     ignore_index);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
-  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_cpu);
+  m.impl("kd_loss_fwd", &kd_loss_fwd_op<&kd_rows_cpu>);
+  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_op<&kd_rows_cpu>);
 }
 
 }  // namespace kdkernels

@@ -261,27 +261,37 @@ struct RowArgsT {
 };
 using RowArgs = RowArgsT<>;
 
-// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
+// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop):
+// each full 16-bit vector of [0, n) through vector(i), the rest element by element.
+template <typename scalar_t, class VectorFn, class ElementFn>
+KD_ALWAYS_INLINE void convert_row(int64_t n, VectorFn&& vector, ElementFn&& element) {
+  constexpr int64_t kLowW = at::vec::Vectorized<scalar_t>::size();  // 2 * kW
+  int64_t i = 0;
+  for (; i + kLowW <= n; i += kLowW) vector(i);
+  for (; i < n; ++i) element(i);
+}
+
 template <typename scalar_t>
 void widen(const scalar_t* src, float* dst, int64_t n) {
-  using LowVec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + LowVec::size() <= n; i += LowVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(LowVec::loadu(src + i));
-    lo.store(dst + i);
-    hi.store(dst + i + kW);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  convert_row<scalar_t>(
+      n,
+      [&](int64_t i) {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src + i));
+        lo.store(dst + i);
+        hi.store(dst + i + kW);
+      },
+      [&](int64_t i) { dst[i] = static_cast<float>(src[i]); });
 }
 
 template <typename scalar_t>
 void narrow(const float* src, scalar_t* dst, int64_t n) {
-  using LowVec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + LowVec::size() <= n; i += LowVec::size())
-    store_streaming(at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)),
-                    dst + i);
-  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  convert_row<scalar_t>(
+      n,
+      [&](int64_t i) {
+        store_streaming(at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)),
+                        dst + i);
+      },
+      [&](int64_t i) { dst[i] = static_cast<scalar_t>(src[i]); });
 }
 
 // Returns a pointer to the row as fp32: the row itself for float input, else `buf` filled by

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_alloc.h"
+#include "op_glue.h"
 
 namespace kdkernels {
 namespace {
@@ -256,8 +257,6 @@ at::Tensor sparse_rows_cpu(const at::Tensor& student_in, at::Tensor* grad, const
                     "teacher_ids and teacher_values must be [N, k] with the student's N");
   TORCH_CHECK_TYPE(teacher_ids.scalar_type() == at::kLong, "teacher_ids must be int64");
   TORCH_CHECK_TYPE(teacher_values.scalar_type() == at::kFloat, "teacher_values must be float32");
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= static_cast<int64_t>(Divergence::kTVD),
-                    "unknown divergence id ", divergence);
   TORCH_CHECK_VALUE(teacher_kind >= 0 && teacher_kind <= 2, "unknown teacher_kind id ", teacher_kind);
   TORCH_CHECK_VALUE(missing_mass >= 0 && missing_mass <= 2, "unknown missing_mass id ", missing_mass);
   const at::Tensor student = student_in.contiguous();
@@ -269,9 +268,7 @@ at::Tensor sparse_rows_cpu(const at::Tensor& student_in, at::Tensor* grad, const
     TORCH_CHECK_VALUE(label_tensor.numel() == student.size(0), "labels must have one entry per row");
     label_ptr = label_tensor.const_data_ptr<int64_t>();
   }
-  const KDParams kd = make_kd_params(divergence, static_cast<float>(temperature), static_cast<float>(beta),
-                                     static_cast<float>(kd_weight), static_cast<float>(ce_weight), scale_by_t2,
-                                     ignore_index);
+  const KDParams kd = op_kd_params(divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
   const SparseParams prm = make_sparse_params(kd, teacher_kind, teacher_temperature, missing_mass, temperature,
                                               pad_id);
   const float scale = grad_scale.item<float>();
@@ -304,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_fwd_cpu(
   TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must be [N, V]");
   at::Tensor grad = compute_grad ? empty_huge_pages({student_logits.size(0), student_logits.size(1)},
                                                     student_logits.options())
-                                 : at::empty({0}, student_logits.options());
+                                 : no_grad_output(student_logits);
   at::Tensor row_loss = sparse_rows_cpu(student_logits, compute_grad ? &grad : nullptr, teacher_ids, teacher_values,
                                         labels, grad_scale, teacher_kind, teacher_temperature, missing_mass,
                                         divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2,
@@ -319,7 +316,7 @@ at::Tensor sparse_kd_loss_fwd_inplace_cpu(
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t teacher_kind,
     double teacher_temperature, int64_t missing_mass, int64_t divergence, double temperature, double beta,
     double kd_weight, double ce_weight, bool scale_by_t2, int64_t ignore_index, int64_t pad_id) {
-  TORCH_CHECK_VALUE(student_logits.is_contiguous(), "student_logits must be contiguous to take the gradient in place");
+  check_grad_in_place(student_logits);
   at::Tensor grad = student_logits;
   return sparse_rows_cpu(student_logits, &grad, teacher_ids, teacher_values, labels, grad_scale, teacher_kind,
                          teacher_temperature, missing_mass, divergence, temperature, beta, kd_weight, ce_weight,

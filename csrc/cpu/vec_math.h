@@ -105,18 +105,21 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
 }
 inline Vec kd_log(Vec x) { return log_inline(x); }
 
-// kd_min and kd_where_gt in mask-register form where the ISA has it (at::vec's minimum adds NaN
-// propagation and its comparisons widen masks into vectors: three extra instructions each, in
-// the divergences' inner loops). kd_min(a, b) gives b where a is NaN.
-inline Vec kd_min(Vec a, Vec b) {
+// Lane-wise min (kMax false) or max, and kd_where_gt, in one mask-register instruction where the
+// ISA has it (at::vec's minimum and maximum add NaN propagation and its comparisons widen masks
+// into vectors: three extra instructions each, in the divergences' inner loops). Where a lane of
+// `a` is NaN, the min or max gives b's lane (the portable fallback propagates the NaN).
+template <bool kMax>
+KD_ALWAYS_INLINE Vec min_or_max_unordered(Vec a, Vec b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return Vec(_mm512_min_ps(a, b));
+  return Vec(kMax ? _mm512_max_ps(a, b) : _mm512_min_ps(a, b));
 #elif defined(CPU_CAPABILITY_AVX2)
-  return Vec(_mm256_min_ps(a, b));
+  return Vec(kMax ? _mm256_max_ps(a, b) : _mm256_min_ps(a, b));
 #else
-  return at::vec::minimum(a, b);
+  return kMax ? at::vec::maximum(a, b) : at::vec::minimum(a, b);
 #endif
 }
+inline Vec kd_min(Vec a, Vec b) { return min_or_max_unordered<false>(a, b); }
 inline Vec kd_abs(Vec x) { return x.abs(); }
 inline Vec kd_where_gt(Vec a, Vec b, Vec x, Vec y) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -180,15 +183,7 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
 
 // Lane-wise max in one instruction, without at::vec::maximum's NaN propagation (a NaN lane may be
 // dropped): for loops that find NaN another way (stats_block: the exps of a NaN are NaN).
-KD_ALWAYS_INLINE Vec max_unordered(Vec a, Vec b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return Vec(_mm512_max_ps(a, b));
-#elif defined(CPU_CAPABILITY_AVX2)
-  return Vec(_mm256_max_ps(a, b));
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
+KD_ALWAYS_INLINE Vec max_unordered(Vec a, Vec b) { return min_or_max_unordered<true>(a, b); }
 
 // Stores a full vector to `dst` bypassing the caches when the address allows it. The gradient is
 // written once and not read again by the kernel, so streaming stores save the read-for-ownership

@@ -3,6 +3,7 @@
 // turns tensors into the raw pointers, sizes and current stream of launch_kd_loss_fwd. Built only
 // against a CUDA torch.
 #include "kd_loss_kernel.h"
+#include "op_glue.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -28,30 +29,33 @@ at::Tensor with_unit_column_stride(const at::Tensor& logits) {
   return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
-// Launches the kernel over student [N, V] (unit column stride) with the gradient written to `grad`
-// ([N, V] contiguous in the student dtype, possibly `student` itself; undefined: none); returns
-// the row losses.
-at::Tensor launch_rows(const at::Tensor& student, const at::Tensor& teacher_logits,
-                       const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                       const at::Tensor& grad, int64_t divergence, double temperature, double beta,
-                       double kd_weight, double ce_weight, bool scale_by_t2, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && teacher_logits.sizes() == student.sizes(),
+// The row function of both kd_loss ops (csrc/op_glue.h): launches the kernel over the student
+// [N, V] with the gradient written to a new contiguous tensor, or over the student logits; returns
+// the row losses and that gradient.
+std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(const KdLossTensors& tensors, const KDParams& params,
+                                                GradInto into) {
+  TORCH_CHECK_VALUE(tensors.student.dim() == 2 && tensors.teacher.sizes() == tensors.student.sizes(),
                     "student_logits and teacher_logits must be [N, V] of equal shape");
-  TORCH_CHECK_VALUE(teacher_logits.device() == student.device(),
+  TORCH_CHECK_VALUE(tensors.teacher.device() == tensors.student.device(),
                     "teacher_logits must be on the device of student_logits");
-  TORCH_CHECK_VALUE(is_divergence_id(divergence), "unknown divergence id ", divergence);
-  const at::Tensor teacher = with_unit_column_stride(teacher_logits);
+  const c10::cuda::CUDAGuard device_guard(tensors.student.device());
+  // in place, the student is contiguous (op_glue.h checks it), so this is the same tensor
+  const at::Tensor student = with_unit_column_stride(tensors.student);
+  const at::Tensor teacher = with_unit_column_stride(tensors.teacher);
   const int64_t rows = student.size(0), vocab = student.size(1);
+  at::Tensor grad;
+  if (into == GradInto::kNew) grad = at::empty(student.sizes(), student.options());
+  if (into == GradInto::kStudent) grad = tensors.student;
 
   at::Tensor label_tensor;
-  if (labels.has_value()) {
-    label_tensor = labels->to(student.device(), at::kLong).contiguous();
+  if (tensors.labels.has_value()) {
+    label_tensor = tensors.labels->to(student.device(), at::kLong).contiguous();
     TORCH_CHECK_VALUE(label_tensor.numel() == rows, "labels must have one entry per row");
   }
   // Stays on the device: the kernel reads it, so no host synchronisation.
-  const at::Tensor scale = grad_scale.to(student.device(), at::kFloat).contiguous();
+  const at::Tensor scale = tensors.grad_scale.to(student.device(), at::kFloat).contiguous();
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
-  if (rows == 0) return row_loss;
+  if (rows == 0) return {row_loss, grad};
 
   cuda::KDRowsProblem problem;
   problem.student = student.const_data_ptr();
@@ -60,50 +64,22 @@ at::Tensor launch_rows(const at::Tensor& student, const at::Tensor& teacher_logi
   problem.teacher_type = logits_type(teacher, "teacher_logits");
   problem.student_row_stride = student.stride(0);
   problem.teacher_row_stride = teacher.stride(0);
-  problem.labels = labels.has_value() ? label_tensor.const_data_ptr<int64_t>() : nullptr;
+  problem.labels = label_tensor.defined() ? label_tensor.const_data_ptr<int64_t>() : nullptr;
   problem.grad_scale = scale.const_data_ptr<float>();
   problem.row_loss = row_loss.mutable_data_ptr<float>();
   problem.grad = grad.defined() ? grad.mutable_data_ptr() : nullptr;
   problem.rows = rows;
   problem.vocab = vocab;
-  const KDParams params = make_kd_params(divergence, static_cast<float>(temperature), beta,
-                                         static_cast<float>(kd_weight), static_cast<float>(ce_weight),
-                                         scale_by_t2, ignore_index);
   const cudaError_t status = cuda::launch_kd_loss_fwd(problem, params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kdkernels: kd_loss_fwd CUDA launch failed: ", cudaGetErrorString(status));
-  return row_loss;
-}
-
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double beta, double kd_weight, double ce_weight, bool scale_by_t2,
-    int64_t ignore_index, bool compute_grad) {
-  const c10::cuda::CUDAGuard device_guard(student_logits.device());
-  const at::Tensor student = with_unit_column_stride(student_logits);
-  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  at::Tensor row_loss = launch_rows(student, teacher_logits, labels, grad_scale, compute_grad ? grad : at::Tensor(),
-                                    divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
   return {row_loss, grad};
-}
-
-// The gradient written over the (contiguous) student logits: no [N, V] allocation (the fused
-// lm_head loss reuses one chunk buffer).
-at::Tensor kd_loss_fwd_inplace_cuda(
-    at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
-    const at::Tensor& grad_scale, int64_t divergence, double temperature, double beta, double kd_weight,
-    double ce_weight, bool scale_by_t2, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(student_logits.is_contiguous(), "student_logits must be contiguous to take the gradient in place");
-  const c10::cuda::CUDAGuard device_guard(student_logits.device());
-  return launch_rows(student_logits, teacher_logits, labels, grad_scale, student_logits, divergence, temperature,
-                     beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
-  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_cuda);
+  m.impl("kd_loss_fwd", &kd_loss_fwd_op<&kd_rows_cuda>);
+  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_op<&kd_rows_cuda>);
 }
 
 }  // namespace kdkernels

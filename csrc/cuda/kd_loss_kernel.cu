@@ -57,50 +57,62 @@ struct Float16 {
 
 template <class Type>
 union Pack16 {  // 16 bytes seen as one vector access or as elements
+  static constexpr int kCount = 16 / sizeof(typename Type::Raw);
   uint4 vector;
-  typename Type::Raw elements[16 / sizeof(typename Type::Raw)];
+  typename Type::Raw elements[kCount];
 };
 
 __device__ __forceinline__ bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
 
+// Visits columns [col, col + kChunk) of a row: by 16-byte packs, packed(v) for pack v, where the
+// row allows it (`vector_ok`: aligned, and the chunk lies inside the row), else one column at a
+// time, scalar(k) for each column col + k inside the row.
+template <class Type, class Packed, class Scalar>
+__device__ __forceinline__ void visit_chunk(int64_t col, int64_t vocab, bool vector_ok, Packed packed,
+                                            Scalar scalar) {
+  if (vector_ok && col + kChunk <= vocab) {
+#pragma unroll
+    for (int v = 0; v < kChunk / Pack16<Type>::kCount; ++v) packed(v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k)
+      if (col + k < vocab) scalar(k);
+  }
+}
+
 // Columns [col, col + kChunk) of a row as fp32; columns past the row read as -inf (masked).
 template <class Type>
 __device__ __forceinline__ void load_chunk(const typename Type::Raw* __restrict__ row, int64_t col,
                                            int64_t vocab, bool vector_ok, float (&out)[kChunk]) {
-  if (vector_ok && col + kChunk <= vocab) {
-    constexpr int kPerPack = 16 / sizeof(typename Type::Raw);
+  constexpr int kPerPack = Pack16<Type>::kCount;
 #pragma unroll
-    for (int v = 0; v < kChunk / kPerPack; ++v) {
-      Pack16<Type> pack;
-      pack.vector = *reinterpret_cast<const uint4*>(row + col + v * kPerPack);
+  for (int k = 0; k < kChunk; ++k) out[k] = -INFINITY;
+  visit_chunk<Type>(
+      col, vocab, vector_ok,
+      [&](int v) {
+        Pack16<Type> pack;
+        pack.vector = *reinterpret_cast<const uint4*>(row + col + v * kPerPack);
 #pragma unroll
-      for (int k = 0; k < kPerPack; ++k) out[v * kPerPack + k] = Type::to_float(pack.elements[k]);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) out[k] = col + k < vocab ? Type::to_float(row[col + k]) : -INFINITY;
-  }
+        for (int k = 0; k < kPerPack; ++k) out[v * kPerPack + k] = Type::to_float(pack.elements[k]);
+      },
+      [&](int k) { out[k] = Type::to_float(row[col + k]); });
 }
 
 template <class Type>
 __device__ __forceinline__ void store_chunk(typename Type::Raw* __restrict__ row, int64_t col, int64_t vocab,
                                             bool vector_ok, const float (&values)[kChunk]) {
-  if (vector_ok && col + kChunk <= vocab) {
-    constexpr int kPerPack = 16 / sizeof(typename Type::Raw);
+  constexpr int kPerPack = Pack16<Type>::kCount;
+  visit_chunk<Type>(
+      col, vocab, vector_ok,
+      [&](int v) {
+        Pack16<Type> pack;
 #pragma unroll
-    for (int v = 0; v < kChunk / kPerPack; ++v) {
-      Pack16<Type> pack;
-#pragma unroll
-      for (int k = 0; k < kPerPack; ++k) pack.elements[k] = Type::from_float(values[v * kPerPack + k]);
-      *reinterpret_cast<uint4*>(row + col + v * kPerPack) = pack.vector;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k)
-      if (col + k < vocab) row[col + k] = Type::from_float(values[k]);
-  }
+        for (int k = 0; k < kPerPack; ++k) pack.elements[k] = Type::from_float(values[v * kPerPack + k]);
+        *reinterpret_cast<uint4*>(row + col + v * kPerPack) = pack.vector;
+      },
+      [&](int k) { row[col + k] = Type::from_float(values[k]); });
 }
 
 // ---- block reductions ---------------------------------------------------------------------------
