@@ -72,6 +72,8 @@ API (everything a benchmark needs):
         --v and --temperature (each left out when its default is None).
     comma_list(allowed)
         The argparse ``type`` of a flag that takes a comma-separated list of items of ``allowed``.
+    add_list_arg(parser, flag, allowed, *, default=None, help)
+        Such a flag, by default every item of ``allowed`` (or the items of ``default``).
     add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
                  quick_repeat=3, png=None)
         The flags every benchmark shares: --n, --repeat, --warmup, --time-budget, --quick, --json,
@@ -340,6 +342,14 @@ def comma_list(allowed: Sequence[str]) -> Callable[[str], List[str]]:
         return items
 
     return parse
+
+
+def add_list_arg(parser: argparse.ArgumentParser, flag: str, allowed: Sequence[str], *,
+                 default: Optional[Sequence[str]] = None, help: str) -> None:
+    """``flag``: a comma-separated list of items of ``allowed`` (comma_list), by default all of them
+    or the items of ``default``, in that order."""
+    parser.add_argument(flag, type=comma_list(allowed), default=list(allowed if default is None else default),
+                        help=help)
 
 
 COMPILE_WARMUP_HELP = "untimed steps (default: 2 for torch.compile, which compiles in them, 1 otherwise)"
