@@ -206,15 +206,11 @@ def run_impl(impl: str, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.benchmark_parser("distributed", __doc__, v=64000, v_help="the whole vocabulary")
     harness.add_run_args(parser, repeat=5, time_budget_s=120, warmup=1, n=4096, quick_n=1024)
-    parser.add_argument("--v", type=int, default=64000, help="the whole vocabulary (default 64000)")
     parser.add_argument("--ranks", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=",".join(IMPLS),
-                        help=f"comma-separated subset of {IMPLS}")
+    harness.add_list_arg(parser, "--impls", IMPLS, help=f"comma-separated subset of {IMPLS}")
     args = harness.parse_run_args(parser, argv)
     if args.v % args.ranks:
         parser.error(f"--v ({args.v}) must be a multiple of --ranks ({args.ranks})")
