@@ -126,29 +126,31 @@ def setup(impl: str, n: int, v: int, temperature: float) -> Callable[[], None]:
     return harness.fwd_bwd_step(LOSSES[impl](temperature), student, teacher)
 
 
+# the collectives whose second argument is what this rank sends (the first is the output)
+_SENDS_SECOND = ("all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor")
+
+
 class _CollectiveCounter:
     """Counts the torch.distributed calls of the steps and the bytes this rank sends with them."""
 
     def __init__(self):
         import torch.distributed as dist
 
-        self.dist, self.calls, self.bytes, self.saved = dist, 0, 0, {}
+        self.dist, self.calls, self.bytes = dist, 0, 0
+        self.saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def _counted(self, name: str, original: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            self.calls += 1
+            sent = args[1] if name in _SENDS_SECOND else args[0]
+            self.bytes += sent.numel() * sent.element_size()
+            return original(*args, **kwargs)
+
+        return counted
 
     def __enter__(self):
-        for name in COLLECTIVES:
-            original = getattr(self.dist, name, None)
-            if original is None:
-                continue
-            self.saved[name] = original
-
-            def counted(*args, _original=original, _name=name, **kwargs):
-                self.calls += 1
-                sent = args[1] if _name in ("all_gather_single", "all_gather_into_tensor", "all_gather",
-                                            "reduce_scatter_tensor") else args[0]
-                self.bytes += sent.numel() * sent.element_size()
-                return _original(*args, **kwargs)
-
-            setattr(self.dist, name, counted)
+        for name, original in self.saved.items():
+            setattr(self.dist, name, self._counted(name, original))
         return self
 
     def __exit__(self, *exc):
