@@ -11,7 +11,6 @@ when it exceeds the spread the rounds show between themselves.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -123,26 +122,21 @@ def _with_round_text(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", help="checkout of the first build (extension built in place)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child"]:  # a measuring process: it imports nothing of benchmarks
+        print(json.dumps(_child(json.loads(argv[1]))))
+        return
+    from benchmarks import harness
+
+    parser = harness.benchmark_parser("compare_builds", __doc__, v_help="vocabulary")
+    parser.add_argument("--before", required=True, help="checkout of the first build (extension built in place)")
     parser.add_argument("--after", default=".", help="checkout of the second build (default: this one)")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per build and row (default 3)")
     parser.add_argument("--n", type=int, default=4096, help="rows (tokens), default 4096")
-    parser.add_argument("--v", type=int, default=32000, help="vocabulary, default 32000")
     parser.add_argument("--h", type=int, default=1024, help="hidden size of the fused lm_head rows, default 1024")
-    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per measurement (default 5)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    harness.add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
-        return
-    if not args.before:
-        parser.error("--before is required")
-    from benchmarks import harness
-
     _, setup = harness.announce_setup()
     results = run(args)
     print(f"\nSetup: {setup}\nBefore: {os.path.abspath(args.before)}\nAfter:  {os.path.abspath(args.after)}\n"
@@ -150,8 +144,7 @@ def main(argv=None) -> None:
           f"each figure the median of {args.repeat} steps in one process, then over {args.rounds} rounds")
     print(harness.format_table(_with_round_text(results), _columns(), markdown=args.markdown))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        harness.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -126,29 +126,31 @@ def setup(impl: str, n: int, v: int, temperature: float) -> Callable[[], None]:
     return harness.fwd_bwd_step(LOSSES[impl](temperature), student, teacher)
 
 
+# the collectives whose second argument is what this rank sends (the first is the output)
+_SENDS_SECOND = ("all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor")
+
+
 class _CollectiveCounter:
     """Counts the torch.distributed calls of the steps and the bytes this rank sends with them."""
 
     def __init__(self):
         import torch.distributed as dist
 
-        self.dist, self.calls, self.bytes, self.saved = dist, 0, 0, {}
+        self.dist, self.calls, self.bytes = dist, 0, 0
+        self.saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def _counted(self, name: str, original: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            self.calls += 1
+            sent = args[1] if name in _SENDS_SECOND else args[0]
+            self.bytes += sent.numel() * sent.element_size()
+            return original(*args, **kwargs)
+
+        return counted
 
     def __enter__(self):
-        for name in COLLECTIVES:
-            original = getattr(self.dist, name, None)
-            if original is None:
-                continue
-            self.saved[name] = original
-
-            def counted(*args, _original=original, _name=name, **kwargs):
-                self.calls += 1
-                sent = args[1] if _name in ("all_gather_single", "all_gather_into_tensor", "all_gather",
-                                            "reduce_scatter_tensor") else args[0]
-                self.bytes += sent.numel() * sent.element_size()
-                return _original(*args, **kwargs)
-
-            setattr(self.dist, name, counted)
+        for name, original in self.saved.items():
+            setattr(self.dist, name, self._counted(name, original))
         return self
 
     def __exit__(self, *exc):
@@ -206,15 +208,11 @@ def run_impl(impl: str, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.benchmark_parser("distributed", __doc__, v=64000, v_help="the whole vocabulary")
     harness.add_run_args(parser, repeat=5, time_budget_s=120, warmup=1, n=4096, quick_n=1024)
-    parser.add_argument("--v", type=int, default=64000, help="the whole vocabulary (default 64000)")
     parser.add_argument("--ranks", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=",".join(IMPLS),
-                        help=f"comma-separated subset of {IMPLS}")
+    harness.add_list_arg(parser, "--impls", IMPLS, help=f"comma-separated subset of {IMPLS}")
     args = harness.parse_run_args(parser, argv)
     if args.v % args.ranks:
         parser.error(f"--v ({args.v}) must be a multiple of --ranks ({args.ranks})")

@@ -249,18 +249,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
                         help="NxV list (default 8192x128256,4096x32000)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--divergences", type=harness.comma_list(DIVERGENCES), default=["forward_kl", "jsd"],
-                        help="divergences to time (default forward_kl,jsd)")
-    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=list(IMPLS),
-                        help=f"implementations (default: all of {', '.join(IMPLS)})")
+    harness.add_list_arg(parser, "--divergences", DIVERGENCES, default=["forward_kl", "jsd"],
+                         help="divergences to time (default forward_kl,jsd)")
+    harness.add_list_arg(parser, "--impls", IMPLS, help=f"implementations (default: all of {', '.join(IMPLS)})")
     parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing / skew weight (default 0.5)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sweep", action="store_true",
                         help="also time the Triton kernel's launch shapes (last)")
-    parser.add_argument("--families", type=harness.comma_list(("kd",) + gpu_families.FAMILIES),
-                        default=["kd", *gpu_families.FAMILIES],
-                        help="loss families (default: kd,cakd,sparse,fused_linear); the others run at the first shape")
+    harness.add_list_arg(parser, "--families", ("kd",) + gpu_families.FAMILIES,
+                         help="loss families (default: kd,cakd,sparse,fused_linear); the others run at the first shape")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size H of the fused_linear rows")
     parser.add_argument("--time-budget", type=float, default=360.0,
                         help="seconds for the whole run; configurations past it are reported as skipped")

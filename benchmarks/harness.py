@@ -68,10 +68,12 @@ API (everything a benchmark needs):
         bar per implementation for the median time and one for the extra peak memory.
 
     benchmark_parser(name, doc, *, v=32000, v_help="vocabulary size", temperature=2.0)
-        The parser of ``python -m benchmarks.<name>``, described by the first line of ``doc``, with
-        --v and --temperature (each left out when its default is None).
+        The parser of ``python -m benchmarks.<name>``, described by the first paragraph of ``doc``,
+        with --v and --temperature (each left out when its default is None).
     comma_list(allowed)
         The argparse ``type`` of a flag that takes a comma-separated list of items of ``allowed``.
+    add_list_arg(parser, flag, allowed, *, default=None, help)
+        Such a flag, by default every item of ``allowed`` (or the items of ``default``).
     add_run_args(parser, *, repeat, time_budget_s, warmup=1, warmup_help=None, n=4096, quick_n=1024,
                  quick_repeat=3, png=None)
         The flags every benchmark shares: --n, --repeat, --warmup, --time-budget, --quick, --json,
@@ -318,10 +320,10 @@ def print_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], *, ma
 
 def benchmark_parser(name: str, doc: str, *, v: Optional[int] = 32000, v_help: str = "vocabulary size",
                      temperature: Optional[float] = 2.0) -> argparse.ArgumentParser:
-    """The parser of ``python -m benchmarks.<name>``, described by the first line of ``doc``, with
-    the flags of the logits most benchmarks share: --v (the vocabulary) and --temperature, each
-    left out when its default is None."""
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n")[0])
+    """The parser of ``python -m benchmarks.<name>``, described by the first paragraph of ``doc``,
+    with the flags of the logits most benchmarks share: --v (the vocabulary) and --temperature,
+    each left out when its default is None."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
     if v is not None:
         parser.add_argument("--v", type=int, default=v, help=f"{v_help} (default {v})")
     if temperature is not None:
@@ -340,6 +342,14 @@ def comma_list(allowed: Sequence[str]) -> Callable[[str], List[str]]:
         return items
 
     return parse
+
+
+def add_list_arg(parser: argparse.ArgumentParser, flag: str, allowed: Sequence[str], *,
+                 default: Optional[Sequence[str]] = None, help: str) -> None:
+    """``flag``: a comma-separated list of items of ``allowed`` (comma_list), by default all of them
+    or the items of ``default``, in that order."""
+    parser.add_argument(flag, type=comma_list(allowed), default=list(allowed if default is None else default),
+                        help=help)
 
 
 COMPILE_WARMUP_HELP = "untimed steps (default: 2 for torch.compile, which compiles in them, 1 otherwise)"

@@ -121,12 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.5, help="JSD mixing weight (default 0.5)")
     parser.add_argument("--skew-alpha", type=float, default=0.1,
                         help="skew weight of skew_kl / skew_reverse_kl (default 0.1, as DistiLLM)")
-    parser.add_argument("--dtypes", type=harness.comma_list(DTYPES), default=["fp32", "bf16"],
-                        help="dtypes of the forward-KL table (default fp32,bf16)")
-    parser.add_argument("--divergences", type=harness.comma_list(DIVERGENCES), default=list(DIVERGENCES),
-                        help="divergences of the fp32 table (default: all)")
-    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=list(IMPLS),
-                        help="implementations to run (default: all)")
+    harness.add_list_arg(parser, "--dtypes", DTYPES, default=["fp32", "bf16"],
+                         help="dtypes of the forward-KL table (default fp32,bf16)")
+    harness.add_list_arg(parser, "--divergences", DIVERGENCES, help="divergences of the fp32 table (default: all)")
+    harness.add_list_arg(parser, "--impls", IMPLS, help="implementations to run (default: all)")
     parser.add_argument("--thp", action="store_true",
                         help="run every child with THP_MEM_ALLOC_ENABLE=1 (PyTorch allocates with huge pages)")
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None, png="kd_loss")

@@ -130,16 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = harness.benchmark_parser("sparse", __doc__, temperature=None)
     parser.add_argument("--k", type=int, default=64, help="teacher ids per row (default 64)")
     parser.add_argument("--missing-mass", choices=MODES, default="renormalize")
-    parser.add_argument("--dtypes", type=harness.comma_list(DTYPES), default="fp32,bf16",
-                        help="comma list of fp32, bf16 (default both)")
-    parser.add_argument("--impls", type=harness.comma_list(IMPLS), default=",".join(IMPLS),
-                        help=f"comma list of {', '.join(IMPLS)}")
+    harness.add_list_arg(parser, "--dtypes", DTYPES, help="comma list of fp32, bf16 (default both)")
+    harness.add_list_arg(parser, "--impls", IMPLS, help=f"comma list of {', '.join(IMPLS)}")
     parser.add_argument("--fused-v", type=int, default=128000, help="fused-linear vocabulary (default 128000)")
     parser.add_argument("--fused-h", type=int, default=1024, help="fused-linear hidden size (default 1024)")
-    parser.add_argument("--fused-dtypes", type=harness.comma_list(DTYPES), default="fp32,bf16",
-                        help="fused-linear lm_head dtypes (default both)")
-    parser.add_argument("--fused-impls", type=harness.comma_list(FUSED_IMPLS), default=",".join(FUSED_IMPLS),
-                        help=f"comma list of {', '.join(FUSED_IMPLS)}, or none (default both)")
+    harness.add_list_arg(parser, "--fused-dtypes", DTYPES, help="fused-linear lm_head dtypes (default both)")
+    harness.add_list_arg(parser, "--fused-impls", FUSED_IMPLS,
+                         help=f"comma list of {', '.join(FUSED_IMPLS)}, or none (default both)")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-linear table")
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None)
     return harness.parse_run_args(parser, argv)
