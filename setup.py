@@ -54,10 +54,7 @@ def _sources(pattern):
 
 def _native_isas(torch_module):
     """This machine's best ISA (as torch reports it) and the baseline."""
-    try:
-        capability = torch_module.backends.cpu.get_cpu_capability()
-    except Exception:  # older torch
-        capability = "DEFAULT"
+    capability = torch_module.backends.cpu.get_cpu_capability()
     best = next((isa for isa in ("avx512", "avx2") if capability.upper().startswith(isa.upper())), None)
     return ([best] if best else []) + ["default"], capability
 

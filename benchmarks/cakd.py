@@ -159,8 +159,7 @@ COLUMNS = [harness.IMPL_COLUMN, harness.Column("loss", "loss"), harness.Column("
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_info, setup_line = harness.announce_setup()
+    args, setup_info, setup_line = harness.start(parse_args, argv)
     rows = run(args)
     shape = f"fp32, N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, {harness.available_cpus()} threads"
     print(f"\nSetup: {setup_line}")
@@ -168,14 +167,14 @@ def main(argv=None) -> int:
     print("\n'scaled': the row ran at 'rows run' rows; its time and memory are multiplied to N. "
           "'x fused KL': median over kdkernels.kd_loss (forward KL) in this run.")
     harness.print_failures(rows, "impl", "loss")
+    harness.plot_bars(args.png, rows, group=lambda row: row["loss"],
+                      title=f"CAKD / DKD beside the fused forward KL ({shape}; 'scaled' rows from --peer-n rows)",
+                      setup=setup_line)
     if args.json:
         meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "k": args.k, "mass": args.mass,
                 "peer_n": args.peer_n, "repeat": args.repeat, "threads": harness.available_cpus(),
                 "setup": setup_info}
         harness.write_json(args.json, {"title": "cakd", "meta": meta, "rows": rows})
-    harness.plot_bars(args.png, rows, group=lambda row: row["loss"],
-                      title=f"CAKD / DKD beside the fused forward KL ({shape}; 'scaled' rows from --peer-n rows)",
-                      setup=setup_line)
     return 0
 
 

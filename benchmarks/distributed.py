@@ -227,7 +227,7 @@ def main(argv=None) -> None:
             row["x_memory"] = row["extra_peak_mib"] / max(baseline["extra_peak_mib"], 1e-9)
         if "error" in row:
             harness.progress(f"  {row['impl']}: n/a ({row['error']})")
-    columns = [harness.Column("implementation", "impl"), harness.Column("median ms", "median_ms", ".1f"),
+    columns = [harness.IMPL_COLUMN, harness.Column("median ms", "median_ms", ".1f"),
                harness.Column("x all-gather time", "x_time", ".2f"),
                harness.Column("extra peak MiB / rank", "extra_peak_mib", ".0f"),
                harness.Column("x all-gather memory", "x_memory", ".2f"),

@@ -237,8 +237,7 @@ def _peers_title(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_info, setup_line = harness.announce_setup()
+    args, setup_info, setup_line = harness.start(parse_args, argv)
     results = run(args)
     report(results, args, setup_line)
     if args.json:

@@ -22,7 +22,7 @@ sweep comes last. Every configuration runs in its own process; a failing one rea
 Times are CUDA-event medians of --repeat steps after the warmup (torch.compile compiles there).
 GB/s counts 3 passes over [N, V] in the logits' dtype (read student, read teacher, write gradient:
 6 bytes per element at bf16), the least a fused implementation moves; "% copy" relates it to a
-device-to-device copy measured in the same run. "extra MiB" is torch.cuda.max_memory_allocated
+device-to-device copy measured in the same run. "extra peak MiB" is torch.cuda.max_memory_allocated
 during one step minus what was allocated before it (the inputs): exact for CUDA memory, so no
 separate process is needed for it.
 """
@@ -412,15 +412,9 @@ def _add_peer_ratios(rows: List[Dict[str, Any]], case_key: str = "divergence") -
                        group_by=("family", "shape", case_key))
 
 
-COLUMNS = [
-    harness.Column("impl", "impl"),
-    harness.Column("median ms", "median_ms", ".3f"),
-    harness.Column("min ms", "min_ms", ".3f"),
-    harness.Column("GB/s", "gbs", ".0f"),
-    harness.Column("% copy", "pct_copy", ".1f"),
-    harness.Column("x best peer", "vs_best_peer", ".2f"),
-    harness.Column("extra MiB", "extra_peak_mib", ".0f"),
-]
+COLUMNS = [harness.IMPL_COLUMN] + harness.measured_columns(
+    harness.Column("GB/s", "gbs", ".0f"), harness.Column("% copy", "pct_copy", ".1f"),
+    harness.Column("x best peer", "vs_best_peer", ".2f"), digits=3)
 FAMILY_COLUMNS = [harness.Column("case", "case")] + COLUMNS
 # the fused lm_head's time against the GEMMs' floor (TFLOP/s, % matmul) in place of bytes moved
 FUSED_COLUMNS = COLUMNS[:2] + [harness.Column("TFLOP/s", "tflops", ".0f"),

@@ -63,6 +63,8 @@ API (everything a benchmark needs):
     setup_info() -> dict / describe_setup(info) -> str / announce_setup() -> (info, line)
         The hardware and software of the run (CPU model, CPUs used and present, torch, kdkernels
         and its CPU build, Python, OS): every benchmark prints it above its tables.
+    start(parse_args, argv) -> (args, info, line)
+        A benchmark's flags parsed, then announce_setup().
     add_png_arg(parser, name) / plot_bars(path, rows, *, group, title, setup, floor_key=None)
         ``--png PATH`` (default results/<name>.png) and the PNG it names: per configuration, a
         bar per implementation for the median time and one for the extra peak memory.
@@ -445,6 +447,13 @@ def announce_setup() -> Tuple[Dict[str, Any], str]:
     line = describe_setup(info)
     progress(line)
     return info, line
+
+
+def start(parse_args: Callable[[Any], argparse.Namespace], argv) -> Tuple[argparse.Namespace, Dict[str, Any], str]:
+    """A benchmark's first steps: its flags parsed, then announce_setup(): -> (args, setup info,
+    setup line)."""
+    args = parse_args(argv)
+    return (args, *announce_setup())
 
 
 def add_png_arg(parser: argparse.ArgumentParser, name: str) -> None:

@@ -196,8 +196,7 @@ COLUMNS = [harness.IMPL_COLUMN] + harness.measured_columns(harness.Column("x com
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_info, setup_line = harness.announce_setup()
+    args, setup_info, setup_line = harness.start(parse_args, argv)
     results = run(args)
     rows = results["rows"]
     meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "beta": args.beta,

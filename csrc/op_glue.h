@@ -6,6 +6,7 @@
 #include <kdkernels/divergence.h>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -66,6 +67,13 @@ at::Tensor kd_loss_fwd_inplace_op(
   check_grad_in_place(student_logits);
   const KDParams params = op_kd_params(divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
   return std::get<0>(Rows({student_logits, teacher_logits, labels, grad_scale}, params, GradInto::kStudent));
+}
+
+// Registers the two kd_loss ops of a device over its row function.
+template <KdRowsFn Rows>
+void impl_kd_loss_ops(torch::Library& m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd_op<Rows>);
+  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_op<Rows>);
 }
 
 }  // namespace kdkernels

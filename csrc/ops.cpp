@@ -1,9 +1,9 @@
 // Operator schemas of the kdkernels library (the sparse ops' beside their kernel, in
 // csrc/cpu/sparse_kd_cpu.cpp). The implementations register per device beside their kernels: CPU
-// in csrc/cpu/*_cpu.cpp, CUDA in csrc/cuda/kd_loss_cuda_glue.cpp. The ops have no autograd
-// formula: they compute the gradient in the forward (compute_grad), and the Python package's
-// autograd Functions hand it on in backward; it also registers the fake (meta) functions that
-// torch.compile needs.
+// in csrc/cpu/*_cpu.cpp, CUDA in csrc/cuda/kd_loss_cuda_glue.cpp, with what the devices share in
+// csrc/op_glue.h. The ops have no autograd formula: they compute the gradient in the forward
+// (compute_grad), and the Python package's autograd Functions hand it on in backward; it also
+// registers the fake (meta) functions that torch.compile needs.
 #include <torch/library.h>
 
 TORCH_LIBRARY(kdkernels, m) {

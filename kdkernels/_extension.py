@@ -106,10 +106,7 @@ def _warn_if_built_elsewhere(module) -> None:
 
 def _load_cpu() -> None:
     global _cpu_build, _cpu_error
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # older torch
-        capability = "DEFAULT"
+    capability = torch.backends.cpu.get_cpu_capability()
     errors = []
     for build in _SUPPORTED.get(capability, ("default",)):
         try:

@@ -42,6 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from kdkernels._optional import import_extra
+
 FORMAT = "kdkernels-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,13 +52,8 @@ _HASH_BLOCK = 1 << 20
 
 
 def _safetensors():
-    try:
-        import safetensors.torch  # noqa: F401
-        from safetensors import safe_open
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("the teacher cache needs the safetensors package: pip install safetensors "
-                          "(or pip install 'kdkernels[hf]')") from error
-    return safetensors.torch, safe_open
+    return (import_extra("safetensors.torch", "the teacher cache"),
+            import_extra("safetensors", "the teacher cache").safe_open)
 
 
 def _sha256_file(path: str) -> str:

@@ -346,11 +346,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(const KdLossTensors& tensors, con
   return {row_loss, grad};
 }
 
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { impl_kd_loss_ops<&kd_rows_cpu>(m); }
+
 }  // namespace
-
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_op<&kd_rows_cpu>);
-  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_op<&kd_rows_cpu>);
-}
-
 }  // namespace kdkernels

@@ -261,37 +261,24 @@ struct RowArgsT {
 };
 using RowArgs = RowArgsT<>;
 
-// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop):
-// each full 16-bit vector of [0, n) through vector(i), the rest element by element.
-template <typename scalar_t, class VectorFn, class ElementFn>
-KD_ALWAYS_INLINE void convert_row(int64_t n, VectorFn&& vector, ElementFn&& element) {
-  constexpr int64_t kLowW = at::vec::Vectorized<scalar_t>::size();  // 2 * kW
+// bf16/fp16 <-> fp32 row conversion, vectorised (the generic at::vec::convert is a scalar loop).
+// Narrowing writes with streaming stores: the narrowed rows are gradients, not read again here.
+template <typename Src, typename Dst>
+void convert_row(const Src* src, Dst* dst, int64_t n) {
+  constexpr bool kWiden = std::is_same_v<Dst, float>;
+  using Low = std::conditional_t<kWiden, Src, Dst>;
+  constexpr int64_t kLowW = at::vec::Vectorized<Low>::size();  // 2 * kW
   int64_t i = 0;
-  for (; i + kLowW <= n; i += kLowW) vector(i);
-  for (; i < n; ++i) element(i);
-}
-
-template <typename scalar_t>
-void widen(const scalar_t* src, float* dst, int64_t n) {
-  convert_row<scalar_t>(
-      n,
-      [&](int64_t i) {
-        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src + i));
-        lo.store(dst + i);
-        hi.store(dst + i + kW);
-      },
-      [&](int64_t i) { dst[i] = static_cast<float>(src[i]); });
-}
-
-template <typename scalar_t>
-void narrow(const float* src, scalar_t* dst, int64_t n) {
-  convert_row<scalar_t>(
-      n,
-      [&](int64_t i) {
-        store_streaming(at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + kW)),
-                        dst + i);
-      },
-      [&](int64_t i) { dst[i] = static_cast<scalar_t>(src[i]); });
+  for (; i + kLowW <= n; i += kLowW) {
+    if constexpr (kWiden) {
+      auto [lo, hi] = at::vec::convert_to_float<Low>(at::vec::Vectorized<Low>::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + kW);
+    } else {
+      store_streaming(at::vec::convert_from_float<Low>(Vec::loadu(src + i), Vec::loadu(src + i + kW)), dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<Dst>(src[i]);
 }
 
 // Returns a pointer to the row as fp32: the row itself for float input, else `buf` filled by
@@ -302,7 +289,7 @@ const float* row_as_float(const scalar_t* row, int64_t V, std::vector<float>& bu
     return row;
   } else {
     buf.resize(V);
-    widen(row, buf.data(), V);
+    convert_row(row, buf.data(), V);
     return buf.data();
   }
 }
@@ -375,7 +362,7 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
         }
         row_loss[r] = row_fn(args, r, &local_errors);
         if constexpr (kWidened) {
-          if (g_row) narrow(g_buf.data(), g_row, V);
+          if (g_row) convert_row(g_buf.data(), g_row, V);
         }
       }
     }

@@ -237,7 +237,7 @@ void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tens
       }
       row_loss[r] = sparse_row(row, prm, sc, &local_errors);
       if constexpr (!std::is_same_v<student_t, float>) {
-        if (g_row) narrow(sc.g_buf.data(), g_row, V);
+        if (g_row) convert_row(sc.g_buf.data(), g_row, V);
       }
     }
     stream_fence();

@@ -22,6 +22,15 @@ namespace kdkernels {
 
 using Vec = at::vec::Vectorized<float>;
 
+// c_n x^n + ... + c_1 x + c_0 by Horner's rule in fused multiply-adds, the coefficients given from
+// the highest degree down.
+template <class... Lower>
+KD_ALWAYS_INLINE Vec horner(Vec x, float highest, Lower... lower) {
+  Vec acc(highest);
+  ((acc = at::vec::fmadd(acc, x, Vec(static_cast<float>(lower)))), ...);
+  return acc;
+}
+
 inline Vec kd_exp(Vec x) { return x.exp(); }
 // log(x) inlined (at::vec's log is an out-of-line call per vector), within 1.2 ulp. log(0) = -inf,
 // log(inf) = inf, NaN or a negative x give NaN. Denormal x are treated as 0 (-inf): no kernel
@@ -60,11 +69,7 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
                                -1.1937071331402649e-09f, 1.324362175481042e-09f, 0.0f));
   const __m512 r = _mm512_fmsub_ps(m, c, _mm512_set1_ps(1.f));
   // log1p(r) = r + r^2 (-1/2 + r/3 - r^2/4 + r^3/5 - r^4/6), |r| <= 1/16: the rest is below 1e-8 r
-  __m512 poly = _mm512_set1_ps(-1.f / 6.f);
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.2f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(-0.25f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 3.f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(-0.5f));
+  const __m512 poly = horner(Vec(r), -1.f / 6.f, 0.2f, -0.25f, 1.f / 3.f, -0.5f);
   const __m512 log1p_r = _mm512_fmadd_ps(_mm512_mul_ps(r, r), poly, _mm512_add_ps(r, minus_log_c_lo));
   // e ln2 in one rounding: float(ln2)'s error, 2e-9 |e|, stays below 0.1 ulp of a result that is
   // at least 0.28 |e| in size
@@ -85,15 +90,9 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
   ev = Vec::blendv(ev, ev - Vec(1.f), small);
   const Vec f = m - Vec(1.f);
   const Vec z = f * f;
-  Vec poly(7.0376836292e-2f);
-  poly = at::vec::fmadd(poly, f, Vec(-1.1514610310e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(1.1676998740e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(-1.2420140846e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(1.4249322787e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(-1.6668057665e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(2.0000714765e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(-2.4999993993e-1f));
-  poly = at::vec::fmadd(poly, f, Vec(3.3333331174e-1f));
+  const Vec poly = horner(f, 7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f,
+                          1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f,
+                          3.3333331174e-1f);
   Vec y = poly * f * z;
   y = at::vec::fmadd(ev, Vec(-2.12194440e-4f), y);
   y = at::vec::fmadd(z, Vec(-0.5f), y);
@@ -163,12 +162,8 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   const Vec n = (xc * Vec(1.44269504088896341f)).round();
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
-  Vec poly = Vec(1.9875691500e-4f);
-  poly = at::vec::fmadd(poly, r, Vec(1.3981999507e-3f));
-  poly = at::vec::fmadd(poly, r, Vec(8.3334519073e-3f));
-  poly = at::vec::fmadd(poly, r, Vec(4.1665795894e-2f));
-  poly = at::vec::fmadd(poly, r, Vec(1.6666665459e-1f));
-  poly = at::vec::fmadd(poly, r, Vec(5.0000001201e-1f));
+  const Vec poly = horner(r, 1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                          1.6666665459e-1f, 5.0000001201e-1f);
   const Vec e_r = at::vec::fmadd(poly, r * r, r + Vec(1.f));
 #if defined(CPU_CAPABILITY_AVX512)
   // e_r * 2^n in one instruction, exact; 0 below the normal range
@@ -191,19 +186,18 @@ KD_ALWAYS_INLINE Vec max_unordered(Vec a, Vec b) { return min_or_max_unordered<t
 // before the written memory is handed to another thread.
 template <typename VecT>
 KD_ALWAYS_INLINE void store_streaming(const VecT& v, void* dst) {
-  const bool aligned = (reinterpret_cast<uintptr_t>(dst) % sizeof(VecT)) == 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // a native register's bytes (a float vector, or a 16-bit one of twice the lanes) to an aligned address
+  if (sizeof(VecT) == sizeof(Vec) && reinterpret_cast<uintptr_t>(dst) % sizeof(Vec) == 0) {
+    const Vec bits = at::vec::cast<float>(v);
 #if defined(CPU_CAPABILITY_AVX512)
-  if (aligned && sizeof(VecT) == 64) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_castps_si512(at::vec::cast<float>(v)));
-    return;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (aligned && sizeof(VecT) == 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_castps_si256(at::vec::cast<float>(v)));
+    _mm512_stream_ps(static_cast<float*>(dst), bits);
+#else
+    _mm256_stream_ps(static_cast<float*>(dst), bits);
+#endif
     return;
   }
 #endif
-  (void)aligned;
   v.store(dst);
 }
 

@@ -77,10 +77,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(const KdLossTensors& tensors, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_op<&kd_rows_cuda>);
-  m.impl("kd_loss_fwd_inplace_", &kd_loss_fwd_inplace_op<&kd_rows_cuda>);
-}
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) { impl_kd_loss_ops<&kd_rows_cuda>(m); }
 
 }  // namespace kdkernels
 

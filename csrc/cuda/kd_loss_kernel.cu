@@ -60,6 +60,23 @@ union Pack16 {  // 16 bytes seen as one vector access or as elements
   static constexpr int kCount = 16 / sizeof(typename Type::Raw);
   uint4 vector;
   typename Type::Raw elements[kCount];
+
+  __device__ __forceinline__ static Pack16 load(const typename Type::Raw* src) {
+    Pack16 pack;
+    pack.vector = *reinterpret_cast<const uint4*>(src);
+    return pack;
+  }
+  __device__ __forceinline__ static Pack16 narrow(const float* values) {
+    Pack16 pack;
+#pragma unroll
+    for (int k = 0; k < kCount; ++k) pack.elements[k] = Type::from_float(values[k]);
+    return pack;
+  }
+  __device__ __forceinline__ void widen(float* out) const {
+#pragma unroll
+    for (int k = 0; k < kCount; ++k) out[k] = Type::to_float(elements[k]);
+  }
+  __device__ __forceinline__ void store(typename Type::Raw* dst) const { *reinterpret_cast<uint4*>(dst) = vector; }
 };
 
 __device__ __forceinline__ bool aligned16(const void* ptr) {
@@ -90,28 +107,17 @@ __device__ __forceinline__ void load_chunk(const typename Type::Raw* __restrict_
 #pragma unroll
   for (int k = 0; k < kChunk; ++k) out[k] = -INFINITY;
   visit_chunk<Type>(
-      col, vocab, vector_ok,
-      [&](int v) {
-        Pack16<Type> pack;
-        pack.vector = *reinterpret_cast<const uint4*>(row + col + v * kPerPack);
-#pragma unroll
-        for (int k = 0; k < kPerPack; ++k) out[v * kPerPack + k] = Type::to_float(pack.elements[k]);
-      },
+      col, vocab, vector_ok, [&](int v) { Pack16<Type>::load(row + col + v * kPerPack).widen(out + v * kPerPack); },
       [&](int k) { out[k] = Type::to_float(row[col + k]); });
 }
 
+// The columns of `values` that lie inside the row, in the row's type.
 template <class Type>
 __device__ __forceinline__ void store_chunk(typename Type::Raw* __restrict__ row, int64_t col, int64_t vocab,
                                             bool vector_ok, const float (&values)[kChunk]) {
   constexpr int kPerPack = Pack16<Type>::kCount;
   visit_chunk<Type>(
-      col, vocab, vector_ok,
-      [&](int v) {
-        Pack16<Type> pack;
-#pragma unroll
-        for (int k = 0; k < kPerPack; ++k) pack.elements[k] = Type::from_float(values[v * kPerPack + k]);
-        *reinterpret_cast<uint4*>(row + col + v * kPerPack) = pack.vector;
-      },
+      col, vocab, vector_ok, [&](int v) { Pack16<Type>::narrow(values + v * kPerPack).store(row + col + v * kPerPack); },
       [&](int k) { row[col + k] = Type::from_float(values[k]); });
 }
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdkernels._optional import import_extra
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -165,12 +167,8 @@ class HFCausalLM(CausalLM):
 
 def load_hf_model(path: str) -> HFCausalLM:
     """Loads a causal LM from a local directory (never from the network), in float32."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise SystemExit("--teacher/--student PATH need the `transformers` package "
-                         "(pip install 'kdkernels[hf]')") from exc
-    hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    transformers = import_extra("transformers", "--teacher/--student PATH")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
     return HFCausalLM(hf_model)
 
 

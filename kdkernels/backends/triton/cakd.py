@@ -36,7 +36,7 @@ import triton.language as tl
 
 from kdkernels._config import CAKD_GROUPS, CAKDConfig
 from kdkernels.backends.triton.kd_loss import (_NEG_BIG, _load_tile, _max_with_nan, _unit_column_stride,
-                                               launch_over_rows, row_label, row_pointers, zero_ignored_row)
+                                               launch_over_rows, leading_kernel_args, this_row, zero_ignored_row)
 
 # Compile-time selection rules: the ids of kdkernels._config.CAKD_GROUPS (cakd.h enum GroupRule).
 _LABEL = tl.constexpr(CAKD_GROUPS["label"])
@@ -220,16 +220,11 @@ def _group_log_norm(running_max, sums):
 
 @triton.jit
 def _cakd_fwd_kernel(
-    student_ptr,  # [N, V] student logits z (fp32 / bf16 / fp16), unit column stride
-    teacher_ptr,  # [N, V] teacher logits, unit column stride
-    labels_ptr,  # [N] integer labels (read only when HAS_LABELS)
-    grad_ptr,  # [N, V] out, contiguous: dL/dz in the student dtype (written only when COMPUTE_GRAD)
-    row_loss_ptr,  # [N] out: float32 row losses
+    # the [N, V] student and teacher logits, the [N] labels, the [N, V] gradient out, the [N] row
+    # losses out, the [] gradient factor: as _kd_loss_fwd_kernel's
+    student_ptr, teacher_ptr, labels_ptr, grad_ptr, row_loss_ptr, grad_scale_ptr,
     components_ptr,  # [N, 3] out: float32 (BCD, SCD, WCD), unweighted and without T^2
-    grad_scale_ptr,  # [] float32: factor on the gradient (the reduction's 1/count)
-    student_row_stride,
-    teacher_row_stride,
-    vocab,  # V
+    student_row_stride, teacher_row_stride, vocab,
     selection_target,  # k (top-k rule) or mass (mass rule), as float
     inv_temperature,  # 1/T
     t2,  # T^2 when scale_by_t2, else 1: multiplies the loss
@@ -246,11 +241,10 @@ def _cakd_fwd_kernel(
     BLOCK: tl.constexpr,
     SEL_BLOCK: tl.constexpr,  # vocabulary tile of the selection's search passes (BLOCK / _RADIX)
 ):
-    row, student_row, teacher_row, grad_row = row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride,
-                                                           teacher_row_stride, vocab)
+    row, student_row, teacher_row, grad_row, label, active, bad_label = this_row(
+        student_ptr, teacher_ptr, grad_ptr, labels_ptr, student_row_stride, teacher_row_stride, vocab, ignore_index,
+        HAS_LABELS)
     n_tiles = tl.cdiv(vocab, BLOCK)
-
-    label, active, bad_label = row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS)
     if active:
         # ---- 0. S: the teacher's log-sum-exp first when the mass rule needs probabilities ----
         kth = tl.full([], 0, tl.int64)
@@ -401,11 +395,7 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
         target = float(cfg.mass) if rule == CAKD_GROUPS["teacher_mass"] else float(cfg.top_k)
         block, num_warps = launch_shape(vocab)
         _cakd_fwd_kernel[(n_rows,)](
-            student, teacher,
-            labels if labels is not None else row_loss,  # placeholder pointer, never read
-            grad if grad is not None else student,  # placeholder pointer, never written
-            row_loss, components,
-            grad_scale.to(device=device, dtype=torch.float32),
+            *leading_kernel_args(student, teacher, labels, grad, row_loss, grad_scale), components,
             student.stride(0), teacher.stride(0), vocab, target,
             1.0 / cfg.temperature, cfg.t2, cfg.t2 / cfg.temperature,
             cfg.bcd_weight, cfg.scd_weight, cfg.wcd_weight,

@@ -159,18 +159,12 @@ def _ce_grad(z, q, max_z, log_sum_z, offs, label, ce_grad_coef, CE_REUSES_Q: tl.
 
 
 @triton.jit
-def row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride, teacher_row_stride, vocab):
-    """(row, its student, teacher and gradient rows) of this program: one program per row; the
-    gradient is contiguous [N, V]."""
+def this_row(student_ptr, teacher_ptr, grad_ptr, labels_ptr, student_row_stride, teacher_row_stride, vocab,
+             ignore_index, HAS_LABELS: tl.constexpr):
+    """This program's row (one program per row): (row, its student, teacher and gradient rows (the
+    gradient is contiguous [N, V]), label, active, bad_label). The row is active unless its label
+    is ignore_index; bad_label: the label lies outside [0, V). Without labels: label -1, active."""
     row = tl.program_id(0).to(tl.int64)
-    return (row, student_ptr + row * student_row_stride, teacher_ptr + row * teacher_row_stride,
-            grad_ptr + row * vocab)
-
-
-@triton.jit
-def row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS: tl.constexpr):
-    """(label, active, bad_label) of row `row`: whether the row counts (its label is not
-    ignore_index) and whether its label lies outside [0, V); without labels (-1, True, False)."""
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         active = label != ignore_index
@@ -179,7 +173,8 @@ def row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS: tl.constexpr):
         label = -1
         active = True
         bad_label = False
-    return label, active, bad_label
+    return (row, student_ptr + row * student_row_stride, teacher_ptr + row * teacher_row_stride,
+            grad_ptr + row * vocab, label, active, bad_label)
 
 
 @triton.jit
@@ -216,12 +211,11 @@ def _kd_loss_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row, student_row, teacher_row, grad_row = row_pointers(student_ptr, teacher_ptr, grad_ptr, student_row_stride,
-                                                           teacher_row_stride, vocab)
+    row, student_row, teacher_row, grad_row, label, active, bad_label = this_row(
+        student_ptr, teacher_ptr, grad_ptr, labels_ptr, student_row_stride, teacher_row_stride, vocab, ignore_index,
+        HAS_LABELS)
     cols = tl.arange(0, BLOCK)
     n_tiles = tl.cdiv(vocab, BLOCK)
-
-    label, active, bad_label = row_label(labels_ptr, row, vocab, ignore_index, HAS_LABELS)
     if active:
         # ---- 1. statistics: NaN-propagating running maxima, per-lane sums of exponentials ----
         max_z = tl.full([], _NEG_BIG, tl.float32)  # max of the raw row; max of u = z/T is max_z/T
@@ -428,6 +422,14 @@ def launch_over_rows(student: torch.Tensor, launch: Callable[[torch.Tensor], Non
     return row_loss
 
 
+def leading_kernel_args(student, teacher, labels, grad, row_loss, grad_scale) -> tuple:
+    """The first six arguments of the dense row kernels (student, teacher, labels, grad, row_loss,
+    grad_scale), with placeholder pointers for absent labels (never read) or gradient (never
+    written)."""
+    return (student, teacher, labels if labels is not None else row_loss, grad if grad is not None else student,
+            row_loss, grad_scale.to(device=student.device, dtype=torch.float32))
+
+
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -438,11 +440,7 @@ def _launch(student, teacher, labels, grad, row_loss, grad_scale, cfg: KDConfig,
     n_rows, vocab = student.shape
     mix_wp, mix_wq = cfg.mixture_weights  # formed in float64 (kdkernels._config)
     _kd_loss_fwd_kernel[(n_rows,)](
-        student, teacher,
-        labels if labels is not None else row_loss,  # placeholder pointer, never read
-        grad if grad is not None else student,  # placeholder pointer, never written
-        row_loss,
-        grad_scale.to(device=student.device, dtype=torch.float32),
+        *leading_kernel_args(student, teacher, labels, grad, row_loss, grad_scale),
         student.stride(0), teacher.stride(0), vocab,
         1.0 / cfg.temperature, cfg.kd_scale, cfg.kd_scale / cfg.temperature, cfg.ce_weight,
         mix_wp, mix_wq, cfg.ignore_index,
