@@ -153,7 +153,7 @@ def build_teacher_cache(teacher: nn.Module, input_ids: torch.Tensor, out_dir: st
     Returns:
         A :class:`CacheSummary`.
     """
-    st, _ = _safetensors()
+    safetensors_torch, _ = _safetensors()
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if values_dtype not in VALUE_DTYPES:
@@ -223,7 +223,7 @@ def build_teacher_cache(teacher: nn.Module, input_ids: torch.Tensor, out_dir: st
             name = f"shard-{index:05d}.safetensors"
             # one metadata key: safetensors writes a map's keys in no fixed order, and a resumed
             # run must write the same bytes
-            payload = st.save(tensors, metadata={"format": f"{FORMAT} {FORMAT_VERSION}"})
+            payload = safetensors_torch.save(tensors, metadata={"format": f"{FORMAT} {FORMAT_VERSION}"})
             _atomic_write_bytes(os.path.join(out_dir, name), payload)
             manifest["shards"].append(dict(file=name, start=start, end=end, bytes=len(payload),
                                            sha256=hashlib.sha256(payload).hexdigest()))
@@ -375,8 +375,8 @@ def load_token_file(path: str, seq_len: int, tokenizer=None) -> torch.Tensor:
 
         tokens = torch.from_numpy(numpy.load(path, allow_pickle=False))
     elif path.endswith(".safetensors"):
-        st, _ = _safetensors()
-        tokens = st.load_file(path)["input_ids"]
+        safetensors_torch, _ = _safetensors()
+        tokens = safetensors_torch.load_file(path)["input_ids"]
     else:
         with open(path, "rb") as handle:
             raw = handle.read()

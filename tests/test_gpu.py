@@ -181,11 +181,11 @@ def test_triton_does_not_recompile_for_new_temperature_or_beta():
 @pytest.mark.parametrize("factor", (1.0, 0.37))
 def test_scale_unless_one_on_the_device(factor):
     _require("triton")
-    from kdkernels.backends.triton import kd_loss as triton_kd_loss
+    from kdkernels.backends.triton import scale
 
     grad = torch.randn(1000, 1003, device="cuda").to(torch.bfloat16)
     expected = (grad.float() * factor).to(torch.bfloat16)
-    triton_kd_loss.scale_unless_one_(grad, torch.tensor(factor, device="cuda"))
+    scale.scale_unless_one_(grad, torch.tensor(factor, device="cuda"))
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 

@@ -297,7 +297,9 @@ def test_rows_inplace_writes_the_same_gradient_over_the_student_logits(interpret
 def test_scale_unless_one_scales_in_place(interpreted, dtype, factor):
     grad = make_logits((3, 5000), dtype, seed=17)
     expected = (grad.float() * factor).to(dtype)
-    result = interpreted.scale_unless_one_(grad, torch.tensor(factor))
+    from kdkernels.backends.triton import scale
+
+    result = scale.scale_unless_one_(grad, torch.tensor(factor))
     assert result.data_ptr() == grad.data_ptr()
     # The interpreter truncates fp32 -> bf16 (a GPU rounds to nearest): one bf16 ulp.
     rtol = 2.0 ** -7 if dtype == torch.bfloat16 and factor != 1.0 else 0.0
@@ -314,7 +316,7 @@ def test_auto_on_cpu_tensors_still_picks_the_cpu_kernel():
 # --- ahead-of-time compilation for real GPUs -----------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    from kdkernels.backends.triton import kd_loss
+    from kdkernels.backends.triton import kd_loss, scale
     from triton_interpreter import compile_for_gpu
 
     types = {"labels_ptr": "*i64", "row_loss_ptr": "*fp32", "grad_scale_ptr": "*fp32", "student_row_stride": "i64",
@@ -327,7 +329,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         constexprs = {"DIVERGENCE": divergence, "HAS_LABELS": has_labels, "USE_CE": has_labels,
                       "CE_REUSES_Q": False, "COMPUTE_GRAD": compute_grad, "BLOCK": block}
         compile_for_gpu(kd_loss._kd_loss_fwd_kernel, types, constexprs, arch=arch, num_warps=num_warps)
-    compile_for_gpu(kd_loss._scale_unless_one_kernel, {"factor_ptr": "*fp32", "numel": "i32"}, {"BLOCK": 4096},
+    compile_for_gpu(scale._scale_unless_one_kernel, {"factor_ptr": "*fp32", "numel": "i32"}, {"BLOCK": 4096},
                     arch=90, num_warps=8)
     print("compiled")
 """)

@@ -304,7 +304,7 @@ void dispatch_float_types(at::ScalarType type, const char* name, Fn&& fn) {
   }
 }
 
-// The error for kStudentMassOnNegInf; kdkernels/_dispatch.py words the GPU kernels' report alike.
+// The error for kStudentMassOnNegInf; kdkernels/_reports.py words the GPU kernels' report alike.
 constexpr const char* kStudentNegInfMessage =
     "student_logits is -inf where the loss needs a finite value (a whole row, the label's entry, or an "
     "entry where the teacher has probability), so the loss would be +inf or undefined";

@@ -54,7 +54,7 @@ struct SparseRow {
 };
 
 // Returns the row loss; writes the gradient when row.grad is set.
-float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& sc, int* error) {
+float sparse_row(const SparseRow& row, const SparseParams& params, SparseScratch& sc, int* error) {
   const int64_t V = row.vocab, k = row.k;
   auto zero_grad = [&]() {
     if (row.grad) std::fill(row.grad, row.grad + V, 0.f);
@@ -63,7 +63,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   int64_t n_support = 0;
   for (int64_t b = 0; b < k; ++b) {
     const int64_t id = row.ids[b];
-    if (id == prm.pad_id) continue;
+    if (id == params.pad_id) continue;
     if (id < 0 || id >= V) {
       *error |= kBadIds;
       return zero_grad();
@@ -72,7 +72,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   }
   if (n_support == 0) return zero_grad();  // all padding: an ignored row
 
-  const KDParams& kd = prm.kd;
+  const KDParams& kd = params.kd;
   const float inv_t = kd.inv_temperature;
   const bool use_ce = kd.ce_weight != 0.f && row.label != kd.ignore_index;
   const bool ce_separate = use_ce && inv_t != 1.f;
@@ -107,7 +107,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   sc.z_raw.resize(k);
   for (int64_t b = 0; b < k; ++b) {
     const int64_t id = row.ids[b];
-    if (id == prm.pad_id) {
+    if (id == params.pad_id) {
       sc.zs[b] = kNegInf;
       continue;
     }
@@ -122,7 +122,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
                        : static_cast<float>(std::exp(static_cast<double>(sc.block_max[b] - max_z) * inv_t));
   const bool rest_exists = n_support < V;
   float logq_rest = kNegInf;
-  if (prm.missing == MissingMass::kResidual && rest_exists) {
+  if (params.missing == MissingMass::kResidual && rest_exists) {
     double rest = 0.0;  // Σ_{V∖S} exp((z − max) / T), from L2
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
@@ -138,7 +138,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   sc.logq.resize(k);
   sc.d.resize(k);
   float c_row = 0.f;
-  const float divergence = sparse_divergence(row.ids, row.values, sc.zs.data(), k, prm, rest_exists, log_z,
+  const float divergence = sparse_divergence(row.ids, row.values, sc.zs.data(), k, params, rest_exists, log_z,
                                              logq_rest, sc.logp.data(), sc.logq.data(), sc.d.data(), &c_row);
   double loss = static_cast<double>(kd.kd_scale) * divergence;
   const float z_label = use_ce ? row.z[row.label] - max_z : 0.f;  // read before any gradient write
@@ -180,7 +180,7 @@ float sparse_row(const SparseRow& row, const SparseParams& prm, SparseScratch& s
   stream_fence();  // the scalar writes below land after the streamed ones
   for (int64_t b = 0; b < k; ++b) {
     const int64_t id = row.ids[b];
-    if (id == prm.pad_id) continue;
+    if (id == params.pad_id) continue;
     float g = kd_coef * sc.d[b];
     if (use_ce) {
       const float shifted = ce_separate ? sc.z_raw[b] : sc.zs[b];
@@ -196,7 +196,7 @@ using SparseRowFn = float (*)(const SparseRow&, const SparseParams&, SparseScrat
 
 template <typename student_t>
 void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tensor& ids, const at::Tensor& values,
-                     const int64_t* labels, const SparseParams& prm, float grad_scale, float* row_loss,
+                     const int64_t* labels, const SparseParams& params, float grad_scale, float* row_loss,
                      std::atomic<int>* errors) {
   const int64_t N = student.size(0), V = student.size(1), k = ids.size(1);
   const student_t* s_base = student.const_data_ptr<student_t>();
@@ -204,7 +204,7 @@ void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tens
   const int64_t* id_base = ids.const_data_ptr<int64_t>();
   const float* v_base = values.const_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
-  const int64_t ignore_index = prm.kd.ignore_index;
+  const int64_t ignore_index = params.kd.ignore_index;
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     SparseScratch sc;
@@ -235,7 +235,7 @@ void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tens
         if (g_row) sc.g_buf.resize(V);
         row.grad = g_row ? sc.g_buf.data() : nullptr;
       }
-      row_loss[r] = sparse_row(row, prm, sc, &local_errors);
+      row_loss[r] = sparse_row(row, params, sc, &local_errors);
       if constexpr (!std::is_same_v<student_t, float>) {
         if (g_row) convert_row(sc.g_buf.data(), g_row, V);
       }
@@ -269,13 +269,13 @@ at::Tensor sparse_rows_cpu(const at::Tensor& student_in, at::Tensor* grad, const
     label_ptr = label_tensor.const_data_ptr<int64_t>();
   }
   const KDParams kd = op_kd_params(divergence, temperature, beta, kd_weight, ce_weight, scale_by_t2, ignore_index);
-  const SparseParams prm = make_sparse_params(kd, teacher_kind, teacher_temperature, missing_mass, temperature,
+  const SparseParams params = make_sparse_params(kd, teacher_kind, teacher_temperature, missing_mass, temperature,
                                               pad_id);
   const float scale = grad_scale.item<float>();
   at::Tensor row_loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
   std::atomic<int> errors{kRowOk};
   dispatch_float_types(student.scalar_type(), "student_logits", [&](auto tag) {
-    run_sparse_rows<decltype(tag)>(student, grad, ids, values, label_ptr, prm, scale,
+    run_sparse_rows<decltype(tag)>(student, grad, ids, values, label_ptr, params, scale,
                                    row_loss.mutable_data_ptr<float>(), &errors);
   });
   const int err = errors.load();

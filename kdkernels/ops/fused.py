@@ -85,7 +85,7 @@ def _scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool
     if not per_row and grad.device.type == "cuda" and grad.is_contiguous() and backends.usable("triton", grad):
         # On the GPU the value is not read on the host (no sync); the kernel skips the pass
         # over grad when it is 1.
-        from kdkernels.backends.triton.kd_loss import scale_unless_one_
+        from kdkernels.backends.triton.scale import scale_unless_one_
 
         return scale_unless_one_(grad, grad_output)
     return times(grad, grad_output, per_row, in_place=True)

@@ -67,13 +67,13 @@ KD_HD float log_sum_exp(const float* x, int64_t k) {
 // the log of its mass outside S (*log_rest; residual with a rest bucket only, else -inf).
 // `rest_exists`: the support does not cover the vocabulary. Returns false when the teacher has
 // no mass to compare (all support values -inf / zero outside residual): the KD term is 0.
-KD_HD bool teacher_buckets(const int64_t* ids, const float* values, int64_t k, const SparseParams& prm,
+KD_HD bool teacher_buckets(const int64_t* ids, const float* values, int64_t k, const SparseParams& params,
                            bool rest_exists, float* logp, float* log_rest) {
-  const bool residual = prm.missing == MissingMass::kResidual && rest_exists;
+  const bool residual = params.missing == MissingMass::kResidual && rest_exists;
   *log_rest = kSparseNegInf;
-  if (prm.kind == TeacherKind::kProbs) {
+  if (params.kind == TeacherKind::kProbs) {
     float total = 0.f;
-    for (int64_t b = 0; b < k; ++b) total += ids[b] != prm.pad_id ? values[b] : 0.f;
+    for (int64_t b = 0; b < k; ++b) total += ids[b] != params.pad_id ? values[b] : 0.f;
     // residual keeps the weights as probabilities when they leave mass outside S; weights
     // summing to >= 1 (rounding) are renormalised, leaving none
     const bool keep = residual && total < 1.f;
@@ -85,12 +85,12 @@ KD_HD bool teacher_buckets(const int64_t* ids, const float* values, int64_t k, c
     }
     const float log_norm = keep ? 0.f : kd_log(total);
     for (int64_t b = 0; b < k; ++b)
-      logp[b] = ids[b] != prm.pad_id && values[b] > 0.f ? kd_log(values[b]) - log_norm : kSparseNegInf;
+      logp[b] = ids[b] != params.pad_id && values[b] > 0.f ? kd_log(values[b]) - log_norm : kSparseNegInf;
     if (keep) *log_rest = ::log1pf(-total);
     return true;
   }
   // log-probs / logits, re-tempered over the support: a_b = v_b · T_gen / T
-  for (int64_t b = 0; b < k; ++b) logp[b] = ids[b] != prm.pad_id ? values[b] * prm.value_scale : kSparseNegInf;
+  for (int64_t b = 0; b < k; ++b) logp[b] = ids[b] != params.pad_id ? values[b] * params.value_scale : kSparseNegInf;
   const float lse_a = log_sum_exp(logp, k);
   if (lse_a == kSparseNegInf) {  // no teacher mass on S
     if (!residual) return false;
@@ -98,14 +98,14 @@ KD_HD bool teacher_buckets(const int64_t* ids, const float* values, int64_t k, c
     return true;
   }
   float log_inside = 0.f;  // log of the teacher's mass on S: log Σ_S exp(v) at T_gen (<= 0)
-  if (residual && prm.kind == TeacherKind::kLogprobs) {
+  if (residual && params.kind == TeacherKind::kLogprobs) {
     // in double: the rest mass 1 − Σ exp(v) may be far below float32's resolution of Σ exp(v)
     double m = -__builtin_huge_val();
     for (int64_t b = 0; b < k; ++b)
-      if (ids[b] != prm.pad_id && values[b] > m) m = values[b];
+      if (ids[b] != params.pad_id && values[b] > m) m = values[b];
     double s = 0.0;
     for (int64_t b = 0; b < k; ++b)
-      if (ids[b] != prm.pad_id) s += ::exp(static_cast<double>(values[b]) - m);
+      if (ids[b] != params.pad_id) s += ::exp(static_cast<double>(values[b]) - m);
     const double log_inside_d = m + ::log(s);
     // 1 − Σ exp(v) = −expm1(log Σ exp(v)); the support holding everything (or more, by
     // rounding of the values) leaves no rest
@@ -181,22 +181,22 @@ KD_HD float renormalized_forward_kl(const float* logp, const float* logq, int64_
 // Fills logp, logq (scratch [k]) and d [k]; returns the divergence (0 without teacher mass)
 // and *c_row.
 KD_HD float sparse_divergence(const int64_t* ids, const float* values, const float* zs, int64_t k,
-                              const SparseParams& prm, bool rest_exists, float log_z, float logq_rest,
+                              const SparseParams& params, bool rest_exists, float log_z, float logq_rest,
                               float* logp, float* logq, float* d, float* c_row) {
   float logp_rest;
-  if (!teacher_buckets(ids, values, k, prm, rest_exists, logp, &logp_rest)) {
+  if (!teacher_buckets(ids, values, k, params, rest_exists, logp, &logp_rest)) {
     for (int64_t b = 0; b < k; ++b) d[b] = 0.f;
     *c_row = 0.f;
     return 0.f;
   }
-  const float norm = prm.missing == MissingMass::kSupport ? log_sum_exp(zs, k) : log_z;
+  const float norm = params.missing == MissingMass::kSupport ? log_sum_exp(zs, k) : log_z;
   if (norm == kSparseNegInf) return __builtin_huge_valf();  // the student masks all of S: infinite
   for (int64_t b = 0; b < k; ++b) logq[b] = zs[b] - norm;
-  if (prm.missing == MissingMass::kRenormalize) return renormalized_forward_kl(logp, logq, k, d, c_row);
-  const bool with_rest = prm.missing == MissingMass::kResidual && rest_exists;
+  if (params.missing == MissingMass::kRenormalize) return renormalized_forward_kl(logp, logq, k, d, c_row);
+  const bool with_rest = params.missing == MissingMass::kResidual && rest_exists;
   float loss = 0.f;
-  dispatch_divergence(prm.kd.divergence, [&](auto tag) {
-    loss = bucket_divergence<decltype(tag)>(logp, logq, k, with_rest, logp_rest, logq_rest, prm.kd.mix, d,
+  dispatch_divergence(params.kd.divergence, [&](auto tag) {
+    loss = bucket_divergence<decltype(tag)>(logp, logq, k, with_rest, logp_rest, logq_rest, params.kd.mix, d,
                                             c_row);
   });
   return loss;
