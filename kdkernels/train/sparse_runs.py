@@ -24,35 +24,35 @@ from kdkernels.train.experiments import measured_record
 from kdkernels.train.memory import PeakMemory
 
 
-def training_windows(session, optim: loop.OptimSettings) -> torch.Tensor:
+def training_windows(setup, optim: loop.OptimSettings) -> torch.Tensor:
     """Every student's training inputs, in order: [steps * batch, context]."""
-    batches = data.train_batches(session.corpus.train, batch_size=optim.batch_size, context=session.context,
-                                 steps=optim.steps, seed=session.seed + 1)
+    batches = data.train_batches(setup.corpus.train, batch_size=optim.batch_size, context=setup.context,
+                                 steps=optim.steps, seed=setup.seed + 1)
     return torch.cat([batch[:, :-1] for batch in batches])
 
 
-def ensure_cache(path: str, session, optim: loop.OptimSettings, k: int, progress: bool) -> teacher_cache.TeacherCacheDataset:
+def ensure_cache(path: str, setup, optim: loop.OptimSettings, k: int, progress: bool) -> teacher_cache.TeacherCacheDataset:
     """The cache at `path` for this run's teacher and training windows, built (or finished) now
     if needed; the writer refuses a directory that holds another teacher's or other windows."""
-    windows = training_windows(session, optim)
-    teacher_cache.build_teacher_cache(session.teacher, windows, path, k=k, batch_size=64, sequences_per_shard=1024,
+    windows = training_windows(setup, optim)
+    teacher_cache.build_teacher_cache(setup.teacher, windows, path, k=k, batch_size=64, sequences_per_shard=1024,
                                       progress=progress)
-    return teacher_cache.TeacherCacheDataset(path, vocab_size=session.teacher.vocab_size)
+    return teacher_cache.TeacherCacheDataset(path, vocab_size=setup.teacher.vocab_size)
 
 
-def default_cache_path(cache_dir: str, session, k: int) -> str:
-    return os.path.join(cache_dir, f"teacher-top{k}-seed{session.seed}")
+def default_cache_path(cache_dir: str, setup, k: int) -> str:
+    return os.path.join(cache_dir, f"teacher-top{k}-seed{setup.seed}")
 
 
-def run_sparse(cache: teacher_cache.TeacherCacheDataset, session, vocab: int, base_loss: loop.LossSpec,
+def run_sparse(cache: teacher_cache.TeacherCacheDataset, setup, vocab: int, base_loss: loop.LossSpec,
                student_source, missing_mass: str = "residual", log=print) -> dict:
     """Trains the student from `cache` like experiments.run_one trains the dense runs; returns its record."""
-    optim = session.optim
+    optim = setup.optim
     spec = dataclasses.replace(base_loss, kind="kd", feature_align="off")
     name = f"kd-top{cache.k}"
     with PeakMemory() as memory:
         start = time.perf_counter()
-        torch.manual_seed(session.seed)  # the same initial student as every other run
+        torch.manual_seed(setup.seed)  # the same initial student as every other run
         student = models.TinyTransformer(dataclasses.replace(student_source, vocab_size=vocab)) \
             if isinstance(student_source, models.TransformerConfig) else models.load_hf_model(student_source)
         step = [0]
@@ -75,11 +75,11 @@ def run_sparse(cache: teacher_cache.TeacherCacheDataset, session, vocab: int, ba
                 divergence=spec.divergence if missing_mass != "renormalize" else "forward_kl",
                 temperature=spec.temperature, beta=spec.beta, kd_weight=spec.kd_weight, ce_weight=1.0 - spec.kd_weight)
 
-        batches = data.train_batches(session.corpus.train, batch_size=optim.batch_size, context=session.context,
-                                     steps=optim.steps, seed=session.seed + 1)
+        batches = data.train_batches(setup.corpus.train, batch_size=optim.batch_size, context=setup.context,
+                                     steps=optim.steps, seed=setup.seed + 1)
         fitted = loop.fit(student, [], batch_loss, batches, optim,
-                          lambda: loop.evaluate(student, session.eval_windows, session.teacher_top1),
-                          desc=name, progress=session.progress)
+                          lambda: loop.evaluate(student, setup.eval_windows, setup.teacher_top1),
+                          desc=name, progress=setup.progress)
         wall = time.perf_counter() - start
     record = {
         "name": name,
@@ -97,15 +97,15 @@ def run_sparse(cache: teacher_cache.TeacherCacheDataset, session, vocab: int, ba
     return measured_record(record, student, optim.steps, fitted, wall, memory.peak_mib, log)
 
 
-def sparse_runs(args, session, vocab: int, base_loss: loop.LossSpec, student_source) -> List[dict]:
+def sparse_runs(args, setup, vocab: int, base_loss: loop.LossSpec, student_source) -> List[dict]:
     """The runs --sparse-teacher K / --teacher-cache DIR ask for (none without them)."""
     k: Optional[int] = args.sparse_teacher
     if k is None and args.teacher_cache is None:
         return []
-    path = args.teacher_cache or default_cache_path(args.cache_dir, session, k)
+    path = args.teacher_cache or default_cache_path(args.cache_dir, setup, k)
     if k is None:  # an existing cache: its own k
-        cache = teacher_cache.TeacherCacheDataset(path, vocab_size=session.teacher.vocab_size)
+        cache = teacher_cache.TeacherCacheDataset(path, vocab_size=setup.teacher.vocab_size)
     else:
         print(f"teacher cache {path}: top-{k} log-probs of the teacher on the training windows")
-        cache = ensure_cache(path, session, session.optim, k, progress=session.progress)
-    return [run_sparse(cache, session, vocab, base_loss, student_source, args.sparse_missing_mass)]
+        cache = ensure_cache(path, setup, setup.optim, k, progress=setup.progress)
+    return [run_sparse(cache, setup, vocab, base_loss, student_source, args.sparse_missing_mass)]
