@@ -205,6 +205,7 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
       const int64_t cend = std::min(bend, c + kFold * kW);
       Vec acc_s(0.f), acc_w(0.f);
       for_each_vec(c, cend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+        args.next.prefetch(i);
         const Vec es = Vec::loadu(scratch.exp_s.data() + i, m), et = Vec::loadu(scratch.exp_t.data() + i, m);
         const Vec a = load_masked(args.teacher + i, m) * vinv, u = load_masked(args.student + i, m) * vinv;
         const Vec in_s = mixed ? Vec::loadu(scratch.s_mask.data() + i, m) : zero;

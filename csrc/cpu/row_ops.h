@@ -230,6 +230,7 @@ inline bool add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, O
   Vec acc(0.f), acc_unit(0.f);
   for (int64_t i = 0; i < n; i += kW) {
     const int64_t m = std::min(kW, n - i);
+    __builtin_prefetch(x + i + kBlock, 0, 2);  // the next block's max loop then reads from cache
     const Vec xv = load_row(x + i, m);
     const Vec e = exp_nonpositive((xv - vmax) * vinv);
     if constexpr (kStoreExps) e.store(exps + i, m);
@@ -247,6 +248,24 @@ inline bool add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, O
   return true;
 }
 
+// The rows of the logits that a thread reads after the current ones (nullptr after its last),
+// for kernels whose last pass over a row computes from cache while DRAM idles: prefetching
+// the next rows there overlaps their reads with that work. In the logits' own dtypes, also when
+// the kernel gets widened rows (the raw rows are what the widening reads next).
+struct NextRows {
+  const char* student = nullptr;
+  const char* teacher = nullptr;
+  int64_t elem_bytes = 4;
+
+  // Prefetches into L2 the part of the next rows that matches element i of the current row's
+  // vector [i, i + kW).
+  KD_ALWAYS_INLINE void prefetch(int64_t i) const {
+    if (student == nullptr) return;
+    __builtin_prefetch(student + i * elem_bytes, 0, 2);
+    __builtin_prefetch(teacher + i * elem_bytes, 0, 2);
+  }
+};
+
 // One row as a row kernel sees it: in the logits' own dtypes (S, T) for kernels that read rows in
 // place, as float for those that take widened rows (RowArgs).
 template <typename S = float, typename T = float>
@@ -258,6 +277,7 @@ struct RowArgsT {
   int64_t label;     // ignore_index when no label
   float grad_scale;
   bool stream_grad;  // args.grad is the output tensor (not per-thread scratch): bypass caches
+  NextRows next;     // the rows read after these
 };
 using RowArgs = RowArgsT<>;
 
@@ -343,8 +363,15 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
         if (g_row) std::fill(g_row, g_row + V, student_t(0));
         continue;
       }
+      NextRows next;
+      if (r + 1 < end && sizeof(student_t) == sizeof(teacher_t)) {
+        next.student = reinterpret_cast<const char*>(s_base + (r + 1) * V);
+        next.teacher = reinterpret_cast<const char*>(t_base + (r + 1) * V);
+        next.elem_bytes = sizeof(student_t);
+      }
       if constexpr (kNativeRows) {
-        const RowArgsT<student_t, teacher_t> args{s_base + r * V, t_base + r * V, g_row, V, label, grad_scale, true};
+        const RowArgsT<student_t, teacher_t> args{s_base + r * V, t_base + r * V, g_row, V, label, grad_scale, true,
+                                                  next};
         row_loss[r] = row_fn(args, r, &local_errors);
       } else {
         RowArgs args;
@@ -354,6 +381,7 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
         args.student = row_as_float(s_base + r * V, V, s_buf);
         args.teacher = row_as_float(t_base + r * V, V, t_buf);
         args.stream_grad = !kWidened;
+        args.next = next;
         if constexpr (kWidened) {
           if (g_row) g_buf.resize(V);
           args.grad = g_row ? g_buf.data() : nullptr;
