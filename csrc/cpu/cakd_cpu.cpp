@@ -131,7 +131,7 @@ struct GroupedSoftmax {
       const int64_t cend = std::min(n, c + kFold * kW);
       Vec acc_s(0.f), acc_w(0.f);
       for_each_vec(c, cend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-        __builtin_prefetch(x + i + kBlock, 0, 3);  // the next block's max loop then reads from L1
+        prefetch_block_ahead</*kLocality=*/3>(x + i);  // into L1: the row itself is in L2 already
         const Vec xv = load_masked(x + i, m);
         if (s_mask == nullptr) {
           const Vec e = exp_nonpositive((xv - vshift_w) * vinv);

@@ -42,12 +42,6 @@ struct RowScratch {
   std::vector<double> mass_t, gap_t;            // [blocks] forward KL's block sums (stats_block)
 };
 
-// Pass 1 computes from L1 while DRAM would idle: each vector prefetches the logits one block
-// ahead (into L2), so the next block's max loop, and at a row's last block the next row's first
-// (rows of a thread are consecutive), reads from cache. Prefetching past the tensor's end is
-// harmless (a prefetch never faults).
-constexpr int64_t kPrefetchAhead = kBlock;
-
 // Pass 1 over one block of both rows (read from DRAM once; the block then stays in L1): raises
 // both running maxima to the block's, adds the exps at 1/T to the sums and stores them in
 // scratch, adds the student's exps at T = 1 to `unit` when given (and stores them in `exp_1`).
@@ -76,8 +70,8 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
   const Vec shift_s(lse_u.empty() ? kInf : lse_u.max), shift_t(lse_a.empty() ? kInf : lse_a.max), vinv(inv_t);
   Vec acc_s(0.f), acc_t(0.f), acc_unit(0.f), acc_gap(0.f);
   for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-    __builtin_prefetch(z + i + kPrefetchAhead, 0, 2);
-    __builtin_prefetch(t + i + kPrefetchAhead, 0, 2);
+    prefetch_block_ahead(z + i);
+    prefetch_block_ahead(t + i);
     const Vec ds = load_row(z + i, m) - shift_s, dt = load_row(t + i, m) - shift_t;
     const Vec es = exp_nonpositive(ds * vinv), et = exp_nonpositive(dt * vinv);
     es.store(exp_s + i, m);

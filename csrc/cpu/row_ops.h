@@ -27,6 +27,15 @@ constexpr int64_t kW = Vec::size();
 constexpr int64_t kBlock = 2048;  // elements per online-softmax block (8 KB of fp32: stays in L1)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// For a loop that computes from cache over a block while DRAM would idle: prefetches the entry one
+// block ahead of x, so the next block's max loop (and at a row's last block, the thread's next row:
+// its rows are consecutive) reads from cache. kLocality 2 fetches into L2, 3 into L1. Past the
+// tensor's end this is harmless: a prefetch never faults.
+template <int kLocality = 2, typename T>
+KD_ALWAYS_INLINE void prefetch_block_ahead(const T* x) {
+  __builtin_prefetch(x + kBlock, 0, kLocality);
+}
+
 // Loads n <= kW floats; missing lanes read as -inf, which every formula treats as masked.
 KD_ALWAYS_INLINE Vec load_masked(const float* ptr, int64_t n) {
   if (n == kW) return Vec::loadu(ptr);
@@ -230,7 +239,7 @@ inline bool add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, O
   Vec acc(0.f), acc_unit(0.f);
   for (int64_t i = 0; i < n; i += kW) {
     const int64_t m = std::min(kW, n - i);
-    __builtin_prefetch(x + i + kBlock, 0, 2);  // the next block's max loop then reads from cache
+    prefetch_block_ahead(x + i);
     const Vec xv = load_row(x + i, m);
     const Vec e = exp_nonpositive((xv - vmax) * vinv);
     if constexpr (kStoreExps) e.store(exps + i, m);
@@ -255,14 +264,14 @@ inline bool add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, O
 struct NextRows {
   const char* student = nullptr;
   const char* teacher = nullptr;
-  int64_t elem_bytes = 4;
+  int64_t student_bytes = 4, teacher_bytes = 4;  // bytes per entry
 
   // Prefetches into L2 the part of the next rows that matches element i of the current row's
   // vector [i, i + kW).
   KD_ALWAYS_INLINE void prefetch(int64_t i) const {
     if (student == nullptr) return;
-    __builtin_prefetch(student + i * elem_bytes, 0, 2);
-    __builtin_prefetch(teacher + i * elem_bytes, 0, 2);
+    __builtin_prefetch(student + i * student_bytes, 0, 2);
+    __builtin_prefetch(teacher + i * teacher_bytes, 0, 2);
   }
 };
 
@@ -364,10 +373,9 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const in
         continue;
       }
       NextRows next;
-      if (r + 1 < end && sizeof(student_t) == sizeof(teacher_t)) {
-        next.student = reinterpret_cast<const char*>(s_base + (r + 1) * V);
-        next.teacher = reinterpret_cast<const char*>(t_base + (r + 1) * V);
-        next.elem_bytes = sizeof(student_t);
+      if (r + 1 < end) {
+        next = {reinterpret_cast<const char*>(s_base + (r + 1) * V), reinterpret_cast<const char*>(t_base + (r + 1) * V),
+                sizeof(student_t), sizeof(teacher_t)};
       }
       if constexpr (kNativeRows) {
         const RowArgsT<student_t, teacher_t> args{s_base + r * V, t_base + r * V, g_row, V, label, grad_scale, true,
