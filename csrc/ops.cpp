@@ -26,6 +26,10 @@ TORCH_LIBRARY(kdkernels, m) {
       "float scd_weight, float wcd_weight, bool scd_teacher_mass, bool wcd_teacher_mass, "
       "float temperature, bool scale_by_t2, int ignore_index, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // out (float32) = beta * out + alpha * mat1 @ mat2 for bfloat16 / float16 mat1 and mat2, accumulated
+  // in float32 (CPU: csrc/cpu/widening_gemm.cpp), where widening_gemm_available(dtype) is true.
+  m.def("addmm_widening_(Tensor(a!) out, Tensor mat1, Tensor mat2, float beta, float alpha) -> ()");
+  m.def("widening_gemm_available(ScalarType dtype) -> bool");
   // The CPU build's ISA, vector width and threading: "isa=AVX512;vector_width=16;..."
   m.def("build_info() -> str");
   // Test probe: how many OS threads an at::parallel_for over `tasks` items ran on.

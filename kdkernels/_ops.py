@@ -55,6 +55,10 @@ def _register_fakes() -> None:
     def _empty_cached_fake(size, dtype):
         return torch.empty(size, dtype=dtype)
 
+    @torch.library.register_fake("kdkernels::addmm_widening_")
+    def _addmm_widening_fake(out, mat1, mat2, beta, alpha):
+        return None
+
     @torch.library.register_fake("kdkernels::cakd_loss_fwd")
     def _cakd_loss_fwd_fake(student_logits, teacher_logits, labels, grad_scale, group_rule, top_k, mass,
                             bcd_weight, scd_weight, wcd_weight, scd_teacher_mass, wcd_teacher_mass,

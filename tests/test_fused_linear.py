@@ -535,6 +535,79 @@ def test_chunks_are_balanced_within_the_budget():
     assert fused_linear.chunk_rows(8192, 128_256, 6, "cuda") == 1366
 
 
+# --- the 16-bit lm_head's float32 weight-gradient GEMM ------------------------------------------------
+
+WIDENING = pytest.mark.skipif(
+    not fused_linear.widening_gemm(torch.device("cpu"), torch.bfloat16),
+    reason="this torch's BLAS has no GEMM of 16-bit operands into float32")
+
+
+@WIDENING
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("layout", ("plain", "transposed", "column_slice"))
+@pytest.mark.parametrize("beta", (0.0, 1.0, 0.5))
+def test_widening_gemm_accumulates_in_float32(dtype, layout, beta):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(300, 70, generator=gen).to(dtype)  # used as a^T: [70, 300], strides (1, 70)
+    b = torch.randn(300, 90, generator=gen).to(dtype)
+    if layout == "transposed":
+        b = torch.randn(90, 300, generator=gen).to(dtype).t()
+    if layout == "column_slice":
+        a = torch.randn(300, 100, generator=gen).to(dtype)[:, 20:90]
+    out = torch.randn(70, 90, generator=gen)
+    if beta == 0.0:
+        out.fill_(math.nan)  # beta = 0 never reads out
+    start = torch.zeros_like(out) if beta == 0.0 else out.double()
+    expected = beta * start + 0.25 * (a.double().t() @ b.double())
+    torch.ops.kdkernels.addmm_widening_(out, a.t(), b, beta, 0.25)
+    # float32 accumulation: far below the 16-bit rounding (2^-9 bf16, 2^-12 fp16) a 16-bit output has
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+
+
+@WIDENING
+def test_widening_gemm_with_no_inner_dimension_scales_out():
+    out = torch.full((3, 4), 2.0)
+    torch.ops.kdkernels.addmm_widening_(out, torch.zeros(3, 0, dtype=torch.bfloat16),
+                                        torch.zeros(0, 4, dtype=torch.bfloat16), 0.5, 1.0)
+    assert torch.equal(out, torch.ones(3, 4))
+
+
+@WIDENING
+@pytest.mark.parametrize("change, error, words", [
+    (dict(mat1=torch.zeros(3, 5)), TypeError, "mat1 and mat2 must both be bfloat16"),
+    (dict(out=torch.zeros(3, 4, dtype=torch.float64)), TypeError, "out must be float32"),
+    (dict(mat2=torch.zeros(6, 4, dtype=torch.bfloat16)), ValueError, "shapes"),
+    (dict(out=torch.zeros(12)), ValueError, "2-D"),
+])
+def test_widening_gemm_rejects_bad_operands(change, error, words):
+    args = dict(out=torch.zeros(3, 4), mat1=torch.zeros(3, 5, dtype=torch.bfloat16),
+                mat2=torch.zeros(5, 4, dtype=torch.bfloat16), beta=0.0, alpha=1.0)
+    args.update(change)
+    with pytest.raises(error, match=words):
+        torch.ops.kdkernels.addmm_widening_(**args)
+
+
+@WIDENING
+def test_bfloat16_weight_gradient_takes_the_widening_gemm(monkeypatch):
+    calls = []
+    original = torch.ops.kdkernels.addmm_widening_
+
+    def spy(out, mat1, mat2, beta, alpha):
+        calls.append((out.dtype, mat1.dtype, tuple(out.shape), beta))
+        return original(out, mat1, mat2, beta, alpha)
+
+    monkeypatch.setattr(torch.ops.kdkernels, "addmm_widening_", spy)
+    check_against_reference(make_case(dtype=torch.bfloat16, chunk_size=10))
+    # three chunks of the 29 rows, each adding to the whole [67, 24] float32 accumulator
+    assert calls == [(torch.float32, torch.bfloat16, (67, 24), 0.0)] + [(torch.float32, torch.bfloat16, (67, 24), 1.0)] * 2
+
+
+def test_widening_gemm_drops_the_float32_copy_from_the_chunk_budget():
+    wanted = fused_linear.Wanted(True, True, False)
+    assert fused_linear.bytes_per_logit(2, 2, 2, wanted, inplace=True) == 8
+    assert fused_linear.bytes_per_logit(2, 2, 2, wanted, inplace=True, widening=True) == 4
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 def _call(case: Case, **changes):
