@@ -277,6 +277,42 @@ def test_group_whose_mass_underflows(groups, extra, peaked):
     check_against_reference(student, teacher, groups=groups, temperature=1.0, **extra, **WEIGHTS)
 
 
+def _teacher_layout(layout, V=5000):
+    """Teacher rows [4, V] (three online-softmax blocks of 2048 classes) whose top classes arrive
+    in the orders that the top-k rule's selection inside the statistics pass treats apart."""
+    _, teacher = make_pair((4, V), seed=19)
+    ramp = torch.arange(V, dtype=torch.float32) / V * 8.0
+    if layout == "ascending":  # every block raises the k-th logit: earlier candidates join W late
+        teacher += ramp
+    elif layout == "descending":  # S lies in the first block
+        teacher -= ramp
+    elif layout == "top_k_hold_the_mass":  # W's mass underflows beside S's
+        teacher[:, 4000:4005] += 120.0
+    elif layout == "late_class_far_above_its_block":  # a first-block candidate, outranked, exps overflow
+        teacher[:, :2048] -= 200.0
+        teacher[:, 10] = 50.0
+        teacher[:, 3000:3005] = 100.0
+    elif layout == "ties_at_the_kth_logit":  # more tied classes than the pass keeps out of W
+        teacher[:, :] = 1.0
+        teacher[:, 4000:4002] = 2.0
+    elif layout == "masked_first_block":  # no k-th logit in the first block
+        teacher[:, :2100] = -math.inf
+    elif layout == "first_block_w_only_outranked_candidates":  # W's first finite classes arrive as candidates
+        teacher[:, :5] = -math.inf
+        teacher[:, 16:2048] = -math.inf
+    return teacher
+
+
+@pytest.mark.parametrize("layout", ("random", "ascending", "descending", "top_k_hold_the_mass",
+                                    "late_class_far_above_its_block", "ties_at_the_kth_logit",
+                                    "masked_first_block", "first_block_w_only_outranked_candidates"))
+@pytest.mark.parametrize("temperature", (1.0, 4.0))
+def test_top_k_selected_during_the_statistics_pass(layout, temperature):
+    teacher = _teacher_layout(layout)
+    student, _ = make_pair(tuple(teacher.shape), seed=20)
+    check_against_reference(student, teacher, groups="teacher_topk", k=5, temperature=temperature, **WEIGHTS)
+
+
 def test_teacher_group_without_mass_contributes_no_group_kl():
     # The label class is masked for the teacher only: P_S = 0, so SCD is 0 by convention while
     # BCD still pushes the student's mass out of S.

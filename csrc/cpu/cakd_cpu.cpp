@@ -10,6 +10,10 @@
 //      its own max, so a group whose mass underflows keeps an exact log-sum-exp; the exps are
 //      kept in per-thread scratch, so no later pass needs exp;
 //   2. the SCD / WCD terms and the gradient dL/dz, written in the same pass.
+// The top-k rule with k <= 64 (CAKD's usual one) takes its own road first (cakd_top_k_row): S is
+// selected inside the statistics pass, which reads both rows from DRAM once, and WCD comes from
+// block sums, so the gradient pass needs neither logits nor logs; rows it cannot take (NaN / inf
+// logits, masked prefixes, many ties at the k-th logit) go the general way above.
 // Rows whose label is ignore_index give loss 0 and gradient 0; a row whose teacher is entirely
 // -inf has no teacher distribution and gives 0. NaN / +inf logits, out-of-range labels, and a
 // student that is -inf where the teacher has mass (the loss would be +inf; a whole student row
@@ -41,9 +45,13 @@ struct CakdScratch {
   std::vector<int32_t> block_s_count;  // [blocks] classes of S in each block (all 0 between rows)
   std::vector<float> exp_s, exp_t;    // [V] exp((x - group shift of the block) / T)
   std::vector<float> shifts;          // [blocks x 4] shifts used: student S, W, teacher S, W
+  // top-k path (cakd_top_k_row): W's shifts and forward-KL block sums, the classes kept out of W
+  std::vector<float> w_shift_s, w_shift_t;  // [blocks]
+  std::vector<double> w_mass, w_gap;         // [blocks]
+  std::vector<int64_t> pending;
 };
 
-// Fills scratch.in_s with S and marks it in scratch.s_mask and scratch.block_s_count.
+// Fills scratch.in_s with S.
 void choose_s(const RowArgs& args, const CakdParams& params, CakdScratch& scratch) {
   const int64_t V = args.vocab;
   scratch.in_s.clear();
@@ -59,6 +67,10 @@ void choose_s(const RowArgs& args, const CakdParams& params, CakdScratch& scratc
                   scratch.in_s);
       break;
   }
+}
+
+// Marks scratch.in_s in scratch.s_mask and scratch.block_s_count.
+void mark_s(int64_t V, CakdScratch& scratch) {
   if (static_cast<int64_t>(scratch.s_mask.size()) != V) {
     scratch.s_mask.assign(V, 0.f);
     scratch.block_s_count.assign((V + kBlock - 1) / kBlock, 0);
@@ -242,9 +254,202 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
   return cakd_row_loss(row, components[1], components[2], params);
 }
 
+// The gradient pass (from L2) for exps kept in scratch at per-block shifts, S marked: per group,
+// q̂ = e_s fq and p̂ = e_t fp with the block's factors, and dL/dz = cakd_grad(p̂, q̂, ...). It
+// prefetches nothing: its statistics pass already fetched the thread's next rows while computing
+// its exps (prefetch_block_ahead), where this pass has too little work to hide DRAM reads behind.
+template <class Factors>
+void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& scratch, Factors&& factors) {
+  const int64_t V = args.vocab;
+  const Vec grad_bcd_s(row.s.grad_bcd), grad_bcd_w(row.w.grad_bcd), grad_kl_s(row.s.grad_kl), grad_kl_w(row.w.grad_kl);
+  for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
+    const int64_t bend = std::min(V, off + kBlock);
+    float fq_s, fq_w, fp_s, fp_w;
+    factors(b, fq_s, fq_w, fp_s, fp_w);
+    const Vec vfq_s(fq_s), vfq_w(fq_w), vfp_s(fp_s), vfp_w(fp_w);
+    const bool mixed = scratch.block_s_count[b] != 0;
+    const float *exp_s = scratch.exp_s.data(), *exp_t = scratch.exp_t.data(), *s_mask = scratch.s_mask.data();
+    float* out = args.grad;
+    for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+      const Vec es = Vec::loadu(exp_s + i, m), et = Vec::loadu(exp_t + i, m);
+      Vec grad;
+      if (mixed) {
+        const Vec in_s = Vec::loadu(s_mask + i, m);
+        grad = cakd_grad(et * by_group(in_s, vfp_s, vfp_w), es * by_group(in_s, vfq_s, vfq_w),
+                         by_group(in_s, grad_bcd_s, grad_bcd_w), by_group(in_s, grad_kl_s, grad_kl_w));
+      } else {
+        grad = cakd_grad(et * vfp_w, es * vfq_w, grad_bcd_w, grad_kl_w);
+      }
+      if (args.stream_grad && m == kW) {
+        store_streaming(grad, out + i);
+      } else {
+        grad.store(out + i, m);
+      }
+    });
+  }
+}
+
+// Beyond this many classes kept out of W (ties at the k-th teacher logit), cakd_top_k_row leaves
+// the row to the general path.
+constexpr size_t kMaxPending = 1024;
+
+// The top-k rule (k <= kBufferedSelection, k < V) in one pass over the row from DRAM: the
+// selection runs inside the statistics pass, which is W's (the largest group) alone, with forward
+// KL's block sums (forward_kl_from_blocks) for WCD, so the gradient pass needs neither logits
+// nor logs. Per block:
+//   1. the maxima of W, over the classes not above the running k-th teacher logit when they
+//      arrive (RunningTopK takes those); the first touch of the block;
+//   2. the exps at W's running maxima, kept in scratch, and W's sums over the classes below the
+//      k-th logit at the block's end ("pending": every class of the final S is among them).
+// At the row's end S is known: pending classes outside S join W one by one (their exps taken at
+// their block's shifts), S's statistics and SCD come from its k classes in double, and the
+// gradient pass follows. Returns false, having written nothing, for rows it leaves to the general
+// path (choose_s + cakd_marked_row), which then decides them from scratch: NaN / +inf logits, a
+// teacher with fewer than k finite logits so far, a W class far above W's shift, ties beyond
+// kMaxPending, a non-finite component.
+bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& scratch, float* components,
+                    float* loss) {
+  const int64_t V = args.vocab, k = params.top_k;
+  const int64_t blocks = (V + kBlock - 1) / kBlock;
+  const float inv_t = params.inv_temperature;
+  const float *z = args.student, *t = args.teacher;
+  float *exp_s = (scratch.exp_s.resize(V), scratch.exp_s.data()), *exp_t = (scratch.exp_t.resize(V), scratch.exp_t.data());
+  scratch.w_shift_s.resize(blocks);
+  scratch.w_shift_t.resize(blocks);
+  scratch.w_mass.resize(blocks);
+  scratch.w_gap.resize(blocks);
+  scratch.pending.clear();
+  RunningTopK top(t, k, scratch.buffer);
+  OnlineLse w_u, w_a;  // W's statistics: student, teacher
+  const Vec vinv(inv_t), neg_inf(kNegInf), zero(0.f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
+    Vec max_u(kNegInf), max_a(kNegInf);
+    for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+      const Vec tv = load_masked(t + i, m), zv = load_masked(z + i, m), kth(top.kth());
+      max_a = max_unordered(max_a, kd_where_gt(tv, kth, neg_inf, tv));
+      max_u = max_unordered(max_u, kd_where_gt(tv, kth, neg_inf, zv));
+      if (any_gt(tv, kth)) top.offer(t, i, m);
+    });
+    const float block_a = hmax(max_a), block_u = hmax(max_u), kth_end = top.kth();
+    if (bad_logit(block_a) || bad_logit(block_u) || kth_end == kNegInf) return false;
+    w_a.raise_max(block_a, inv_t);
+    w_u.raise_max(block_u, inv_t);
+    const float shift_a = finite_shift(w_a.max), shift_u = finite_shift(w_u.max);
+    scratch.w_shift_t[b] = shift_a;
+    scratch.w_shift_s[b] = shift_u;
+    // pending: t >= kth_end, i.e. t > below_kth
+    const Vec below_kth(std::nextafter(kth_end, kNegInf)), vshift_a(shift_a), vshift_u(shift_u);
+    Vec acc_u(0.f), acc_a(0.f), acc_gap(0.f);
+    for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+      prefetch_block_ahead(z + i);
+      prefetch_block_ahead(t + i);
+      const Vec tv = load_masked(t + i, m);
+      const Vec du = load_masked(z + i, m) - vshift_u, da = tv - vshift_a;
+      const Vec eu = exp_nonpositive(du * vinv), ea = exp_nonpositive(da * vinv);
+      eu.store(exp_s + i, m);
+      ea.store(exp_t + i, m);
+      acc_u = acc_u + kd_where_gt(tv, below_kth, zero, eu);
+      acc_a = acc_a + kd_where_gt(tv, below_kth, zero, ea);
+      acc_gap = acc_gap + kd_where_gt(tv, below_kth, zero, kd_if_pos(ea, ea * (da - du)));
+      if (any_gt(tv, below_kth))
+        for (int64_t j = i; j < i + m; ++j)
+          if (t[j] >= kth_end) scratch.pending.push_back(j);
+    });
+    const float sum_u = hsum(acc_u), sum_a = hsum(acc_a), gap = hsum(acc_gap);
+    // NaN logits (the maxima may drop them), or a W class far above its shift
+    if (!std::isfinite(sum_u) || !std::isfinite(sum_a) || !std::isfinite(gap)) return false;
+    if (scratch.pending.size() > kMaxPending) return false;
+    // A W whose maxima are still -inf (its classes so far all arrived as candidates) took its
+    // exps at the shift 0: its running max must say so before a later block rescales its sum.
+    if (w_u.empty() && sum_u > 0.f) w_u.max = shift_u;
+    if (w_a.empty() && sum_a > 0.f) w_a.max = shift_a;
+    w_u.sum += sum_u;
+    w_a.sum += sum_a;
+    scratch.w_mass[b] = sum_a;
+    scratch.w_gap[b] = gap;
+  }
+
+  scratch.in_s.clear();
+  top.finish(scratch.in_s);
+  std::sort(scratch.in_s.begin(), scratch.in_s.end());  // pending is in index order
+  // S's statistics, exps (at S's maxima) and SCD, in double
+  OnlineLse s_u, s_a;
+  for (int64_t j : scratch.in_s) {
+    if (!std::isfinite(t[j]) || !std::isfinite(z[j])) return false;
+    s_a.max = std::max(s_a.max, t[j]);
+    s_u.max = std::max(s_u.max, z[j]);
+  }
+  for (int64_t j : scratch.in_s) {
+    const double ea = std::exp(static_cast<double>(t[j] - s_a.max) * inv_t);
+    const double eu = std::exp(static_cast<double>(z[j] - s_u.max) * inv_t);
+    s_a.sum += ea;
+    s_u.sum += eu;
+    exp_t[j] = static_cast<float>(ea);
+    exp_s[j] = static_cast<float>(eu);
+  }
+  double scd = 0.0;
+  const double log_sum_a = std::log(s_a.sum), log_sum_u = std::log(s_u.sum);
+  for (int64_t j : scratch.in_s) {
+    const double log_p = static_cast<double>(t[j] - s_a.max) * inv_t - log_sum_a;
+    const double log_q = static_cast<double>(z[j] - s_u.max) * inv_t - log_sum_u;
+    scd += std::exp(log_p) * (log_p - log_q);
+  }
+  // the pending classes outside S join W at their block's shifts
+  auto in_s = scratch.in_s.begin();
+  for (int64_t j : scratch.pending) {
+    if (in_s != scratch.in_s.end() && *in_s == j) {
+      ++in_s;
+      continue;
+    }
+    const int64_t b = j / kBlock;
+    const float da = t[j] - scratch.w_shift_t[b], du = z[j] - scratch.w_shift_s[b];
+    const double ea = std::exp(static_cast<double>(da) * inv_t), eu = std::exp(static_cast<double>(du) * inv_t);
+    if (!(ea <= 1e30) || !(eu <= 1e30)) return false;  // far above the shift (or NaN)
+    exp_t[j] = static_cast<float>(ea);
+    exp_s[j] = static_cast<float>(eu);
+    scratch.w_mass[b] += ea;
+    if (ea > 0.0) scratch.w_gap[b] += ea * (static_cast<double>(da) - du);
+    // the class's exp at its block's shift, rescaled to W's running max (raised to it first, so
+    // that an empty W starts from the class itself)
+    w_a.raise_max(t[j], inv_t);
+    w_u.raise_max(z[j], inv_t);
+    if (ea > 0.0) w_a.sum += ea * std::exp(static_cast<double>(scratch.w_shift_t[b] - w_a.max) * inv_t);
+    if (eu > 0.0) w_u.sum += eu * std::exp(static_cast<double>(scratch.w_shift_s[b] - w_u.max) * inv_t);
+  }
+  if (in_s != scratch.in_s.end()) return false;  // not every class of S was kept out of W
+  if (w_a.empty() || w_u.empty()) return false;
+
+  const double wcd = forward_kl_from_blocks(scratch.w_shift_t.data(), scratch.w_shift_s.data(), scratch.w_mass.data(),
+                                            scratch.w_gap.data(), blocks, w_u, w_a, inv_t);
+  const CakdRow row = cakd_row_constants(s_u, w_u, s_a, w_a, args.grad_scale, params);
+  if (!std::isfinite(row.bcd) || !std::isfinite(scd) || !std::isfinite(wcd)) return false;
+  components[0] = row.bcd;
+  components[1] = static_cast<float>(scd);
+  components[2] = static_cast<float>(wcd);
+  *loss = cakd_row_loss(row, components[1], components[2], params);
+  if (args.grad) {
+    mark_s(V, scratch);
+    const float fq_s = s_u.probability_factor(s_u.max, inv_t), fp_s = s_a.probability_factor(s_a.max, inv_t);
+    cakd_grad_pass(args, row, scratch, [&](int64_t b, float& fq_s_b, float& fq_w, float& fp_s_b, float& fp_w) {
+      fq_s_b = fq_s;
+      fp_s_b = fp_s;
+      fq_w = w_u.probability_factor(scratch.w_shift_s[b], inv_t);
+      fp_w = w_a.probability_factor(scratch.w_shift_t[b], inv_t);
+    });
+    clear_s(scratch);
+  }
+  return true;
+}
+
 float cakd_row(const RowArgs& args, const CakdParams& params, CakdScratch& scratch, float* components,
                int* error) {
+  if (params.rule == GroupRule::kTopK && params.top_k <= kBufferedSelection && params.top_k < args.vocab) {
+    float loss;
+    if (cakd_top_k_row(args, params, scratch, components, &loss)) return loss;
+  }
   choose_s(args, params, scratch);
+  mark_s(args.vocab, scratch);
   const float loss = cakd_marked_row(args, params, scratch, components, error);
   clear_s(scratch);
   return loss;

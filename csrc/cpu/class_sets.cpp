@@ -22,37 +22,17 @@ inline Ranked ranked(const float* teacher, int64_t i) {
   return Ranked{std::isnan(x) ? kNegInf : x, i};
 }
 
-// Up to this many classes, S is selected with a small buffer in one SIMD pass; beyond, by a
-// threshold bisection (a few SIMD passes over the row, which by then sits in L2).
-constexpr int64_t kBufferedSelection = 64;
-
-// Appends to `out` the k classes that come first in teacher rank order, k <= kBufferedSelection.
-// The buffer holds the best k seen so far plus newcomers; since classes arrive in index order,
-// a newcomer can only beat the k-th best by a strictly larger logit, which one SIMD compare
-// checks for a whole vector. A full buffer is trimmed back to the best k by nth_element.
-// This pass does little work per byte it reads from DRAM: it prefetches `student` (the row the
-// statistics pass reads next) alongside.
+// Appends to `out` the k classes that come first in teacher rank order, k <= kBufferedSelection,
+// in one SIMD pass (RunningTopK). This pass does little work per byte it reads from DRAM: it
+// prefetches `student` (the row the statistics pass reads next) alongside.
 void select_top_k_buffered(const float* teacher, const float* student, int64_t V, int64_t k,
                            std::vector<Ranked>& buffer, std::vector<int64_t>& out) {
-  // Trimming at 2k keeps the k-th best logit current, so few vectors leave the SIMD path.
-  const size_t capacity = static_cast<size_t>(std::max<int64_t>(2 * k, 16));
-  buffer.clear();
-  for (int64_t i = 0; i < k; ++i) buffer.push_back(ranked(teacher, i));
-  auto trim = [&]() {
-    std::nth_element(buffer.begin(), buffer.begin() + (k - 1), buffer.end(), ranks_before);
-    buffer.resize(k);
-    return buffer[k - 1].logit;  // the k-th best: everything before it ranks before it
-  };
-  float kth = trim();
+  RunningTopK top(teacher, k, buffer);
   for_each_vec(k, V, [&](int64_t i, int64_t n) KD_ALWAYS_INLINE_LAMBDA {
     __builtin_prefetch(student + i, 0, 3);
-    if (!any_lane(load_masked(teacher + i, n) > Vec(kth))) return;
-    for (int64_t j = i; j < i + n; ++j)
-      if (teacher[j] > kth) buffer.push_back(Ranked{teacher[j], j});
-    if (buffer.size() >= capacity) kth = trim();
+    if (any_gt(load_masked(teacher + i, n), Vec(top.kth()))) top.offer(teacher, i, n);
   });
-  trim();
-  for (const Ranked& r : buffer) out.push_back(r.index);
+  top.finish(out);
 }
 
 // Order-preserving map of a float to uint32 (larger float, larger key) and back; -0 < +0.
@@ -149,6 +129,31 @@ void select_prefix_by_threshold(const float* teacher, int64_t V, const float* pr
 }
 
 }  // namespace
+
+RunningTopK::RunningTopK(const float* teacher, int64_t k, std::vector<Ranked>& buffer)
+    // Trimming at 2k keeps the k-th best logit current, so few vectors leave the SIMD path.
+    : buffer_(buffer), k_(k), capacity_(static_cast<size_t>(std::max<int64_t>(2 * k, 16))) {
+  buffer_.clear();
+  for (int64_t i = 0; i < k; ++i) buffer_.push_back(ranked(teacher, i));
+  kth_ = trim();
+}
+
+float RunningTopK::trim() {
+  std::nth_element(buffer_.begin(), buffer_.begin() + (k_ - 1), buffer_.end(), ranks_before);
+  buffer_.resize(k_);
+  return buffer_[k_ - 1].logit;  // the k-th best: everything before it ranks before it
+}
+
+void RunningTopK::offer(const float* teacher, int64_t i, int64_t n) {
+  for (int64_t j = std::max(i, k_); j < i + n; ++j)
+    if (teacher[j] > kth_) buffer_.push_back(Ranked{teacher[j], j});
+  if (buffer_.size() >= capacity_) kth_ = trim();
+}
+
+void RunningTopK::finish(std::vector<int64_t>& out) {
+  trim();
+  for (const Ranked& r : buffer_) out.push_back(r.index);
+}
 
 void select_top_k(const float* teacher, const float* student, int64_t V, int64_t k,
                   std::vector<Ranked>& buffer, std::vector<int64_t>& out) {

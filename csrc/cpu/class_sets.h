@@ -7,6 +7,7 @@
 // deterministic. NaN never enters a selection (its row is reported by the statistics pass).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -17,6 +18,33 @@ namespace kdkernels {
 struct Ranked {
   float logit;
   int64_t index;
+};
+
+// Up to this many classes, top-k selection keeps a small buffer (RunningTopK); beyond, it bisects
+// a logit threshold with SIMD counting passes over the row (in L2 by then).
+constexpr int64_t kBufferedSelection = 64;
+
+// The k classes that come first in teacher rank order among those offered so far, for a row
+// offered in index order, k <= kBufferedSelection. Since classes arrive in index order, a newcomer
+// ranks before the current k-th best only with a strictly larger logit: one SIMD compare against
+// kth() screens a whole vector, and offer() takes the lanes above it. The buffer holds the best k
+// plus newcomers; a full buffer is trimmed back to the best k (nth_element), which raises kth().
+class RunningTopK {
+ public:
+  // Starts from the row's first k classes (k < V); buffer: per-thread scratch.
+  RunningTopK(const float* teacher, int64_t k, std::vector<Ranked>& buffer);
+  float kth() const { return kth_; }
+  // Offers the classes [i, i + n) whose logits exceed kth() (the first k are already in).
+  void offer(const float* teacher, int64_t i, int64_t n);
+  // Appends the k classes to `out`.
+  void finish(std::vector<int64_t>& out);
+
+ private:
+  float trim();
+  std::vector<Ranked>& buffer_;
+  int64_t k_;
+  size_t capacity_;
+  float kth_;
 };
 
 // Appends to `out` S of the top-k rule: the k classes that come first in teacher rank order (all

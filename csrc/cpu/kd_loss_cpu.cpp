@@ -141,27 +141,6 @@ float ce_only_row(const RowArgsT<S, T>& args, const KDParams& params, const Onli
   return static_cast<float>(params.ce_weight * cross_entropy(lse_z, z_label));
 }
 
-// Forward KL from pass 1's block sums, without a log per element. With u = z / T, a = t / T, the
-// final maxima ms, mt and sums Ss, St, and block b's running maxima ms_b, mt_b:
-//   log p_i - log q_i = ((t_i - mt_b) - (z_i - ms_b)) / T + ((mt_b - mt) - (ms_b - ms)) / T + log Ss - log St
-// and p_i = e_i f_b with e_i = exp((t_i - mt_b) / T), f_b = exp((mt_b - mt) / T) / St, so
-//   KL = sum_b f_b (G_b + E_b ((mt_b - mt) - (ms_b - ms))) / T + (sum_b f_b E_b) (log Ss - log St)
-// with E_b = sum e_i, G_b = sum e_i ((t_i - mt_b) - (z_i - ms_b)) over the block (stats_block).
-// Every logit difference is taken at a running maximum, as log-softmax takes it, and the block
-// constants are combined in double. +inf where the teacher has mass on a student -inf entry.
-double forward_kl_from_blocks(const RowScratch& scratch, int64_t blocks, const OnlineLse& lse_u, const OnlineLse& lse_a,
-                              float inv_t) {
-  double value = 0.0, mass = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (!(scratch.mass_t[b] > 0.0)) continue;  // no teacher mass in the block (its maxima may be -inf)
-    const double mt_b = scratch.block_max_t[b], ms_b = scratch.block_max_s[b];
-    const double f_b = std::exp((mt_b - lse_a.max) * inv_t) / lse_a.sum;
-    value += f_b * (scratch.gap_t[b] + scratch.mass_t[b] * ((mt_b - lse_a.max) - (ms_b - lse_u.max)));
-    mass += f_b * scratch.mass_t[b];
-  }
-  return value * inv_t + mass * (std::log(lse_u.sum) - std::log(lse_a.sum));
-}
-
 // Returns the row loss; writes the gradient when args.grad != nullptr. The rows are read in their
 // own dtypes (S, T) and converted vector by vector; all arithmetic is fp32.
 template <class Div, typename S, typename T>
@@ -317,7 +296,10 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
       store_grad(i, n, g);
     });
   }
-  const double kd = kGapSums ? forward_kl_from_blocks(scratch, blocks, lse_u, lse_a, inv_t) : divergence.total();
+  const double kd = kGapSums ? forward_kl_from_blocks(scratch.block_max_t.data(), scratch.block_max_s.data(),
+                                                     scratch.mass_t.data(), scratch.gap_t.data(), blocks, lse_u,
+                                                     lse_a, inv_t)
+                             : divergence.total();
   // forward KL is +inf only where the teacher has mass on a student -inf entry
   if constexpr (std::is_same_v<Div, ForwardKL>)
     if (!std::isfinite(kd)) *error |= kStudentMassOnNegInf;

@@ -204,6 +204,39 @@ inline bool any_lane(const Vec& mask) {
   return mask.zero_mask() != kAllZero;
 }
 
+// Whether any lane has a > b (a NaN lane has not): one mask compare where the ISA has it.
+KD_ALWAYS_INLINE bool any_gt(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0;
+#else
+  return any_lane(a > b);
+#endif
+}
+
+// Forward KL(p || q) from a statistics pass's block sums, without a log per element. With
+// u = z / T, a = t / T, the final maxima ms, mt and sums Ss, St (lse_s, lse_t), and block b's
+// shifts ms_b, mt_b (the running maxima its exps were taken at):
+//   log p_i - log q_i = ((t_i - mt_b) - (z_i - ms_b)) / T + ((mt_b - mt) - (ms_b - ms)) / T + log Ss - log St
+// and p_i = e_i f_b with e_i = exp((t_i - mt_b) / T), f_b = exp((mt_b - mt) / T) / St, so
+//   KL = sum_b f_b (G_b + E_b ((mt_b - mt) - (ms_b - ms))) / T + (sum_b f_b E_b) (log Ss - log St)
+// with E_b = sum e_i (mass), G_b = sum e_i ((t_i - mt_b) - (z_i - ms_b)) (gap) over the block.
+// Every logit difference is taken at a running maximum, as log-softmax takes it, and the block
+// constants are combined in double. The sums may cover a group of the row's classes (CAKD's W),
+// and a shift need not be the largest logit it covers. +inf where the teacher has mass on a
+// student -inf entry.
+inline double forward_kl_from_blocks(const float* shift_t, const float* shift_s, const double* mass, const double* gap,
+                                     int64_t blocks, const OnlineLse& lse_s, const OnlineLse& lse_t, float inv_t) {
+  double value = 0.0, total_mass = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!(mass[b] > 0.0)) continue;  // no teacher mass in the block (its shifts may be -inf)
+    const double mt_b = shift_t[b], ms_b = shift_s[b];
+    const double f_b = std::exp((mt_b - lse_t.max) * inv_t) / lse_t.sum;
+    value += f_b * (gap[b] + mass[b] * ((mt_b - lse_t.max) - (ms_b - lse_s.max)));
+    total_mass += f_b * mass[b];
+  }
+  return value * inv_t + total_mass * (std::log(lse_s.sum) - std::log(lse_t.sum));
+}
+
 // What a row kernel reports (or-ed over the rows; run_rows turns them into one ValueError):
 // NaN / +inf logits, a label outside [0, V), and a student that is -inf where the loss needs a
 // finite value (the whole row, the label's entry, or an entry the teacher gives probability to

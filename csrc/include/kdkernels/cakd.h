@@ -146,11 +146,16 @@ KD_HD float cakd_row_loss(const CakdRow& row, float scd, float wcd, const CakdPa
 // Element i of group g: its term of KL(p̂_g || q̂_g) and its dL/dz_i, from the renormalised
 // probabilities p̂_i, q̂_i, the shifted logits x_a = a_i - hi_a, x_u = u_i - hi_u and the group's
 // constants (given per lane in SIMD code, where a vector mixes groups). Masked entries
-// (p̂ = q̂ = 0) give 0 for both, whatever x_a - x_u is (NaN for -inf - -inf).
+// (p̂ = q̂ = 0) give 0 for both, whatever x_a - x_u is (NaN for -inf - -inf). The gradient alone
+// (cakd_grad) needs only p̂_i, q̂_i and the group's constants.
+template <class F>
+KD_HD F cakd_grad(F phat, F qhat, F grad_bcd, F grad_kl) {
+  return grad_bcd * qhat + grad_kl * (qhat - phat);
+}
 template <class F>
 KD_HD void cakd_element(F phat, F qhat, F x_a, F x_u, F lo_diff, F grad_bcd, F grad_kl, F& kl, F& grad) {
   kl = kd_if_pos(phat, phat * ((x_a - x_u) - lo_diff));
-  grad = grad_bcd * qhat + grad_kl * (qhat - phat);
+  grad = cakd_grad(phat, qhat, grad_bcd, grad_kl);
 }
 
 }  // namespace kdkernels
