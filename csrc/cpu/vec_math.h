@@ -148,7 +148,9 @@ inline Vec kd_inverse_capped(Vec x) {
 // x = n ln2 + r and a degree-5 polynomial for e^r (the Cephes expf scheme, ~1 ulp like Sleef's
 // u10 variant) but inlined, which makes the statistics pass cheaper. Arguments whose exp is
 // below the normal float range (x < -87.3, and -inf for masked entries) give exactly 0: no
-// denormal probabilities, whose mixtures (0.5 * p) would round to 0 beside a nonzero p.
+// denormal probabilities, whose mixtures (0.5 * p) would round to 0 beside a nonzero p. Positive
+// x are exact too (CAKD's top-k pass takes some exps above their shift), and beyond the float
+// range give +inf.
 KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   // max(lowest, x) keeps a NaN x (NaN in, NaN out). On AVX512 the clamp, the scaling and the
   // final select are single mask-register instructions: at::vec's maximum and comparisons widen
@@ -157,7 +159,8 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
 #if defined(CPU_CAPABILITY_AVX512)
   const Vec xc(_mm512_max_ps(lowest, x));
 #else
-  const Vec xc = at::vec::maximum(x, lowest);
+  // capped above where 2^n is +inf (n = 128), not an exponent field that overflows
+  const Vec xc = at::vec::minimum(at::vec::maximum(x, lowest), Vec(88.8f));
 #endif
   const Vec n = (xc * Vec(1.44269504088896341f)).round();
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
