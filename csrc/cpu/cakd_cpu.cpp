@@ -321,14 +321,14 @@ bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& 
   scratch.pending.clear();
   RunningTopK top(t, k, scratch.buffer);
   OnlineLse w_u, w_a;  // W's statistics: student, teacher
-  const Vec vinv(inv_t), neg_inf(kNegInf), zero(0.f);
+  const Vec vinv(inv_t);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
     Vec max_u(kNegInf), max_a(kNegInf);
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
       const Vec tv = load_masked(t + i, m), zv = load_masked(z + i, m), kth(top.kth());
-      max_a = max_unordered(max_a, kd_where_gt(tv, kth, neg_inf, tv));
-      max_u = max_unordered(max_u, kd_where_gt(tv, kth, neg_inf, zv));
+      max_a = max_unless_gt(max_a, tv, kth, tv);
+      max_u = max_unless_gt(max_u, tv, kth, zv);
       if (any_gt(tv, kth)) top.offer(t, i, m);
     });
     const float block_a = hmax(max_a), block_u = hmax(max_u), kth_end = top.kth();
@@ -349,9 +349,9 @@ bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& 
       const Vec eu = exp_nonpositive(du * vinv), ea = exp_nonpositive(da * vinv);
       eu.store(exp_s + i, m);
       ea.store(exp_t + i, m);
-      acc_u = acc_u + kd_where_gt(tv, below_kth, zero, eu);
-      acc_a = acc_a + kd_where_gt(tv, below_kth, zero, ea);
-      acc_gap = acc_gap + kd_where_gt(tv, below_kth, zero, kd_if_pos(ea, ea * (da - du)));
+      acc_u = add_unless_gt(acc_u, tv, below_kth, eu);
+      acc_a = add_unless_gt(acc_a, tv, below_kth, ea);
+      acc_gap = add_unless_gt(acc_gap, tv, below_kth, kd_if_pos(ea, ea * (da - du)));
       if (any_gt(tv, below_kth))
         for (int64_t j = i; j < i + m; ++j)
           if (t[j] >= kth_end) scratch.pending.push_back(j);

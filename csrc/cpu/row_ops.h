@@ -213,6 +213,23 @@ KD_ALWAYS_INLINE bool any_gt(const Vec& a, const Vec& b) {
 #endif
 }
 
+// acc + x and max(acc, x) on the lanes where a > b does not hold (NaN lanes included), acc on the
+// others: one masked instruction (and the shared compare) where the ISA has them.
+KD_ALWAYS_INLINE Vec add_unless_gt(const Vec& acc, const Vec& a, const Vec& b, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ), acc, x));
+#else
+  return acc + kd_where_gt(a, b, Vec(0.f), x);
+#endif
+}
+KD_ALWAYS_INLINE Vec max_unless_gt(const Vec& acc, const Vec& a, const Vec& b, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_mask_max_ps(acc, _mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ), acc, x));
+#else
+  return max_unordered(acc, kd_where_gt(a, b, Vec(kNegInf), x));
+#endif
+}
+
 // Forward KL(p || q) from a statistics pass's block sums, without a log per element. With
 // u = z / T, a = t / T, the final maxima ms, mt and sums Ss, St (lse_s, lse_t), and block b's
 // shifts ms_b, mt_b (the running maxima its exps were taken at):
