@@ -313,6 +313,20 @@ def test_top_k_selected_during_the_statistics_pass(layout, temperature):
     check_against_reference(student, teacher, groups="teacher_topk", k=5, temperature=temperature, **WEIGHTS)
 
 
+@pytest.mark.parametrize("where", ("first", "block_edge", "last_partial_vector", "random"))
+@pytest.mark.parametrize("peaked", (False, True))
+def test_label_group_set_apart_during_the_statistics_pass(where, peaked):
+    # DKD's S = {label}: one lane of one vector is kept out of W's maxima and sums.
+    V = 5003  # three blocks, the last vector partial
+    student, teacher = make_pair((6, V), seed=21)
+    labels = {"first": torch.zeros(6, dtype=torch.long), "block_edge": torch.full((6,), 2047),
+              "last_partial_vector": torch.full((6,), V - 1), "random": make_labels((6,), V, seed=21)}[where]
+    if peaked:  # the label holds nearly all of the teacher's mass: W's mass underflows beside it
+        teacher[torch.arange(6), labels] += 150.0
+    check_against_reference(student, teacher, labels, groups="label", temperature=2.0, **WEIGHTS)
+    check_against_reference(student, teacher, labels, fn=kdkernels.dkd_loss, temperature=2.0)
+
+
 def test_teacher_group_without_mass_contributes_no_group_kl():
     # The label class is masked for the teacher only: P_S = 0, so SCD is 0 by convention while
     # BCD still pushes the student's mass out of S.

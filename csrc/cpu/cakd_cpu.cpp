@@ -10,10 +10,11 @@
 //      its own max, so a group whose mass underflows keeps an exact log-sum-exp; the exps are
 //      kept in per-thread scratch, so no later pass needs exp;
 //   2. the SCD / WCD terms and the gradient dL/dz, written in the same pass.
-// The top-k rule with k <= 64 (CAKD's usual one) takes its own road first (cakd_top_k_row): S is
-// selected inside the statistics pass, which reads both rows from DRAM once, and WCD comes from
-// block sums, so the gradient pass needs neither logits nor logs; rows it cannot take (NaN / inf
-// logits, masked prefixes, many ties at the k-th logit) go the general way above.
+// The top-k rule with k <= 64 (CAKD's usual one) and the label rule (DKD) take their own road
+// first (cakd_fused_row): S is told apart inside the statistics pass, which reads both rows from
+// DRAM once, and WCD comes from block sums, so the gradient pass needs neither logits nor logs;
+// rows it cannot take (NaN / inf logits, masked prefixes, many ties at the k-th logit) go the
+// general way above.
 // Rows whose label is ignore_index give loss 0 and gradient 0; a row whose teacher is entirely
 // -inf has no teacher distribution and gives 0. NaN / +inf logits, out-of-range labels, and a
 // student that is -inf where the teacher has mass (the loss would be +inf; a whole student row
@@ -28,9 +29,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace kdkernels {
@@ -45,7 +48,7 @@ struct CakdScratch {
   std::vector<int32_t> block_s_count;  // [blocks] classes of S in each block (all 0 between rows)
   std::vector<float> exp_s, exp_t;    // [V] exp((x - group shift of the block) / T)
   std::vector<float> shifts;          // [blocks x 4] shifts used: student S, W, teacher S, W
-  // top-k path (cakd_top_k_row): W's shifts and forward-KL block sums, the classes kept out of W
+  // fused path (cakd_fused_row): W's shifts and forward-KL block sums, the classes kept out of W
   std::vector<float> w_shift_s, w_shift_t;  // [blocks]
   std::vector<double> w_mass, w_gap;         // [blocks]
   std::vector<int64_t> pending;
@@ -289,27 +292,75 @@ void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& 
   }
 }
 
-// Beyond this many classes kept out of W (ties at the k-th teacher logit), cakd_top_k_row leaves
+// Beyond this many classes kept out of W (ties at the k-th teacher logit), cakd_fused_row leaves
 // the row to the general path.
 constexpr size_t kMaxPending = 1024;
 
-// The top-k rule (k <= kBufferedSelection, k < V) in one pass over the row from DRAM: the
-// selection runs inside the statistics pass, which is W's (the largest group) alone, with forward
-// KL's block sums (forward_kl_from_blocks) for WCD, so the gradient pass needs neither logits
-// nor logs. Per block:
-//   1. the maxima of W, over the classes not above the running k-th teacher logit when they
-//      arrive (RunningTopK takes those); the first touch of the block;
-//   2. the exps at W's running maxima, kept in scratch, and W's sums over the classes below the
-//      k-th logit at the block's end ("pending": every class of the final S is among them).
+// How cakd_fused_row tells S from W as the row streams by. Each vector gives a (key, threshold)
+// pair: lanes with key > threshold are candidates (kept out of W's maxima) in the first loop of a
+// block and pending (kept out of W's sums; every class of the final S is among them) in the
+// second; a pending class outside the final S joins W at the row's end.
+//
+// The top-k rule: candidates lie above the running k-th teacher logit when they arrive
+// (RunningTopK takes them), pending classes at or above the k-th logit at the block's end.
+struct TopKGroups {
+  RunningTopK top;
+  float kth_end = kNegInf;
+  Vec below_kth_end{kNegInf};  // pending: t >= kth_end, i.e. t > below_kth_end
+
+  TopKGroups(const float* teacher, int64_t k, std::vector<Ranked>& buffer) : top(teacher, k, buffer) {}
+  KD_ALWAYS_INLINE std::pair<Vec, Vec> candidates(int64_t, const Vec& t) const { return {t, Vec(top.kth())}; }
+  void offer(const float* teacher, int64_t i, int64_t n) { top.offer(teacher, i, n); }
+  // After a block's first loop; false while fewer than k teacher logits are finite (no threshold).
+  bool end_block() {
+    kth_end = top.kth();
+    below_kth_end = Vec(std::nextafter(kth_end, kNegInf));
+    return kth_end != kNegInf;
+  }
+  KD_ALWAYS_INLINE std::pair<Vec, Vec> pending(int64_t, const Vec& t) const { return {t, below_kth_end}; }
+  bool is_pending(const float* teacher, int64_t j) const { return teacher[j] >= kth_end; }
+  void finish(std::vector<int64_t>& out) { top.finish(out); }
+};
+
+// The label rule (DKD): S = {label}, known from the start; one lane of one vector is set apart.
+struct LabelGroups {
+  int64_t label;
+
+  // 1 on the label's lane of the vector at i, 0 elsewhere; (0, +inf) for every other vector
+  KD_ALWAYS_INLINE std::pair<Vec, Vec> candidates(int64_t i, const Vec&) const {
+    static const std::array<float, 2 * kW> kOneHot = [] {
+      std::array<float, 2 * kW> one_hot{};
+      one_hot[kW] = 1.f;
+      return one_hot;
+    }();
+    if (label < i || label >= i + kW) return {Vec(0.f), Vec(std::numeric_limits<float>::infinity())};
+    return {Vec::loadu(kOneHot.data() + kW - (label - i)), Vec(0.5f)};
+  }
+  void offer(const float*, int64_t, int64_t) {}
+  bool end_block() { return true; }
+  KD_ALWAYS_INLINE std::pair<Vec, Vec> pending(int64_t i, const Vec& t) const { return candidates(i, t); }
+  bool is_pending(const float*, int64_t j) const { return j == label; }
+  void finish(std::vector<int64_t>& out) { out.push_back(label); }
+};
+
+// The top-k rule (k <= kBufferedSelection, k < V) and the label rule in one pass over the row
+// from DRAM: S is told apart inside the statistics pass (Groups: TopKGroups, LabelGroups), which
+// is W's (the largest group) alone, with forward KL's block sums (forward_kl_from_blocks) for WCD,
+// so the gradient pass needs neither logits nor logs. Per block:
+//   1. the maxima of W, over the classes that are not candidates for S; the first touch of the
+//      block;
+//   2. the exps at W's running maxima, kept in scratch, and W's sums over the classes that are
+//      not pending (every class of the final S is pending).
 // At the row's end S is known: pending classes outside S join W one by one (their exps taken at
 // their block's shifts), S's statistics and SCD come from its k classes in double, and the
 // gradient pass follows. Returns false, having written nothing, for rows it leaves to the general
 // path (choose_s + cakd_marked_row), which then decides them from scratch: NaN / +inf logits, a
 // teacher with fewer than k finite logits so far, a W class far above W's shift, ties beyond
 // kMaxPending, a non-finite component.
-bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& scratch, float* components,
-                    float* loss) {
-  const int64_t V = args.vocab, k = params.top_k;
+template <class Groups>
+bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& groups, CakdScratch& scratch,
+                    float* components, float* loss) {
+  const int64_t V = args.vocab;
   const int64_t blocks = (V + kBlock - 1) / kBlock;
   const float inv_t = params.inv_temperature;
   const float *z = args.student, *t = args.teacher;
@@ -319,27 +370,26 @@ bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& 
   scratch.w_mass.resize(blocks);
   scratch.w_gap.resize(blocks);
   scratch.pending.clear();
-  RunningTopK top(t, k, scratch.buffer);
   OnlineLse w_u, w_a;  // W's statistics: student, teacher
   const Vec vinv(inv_t);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
     Vec max_u(kNegInf), max_a(kNegInf);
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-      const Vec tv = load_masked(t + i, m), zv = load_masked(z + i, m), kth(top.kth());
-      max_a = max_unless_gt(max_a, tv, kth, tv);
-      max_u = max_unless_gt(max_u, tv, kth, zv);
-      if (any_gt(tv, kth)) top.offer(t, i, m);
+      const Vec tv = load_masked(t + i, m), zv = load_masked(z + i, m);
+      const auto [key, threshold] = groups.candidates(i, tv);
+      max_a = max_unless_gt(max_a, key, threshold, tv);
+      max_u = max_unless_gt(max_u, key, threshold, zv);
+      if (any_gt(key, threshold)) groups.offer(t, i, m);
     });
-    const float block_a = hmax(max_a), block_u = hmax(max_u), kth_end = top.kth();
-    if (bad_logit(block_a) || bad_logit(block_u) || kth_end == kNegInf) return false;
+    const float block_a = hmax(max_a), block_u = hmax(max_u);
+    if (bad_logit(block_a) || bad_logit(block_u) || !groups.end_block()) return false;
     w_a.raise_max(block_a, inv_t);
     w_u.raise_max(block_u, inv_t);
     const float shift_a = finite_shift(w_a.max), shift_u = finite_shift(w_u.max);
     scratch.w_shift_t[b] = shift_a;
     scratch.w_shift_s[b] = shift_u;
-    // pending: t >= kth_end, i.e. t > below_kth
-    const Vec below_kth(std::nextafter(kth_end, kNegInf)), vshift_a(shift_a), vshift_u(shift_u);
+    const Vec vshift_a(shift_a), vshift_u(shift_u);
     Vec acc_u(0.f), acc_a(0.f), acc_gap(0.f);
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
       prefetch_block_ahead(z + i);
@@ -349,12 +399,13 @@ bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& 
       const Vec eu = exp_nonpositive(du * vinv), ea = exp_nonpositive(da * vinv);
       eu.store(exp_s + i, m);
       ea.store(exp_t + i, m);
-      acc_u = add_unless_gt(acc_u, tv, below_kth, eu);
-      acc_a = add_unless_gt(acc_a, tv, below_kth, ea);
-      acc_gap = add_unless_gt(acc_gap, tv, below_kth, kd_if_pos(ea, ea * (da - du)));
-      if (any_gt(tv, below_kth))
+      const auto [key, threshold] = groups.pending(i, tv);
+      acc_u = add_unless_gt(acc_u, key, threshold, eu);
+      acc_a = add_unless_gt(acc_a, key, threshold, ea);
+      acc_gap = add_unless_gt(acc_gap, key, threshold, kd_if_pos(ea, ea * (da - du)));
+      if (any_gt(key, threshold))
         for (int64_t j = i; j < i + m; ++j)
-          if (t[j] >= kth_end) scratch.pending.push_back(j);
+          if (groups.is_pending(t, j)) scratch.pending.push_back(j);
     });
     const float sum_u = hsum(acc_u), sum_a = hsum(acc_a), gap = hsum(acc_gap);
     // NaN logits (the maxima may drop them), or a W class far above its shift
@@ -371,7 +422,7 @@ bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& 
   }
 
   scratch.in_s.clear();
-  top.finish(scratch.in_s);
+  groups.finish(scratch.in_s);
   std::sort(scratch.in_s.begin(), scratch.in_s.end());  // pending is in index order
   // S's statistics, exps (at S's maxima) and SCD, in double
   OnlineLse s_u, s_a;
@@ -444,13 +495,16 @@ bool cakd_top_k_row(const RowArgs& args, const CakdParams& params, CakdScratch& 
 
 float cakd_row(const RowArgs& args, const CakdParams& params, CakdScratch& scratch, float* components,
                int* error) {
-  if (params.rule == GroupRule::kTopK && params.top_k <= kBufferedSelection && params.top_k < args.vocab) {
-    float loss;
-    if (cakd_top_k_row(args, params, scratch, components, &loss)) return loss;
-  }
+  float loss;
+  if (params.rule == GroupRule::kTopK && params.top_k <= kBufferedSelection && params.top_k < args.vocab &&
+      cakd_fused_row(args, params, TopKGroups(args.teacher, params.top_k, scratch.buffer), scratch, components, &loss))
+    return loss;
+  if (params.rule == GroupRule::kLabel && args.vocab > 1 &&
+      cakd_fused_row(args, params, LabelGroups{args.label}, scratch, components, &loss))
+    return loss;
   choose_s(args, params, scratch);
   mark_s(args.vocab, scratch);
-  const float loss = cakd_marked_row(args, params, scratch, components, error);
+  loss = cakd_marked_row(args, params, scratch, components, error);
   clear_s(scratch);
   return loss;
 }
