@@ -378,9 +378,10 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
       const Vec tv = load_masked(t + i, m), zv = load_masked(z + i, m);
       const auto [key, threshold] = groups.candidates(i, tv);
-      max_a = max_unless_gt(max_a, key, threshold, tv);
-      max_u = max_unless_gt(max_u, key, threshold, zv);
-      if (any_gt(key, threshold)) groups.offer(t, i, m);
+      const NotAbove w(key, threshold);
+      max_a = w.max(max_a, tv);
+      max_u = w.max(max_u, zv);
+      if (!w.all()) groups.offer(t, i, m);
     });
     const float block_a = hmax(max_a), block_u = hmax(max_u);
     if (bad_logit(block_a) || bad_logit(block_u) || !groups.end_block()) return false;
@@ -400,10 +401,11 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
       eu.store(exp_s + i, m);
       ea.store(exp_t + i, m);
       const auto [key, threshold] = groups.pending(i, tv);
-      acc_u = add_unless_gt(acc_u, key, threshold, eu);
-      acc_a = add_unless_gt(acc_a, key, threshold, ea);
-      acc_gap = add_unless_gt(acc_gap, key, threshold, kd_if_pos(ea, ea * (da - du)));
-      if (any_gt(key, threshold))
+      const NotAbove w(key, threshold);
+      acc_u = w.add(acc_u, eu);
+      acc_a = w.add(acc_a, ea);
+      acc_gap = w.add(acc_gap, kd_if_pos(ea, ea * (da - du)));
+      if (!w.all())
         for (int64_t j = i; j < i + m; ++j)
           if (groups.is_pending(t, j)) scratch.pending.push_back(j);
     });

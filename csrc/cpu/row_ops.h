@@ -213,22 +213,26 @@ KD_ALWAYS_INLINE bool any_gt(const Vec& a, const Vec& b) {
 #endif
 }
 
-// acc + x and max(acc, x) on the lanes where a > b does not hold (NaN lanes included), acc on the
-// others: one masked instruction (and the shared compare) where the ISA has them.
-KD_ALWAYS_INLINE Vec add_unless_gt(const Vec& acc, const Vec& a, const Vec& b, const Vec& x) {
+// The lanes where a > b does not hold (NaN lanes included), from one compare: a mask register on
+// AVX512 (each masked add / max one instruction), a vector of all-ones lanes elsewhere.
+struct NotAbove {
 #if defined(CPU_CAPABILITY_AVX512)
-  return Vec(_mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ), acc, x));
+  __mmask16 lanes;
+  KD_ALWAYS_INLINE NotAbove(const Vec& a, const Vec& b) : lanes(_mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ)) {}
+  KD_ALWAYS_INLINE bool all() const { return lanes == __mmask16(0xFFFF); }
+  // acc + x, max(acc, x) on these lanes, acc on the others
+  KD_ALWAYS_INLINE Vec add(const Vec& acc, const Vec& x) const { return Vec(_mm512_mask_add_ps(acc, lanes, acc, x)); }
+  KD_ALWAYS_INLINE Vec max(const Vec& acc, const Vec& x) const { return Vec(_mm512_mask_max_ps(acc, lanes, acc, x)); }
 #else
-  return acc + kd_where_gt(a, b, Vec(0.f), x);
+  Vec above;  // all-ones where a > b
+  KD_ALWAYS_INLINE NotAbove(const Vec& a, const Vec& b) : above(a > b) {}
+  KD_ALWAYS_INLINE bool all() const { return !any_lane(above); }
+  KD_ALWAYS_INLINE Vec add(const Vec& acc, const Vec& x) const { return acc + Vec::blendv(x, Vec(0.f), above); }
+  KD_ALWAYS_INLINE Vec max(const Vec& acc, const Vec& x) const {
+    return max_unordered(acc, Vec::blendv(x, Vec(kNegInf), above));
+  }
 #endif
-}
-KD_ALWAYS_INLINE Vec max_unless_gt(const Vec& acc, const Vec& a, const Vec& b, const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return Vec(_mm512_mask_max_ps(acc, _mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ), acc, x));
-#else
-  return max_unordered(acc, kd_where_gt(a, b, Vec(kNegInf), x));
-#endif
-}
+};
 
 // Forward KL(p || q) from a statistics pass's block sums, without a log per element. With
 // u = z / T, a = t / T, the final maxima ms, mt and sums Ss, St (lse_s, lse_t), and block b's
