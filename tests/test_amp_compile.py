@@ -240,6 +240,11 @@ OPCHECK_HERE = {
     # the value checks of a loss on logits, as an op that torch.compile keeps in the graph
     "check_logit_values": ((*make_pair((5, 37), seed=9), torch.tensor([0, 3, -100, 36, 2]), -100, True, 0.5),
                            None),
+    # the fused lm_head's float32 accumulation of a bf16 weight gradient (a [6, 4] weight, 5 tokens)
+    "addmm_widening_": ((torch.randn(6, 4), torch.randn(5, 6).bfloat16().t(), torch.randn(5, 4).bfloat16(), 1.0,
+                         0.5), None),
+    # a bool result
+    "widening_gemm_available": ((torch.bfloat16,), ("test_schema", "test_autograd_registration", "test_faketensor")),
 }
 
 
@@ -259,6 +264,8 @@ def test_every_registered_op_has_an_opcheck():
 def test_opcheck(op):
     if op not in kdkernels_ops():
         pytest.skip(f"kdkernels::{op} is not registered in this build")
+    if op == "addmm_widening_" and not torch.ops.kdkernels.widening_gemm_available(torch.bfloat16):
+        pytest.skip("this torch's BLAS has no GEMM of bf16 operands into float32")
     args, test_utils = OPCHECK_HERE[op]
     kwargs = {} if test_utils is None else {"test_utils": test_utils}
     torch.library.opcheck(getattr(torch.ops.kdkernels, op), args, **kwargs)

@@ -42,49 +42,86 @@ struct RowScratch {
   std::vector<double> mass_t, gap_t;            // [blocks] forward KL's block sums (stats_block)
 };
 
-// Pass 1 over one block of both rows (read from DRAM once; the block then stays in L1): raises
-// both running maxima to the block's, adds the exps at 1/T to the sums and stores them in
-// scratch, adds the student's exps at T = 1 to `unit` when given (and stores them in `exp_1`).
+// How far (in units of the exps' argument) a block's max may lie above the running max its exps
+// were taken at in stats_block's one-loop form: exps up to e^64, and sums of a block of them,
+// stay far inside the float range.
+constexpr float kAboveShift = 64.f;
+
+// Pass 1 over one block of both rows (read from DRAM once; the block then stays in L1): adds the
+// exps at 1/T to the sums and stores them in scratch, adds the student's exps at T = 1 to `unit`
+// when given (and stores them in `exp_1`), and raises both running maxima to the block's. The
+// exps are taken at a shift: the running max before the block, in one loop that also finds the
+// block's maxima, when both rows already have one and the block's maxima stay within kAboveShift
+// of it (the usual case after the first block); otherwise at the running max raised to the
+// block's, found by a max loop first. The shifts used go to *shift_s, *shift_t (probability
+// factors and forward KL's block sums are taken at them).
 // With kGapSums it also returns
-// the block's sums E = sum e_t and G = sum e_t ((t - max_t) - (z - max_s)) at the block's running
-// maxima, from which forward KL's value follows without a per-element log (kd_row). Returns false
+// the block's sums E = sum e_t and G = sum e_t ((t - shift_t) - (z - shift_s)) at the block's
+// shifts, from which forward KL's value follows without a per-element log (kd_row). Returns false
 // (and sets the error bits) when the block holds NaN or +inf: +inf from the maxima, NaN from the
 // sums (the maxima may drop a NaN lane; its exp is NaN).
 template <bool kGapSums, typename S, typename T>
 bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_u, OnlineLse* unit, OnlineLse& lse_a,
-                 float* exp_s, float* exp_t, float* exp_1, double* mass, double* gap, int* error) {
+                 float* exp_s, float* exp_t, float* exp_1, double* mass, double* gap, float* shift_s_out,
+                 float* shift_t_out, int* error) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const Vec vinv(inv_t);
+  Vec acc_s, acc_t, acc_unit, acc_gap;
+  // exps of the block at the given shifts into scratch and the accumulators; with kMaxima also
+  // the block's maxima
+  auto exps_at = [&](float shift_s, float shift_t, auto with_maxima, Vec& max_s, Vec& max_t) KD_ALWAYS_INLINE_LAMBDA {
+    const Vec vshift_s(shift_s), vshift_t(shift_t);
+    acc_s = acc_t = acc_unit = acc_gap = Vec(0.f);
+    for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+      prefetch_block_ahead(z + i);
+      prefetch_block_ahead(t + i);
+      const Vec zv = load_row(z + i, m), tv = load_row(t + i, m);
+      if constexpr (decltype(with_maxima)::value) {
+        max_s = max_unordered(max_s, zv);
+        max_t = max_unordered(max_t, tv);
+      }
+      const Vec ds = zv - vshift_s, dt = tv - vshift_t;
+      const Vec es = exp_nonpositive(ds * vinv), et = exp_nonpositive(dt * vinv);
+      es.store(exp_s + i, m);
+      et.store(exp_t + i, m);
+      acc_s = acc_s + es;
+      acc_t = acc_t + et;
+      if (unit) {
+        const Vec e_1 = exp_nonpositive(ds);
+        e_1.store(exp_1 + i, m);
+        acc_unit = acc_unit + e_1;
+      }
+      if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
+    });
+  };
   Vec max_s(kNegInf), max_t(kNegInf);
-  for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-    max_s = max_unordered(max_s, load_row(z + i, m));
-    max_t = max_unordered(max_t, load_row(t + i, m));
-  });
+  bool one_loop = false;
+  if (!lse_u.empty() && !lse_a.empty()) {
+    exps_at(lse_u.max, lse_a.max, std::true_type{}, max_s, max_t);
+    const float block_s = hmax(max_s), block_t = hmax(max_t);
+    // the student's exps at T = 1 too, when the CE term keeps them
+    const float scale_s = unit ? std::max(inv_t, 1.f) : inv_t;
+    one_loop = bad_logit(block_s) || bad_logit(block_t) ||
+               ((block_s - lse_u.max) * scale_s <= kAboveShift && (block_t - lse_a.max) * inv_t <= kAboveShift);
+  } else {
+    for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+      max_s = max_unordered(max_s, load_row(z + i, m));
+      max_t = max_unordered(max_t, load_row(t + i, m));
+    });
+  }
   const float block_s = hmax(max_s), block_t = hmax(max_t);
   if (bad_logit(block_s)) *error |= kBadStudent;
   if (bad_logit(block_t)) *error |= kBadTeacher;
   if (bad_logit(block_s) || bad_logit(block_t)) return false;
-  lse_u.raise_max(block_s, inv_t);
-  if (unit) unit->raise_max(block_s, 1.f);
-  lse_a.raise_max(block_t, inv_t);
-  // An empty stream (every logit so far -inf) shifts by +inf: its exps come out exactly 0.
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const Vec shift_s(lse_u.empty() ? kInf : lse_u.max), shift_t(lse_a.empty() ? kInf : lse_a.max), vinv(inv_t);
-  Vec acc_s(0.f), acc_t(0.f), acc_unit(0.f), acc_gap(0.f);
-  for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-    prefetch_block_ahead(z + i);
-    prefetch_block_ahead(t + i);
-    const Vec ds = load_row(z + i, m) - shift_s, dt = load_row(t + i, m) - shift_t;
-    const Vec es = exp_nonpositive(ds * vinv), et = exp_nonpositive(dt * vinv);
-    es.store(exp_s + i, m);
-    et.store(exp_t + i, m);
-    acc_s = acc_s + es;
-    acc_t = acc_t + et;
-    if (unit) {
-      const Vec e_1 = exp_nonpositive(ds);
-      e_1.store(exp_1 + i, m);
-      acc_unit = acc_unit + e_1;
-    }
-    if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
-  });
+  if (!one_loop) {
+    lse_u.raise_max(block_s, inv_t);
+    if (unit) unit->raise_max(block_s, 1.f);
+    lse_a.raise_max(block_t, inv_t);
+    // An empty stream (every logit so far -inf) shifts by +inf: its exps come out exactly 0.
+    exps_at(lse_u.empty() ? kInf : lse_u.max, lse_a.empty() ? kInf : lse_a.max, std::false_type{}, max_s, max_t);
+  }
+  *shift_s_out = lse_u.max;
+  *shift_t_out = lse_a.max;
   const float block_mass = hsum(acc_t), block_sum_s = hsum(acc_s);
   // A NaN logit the maxima dropped still makes its exp, and so the block's sum, NaN.
   if (std::isnan(block_sum_s)) *error |= kBadStudent;
@@ -93,6 +130,11 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
   lse_u.sum += block_sum_s;
   lse_a.sum += block_mass;
   if (unit) unit->sum += hsum(acc_unit);
+  if (one_loop) {  // the sums were taken at the shifts: now raise the maxima to the block's
+    lse_u.raise_max(block_s, inv_t);
+    if (unit) unit->raise_max(block_s, 1.f);
+    lse_a.raise_max(block_t, inv_t);
+  }
   if constexpr (kGapSums) {
     *mass = block_mass;
     *gap = hsum(acc_gap);
@@ -172,9 +214,8 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
                                   scratch.exp_s.data() + off, scratch.exp_t.data() + off,
                                   ce_separate ? scratch.exp_1.data() + off : nullptr,
                                   kGapSums ? scratch.mass_t.data() + b : nullptr,
-                                  kGapSums ? scratch.gap_t.data() + b : nullptr, error);
-    scratch.block_max_s[b] = lse_u.max;
-    scratch.block_max_t[b] = lse_a.max;
+                                  kGapSums ? scratch.gap_t.data() + b : nullptr, &scratch.block_max_s[b],
+                                  &scratch.block_max_t[b], error);
   }
   // A student row that is entirely -inf has no distribution: the loss is undefined unless the
   // teacher row is masked too and there is no CE term (a fully masked row).

@@ -18,7 +18,6 @@ recomputes the chunks).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -220,14 +219,23 @@ class Wanted(NamedTuple):
         return Wanted(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
 
 
-@functools.lru_cache(maxsize=None)
+def _widening_dtypes() -> frozenset:
+    if not _extension.cpu_available():
+        return frozenset()
+    return frozenset(dtype for dtype in (torch.bfloat16, torch.float16)
+                     if torch.ops.kdkernels.widening_gemm_available(dtype))
+
+
+# asked once, at import: a plain set that torch.compile reads without tracing an op
+_WIDENING_DTYPES = _widening_dtypes()
+
+
 def widening_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a 16-bit lm_head's float32 weight gradient accumulates straight from the 16-bit
     gradient chunks, in one GEMM that reads 16-bit operands and accumulates and writes float32
     (kdkernels::addmm_widening_, on CPU where torch's BLAS has one), instead of a float32 GEMM of
     float32 copies of them (a third of the speed)."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and _extension.cpu_available()
-            and torch.ops.kdkernels.widening_gemm_available(dtype))
+    return device.type == "cpu" and dtype in _WIDENING_DTYPES
 
 
 def bytes_per_logit(student_bytes: int, logits_bytes: int, teacher_bytes: int, wanted: Wanted,
