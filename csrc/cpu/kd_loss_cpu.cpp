@@ -67,8 +67,8 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const Vec vinv(inv_t);
   Vec acc_s, acc_t, acc_unit, acc_gap;
-  // exps of the block at the given shifts into scratch and the accumulators; with kMaxima also
-  // the block's maxima
+  // exps of the block at the given shifts into scratch and the accumulators; with with_maxima
+  // (std::true_type) also the block's maxima
   auto exps_at = [&](float shift_s, float shift_t, auto with_maxima, Vec& max_s, Vec& max_t) KD_ALWAYS_INLINE_LAMBDA {
     const Vec vshift_s(shift_s), vshift_t(shift_t);
     acc_s = acc_t = acc_unit = acc_gap = Vec(0.f);
