@@ -35,9 +35,10 @@ from kdkernels.ops.route import KD, Route, logits_loss
 # kernel's gradient unless the backend writes it over the student logits (rows_inplace), and the
 # float32 copy of that gradient when the lm_head is not float32 and no widening_gemm reads it as
 # it is), per device type; chunk_size = budget // bytes per row, but at least MIN_CHUNK_ROWS.
-# Each GEMM call re-reads (and the BLAS re-packs) the whole lm_head weight, a cost per chunk rather than per row, so small chunks cost
-# GEMM speed (the four GEMMs at V=32000, H=1024 against unchunked GEMMs, AMD EPYC with 2 threads,
-# torch 2.13.0: +2.7% at 436 rows, +1% at 655) while large ones cost memory.
+# Each GEMM call re-reads (and the BLAS re-packs) the whole lm_head weight, a cost per chunk
+# rather than per row, so small chunks cost GEMM speed (the four GEMMs at V=32000, H=1024 against
+# unchunked GEMMs, AMD EPYC with 2 threads, torch 2.13.0: +2.7% at 436 rows, +1% at 655) while
+# large ones cost memory.
 # CPU: ~655 rows at V=32000 fp32 (gradient in place), where the extra memory stays under half of
 # Liger-Kernel's; CUDA: ~1400 rows at V=128256 bf16.
 DEFAULT_CHUNK_BYTES = {"cpu": 160 * 1024 * 1024, "cuda": 1024 * 1024 * 1024}
