@@ -257,19 +257,20 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
   return cakd_row_loss(row, components[1], components[2], params);
 }
 
-// The gradient pass (from L2) for exps kept in scratch at per-block shifts, S marked: per group,
-// q̂ = e_s fq and p̂ = e_t fp with the block's factors, and dL/dz = cakd_grad(p̂, q̂, ...). It
-// prefetches nothing: its statistics pass already fetched the thread's next rows while computing
-// its exps (prefetch_block_ahead), where this pass has too little work to hide DRAM reads behind.
-template <class Factors>
-void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& scratch, Factors&& factors) {
+// cakd_fused_row's gradient pass (from L2), S marked: q̂ = e_s fq and p̂ = e_t fp with S's
+// factors (its exps were taken at its maxima) or W's at the block's shifts, and dL/dz =
+// cakd_grad(p̂, q̂, ...). It prefetches nothing: the statistics pass already fetched the thread's
+// next rows while computing its exps (prefetch_block_ahead), where this pass has too little work
+// to hide DRAM reads behind.
+void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& scratch, const OnlineLse& s_u,
+                    const OnlineLse& s_a, const OnlineLse& w_u, const OnlineLse& w_a, float inv_t) {
   const int64_t V = args.vocab;
   const Vec grad_bcd_s(row.s.grad_bcd), grad_bcd_w(row.w.grad_bcd), grad_kl_s(row.s.grad_kl), grad_kl_w(row.w.grad_kl);
+  const Vec vfq_s(s_u.probability_factor(s_u.max, inv_t)), vfp_s(s_a.probability_factor(s_a.max, inv_t));
   for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
     const int64_t bend = std::min(V, off + kBlock);
-    float fq_s, fq_w, fp_s, fp_w;
-    factors(b, fq_s, fq_w, fp_s, fp_w);
-    const Vec vfq_s(fq_s), vfq_w(fq_w), vfp_s(fp_s), vfp_w(fp_w);
+    const Vec vfq_w(w_u.probability_factor(scratch.w_shift_s[b], inv_t));
+    const Vec vfp_w(w_a.probability_factor(scratch.w_shift_t[b], inv_t));
     const bool mixed = scratch.block_s_count[b] != 0;
     const float *exp_s = scratch.exp_s.data(), *exp_t = scratch.exp_t.data(), *s_mask = scratch.s_mask.data();
     float* out = args.grad;
@@ -483,13 +484,7 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
   *loss = cakd_row_loss(row, components[1], components[2], params);
   if (args.grad) {
     mark_s(V, scratch);
-    const float fq_s = s_u.probability_factor(s_u.max, inv_t), fp_s = s_a.probability_factor(s_a.max, inv_t);
-    cakd_grad_pass(args, row, scratch, [&](int64_t b, float& fq_s_b, float& fq_w, float& fp_s_b, float& fp_w) {
-      fq_s_b = fq_s;
-      fp_s_b = fp_s;
-      fq_w = w_u.probability_factor(scratch.w_shift_s[b], inv_t);
-      fp_w = w_a.probability_factor(scratch.w_shift_t[b], inv_t);
-    });
+    cakd_grad_pass(args, row, scratch, s_u, s_a, w_u, w_a, inv_t);
     clear_s(scratch);
   }
   return true;
