@@ -61,11 +61,12 @@ constexpr float kAboveShift = 64.f;
 // (and sets the error bits) when the block holds NaN or +inf: +inf from the maxima, NaN from the
 // sums (the maxima may drop a NaN lane; its exp is NaN).
 template <bool kGapSums, typename S, typename T>
-bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_u, OnlineLse* unit, OnlineLse& lse_a,
+bool stats_block(const S* z, const T* t, int64_t n, const ExpScale& at_t, const ExpScale& at_1, OnlineLse& lse_u,
+                 OnlineLse* unit, OnlineLse& lse_a,
                  float* exp_s, float* exp_t, float* exp_1, double* mass, double* gap, float* shift_s_out,
                  float* shift_t_out, int* error) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const Vec vinv(inv_t);
+  const float inv_t = at_t.inv_t;
   Vec acc_s, acc_t, acc_unit, acc_gap;
   // exps of the block at the given shifts into scratch and the accumulators; with with_maxima
   // (std::true_type) also the block's maxima
@@ -81,13 +82,13 @@ bool stats_block(const S* z, const T* t, int64_t n, float inv_t, OnlineLse& lse_
         max_t = max_unordered(max_t, tv);
       }
       const Vec ds = zv - vshift_s, dt = tv - vshift_t;
-      const Vec es = exp_nonpositive(ds * vinv), et = exp_nonpositive(dt * vinv);
+      const Vec es = exp_scaled(ds, at_t), et = exp_scaled(dt, at_t);
       es.store(exp_s + i, m);
       et.store(exp_t + i, m);
       acc_s = acc_s + es;
       acc_t = acc_t + et;
       if (unit) {
-        const Vec e_1 = exp_nonpositive(ds);
+        const Vec e_1 = exp_scaled(ds, at_1);
         e_1.store(exp_1 + i, m);
         acc_unit = acc_unit + e_1;
       }
@@ -208,9 +209,10 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   OnlineLse* const ce_lse = ce_separate ? &lse_z : nullptr;
   if (ce_separate) scratch.exp_1.resize(V);
   bool bad = false;
+  const ExpScale at_t(inv_t), at_1(1.f);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
-    bad |= !stats_block<kGapSums>(args.student + off, args.teacher + off, n, inv_t, lse_u, ce_lse, lse_a,
+    bad |= !stats_block<kGapSums>(args.student + off, args.teacher + off, n, at_t, at_1, lse_u, ce_lse, lse_a,
                                   scratch.exp_s.data() + off, scratch.exp_t.data() + off,
                                   ce_separate ? scratch.exp_1.data() + off : nullptr,
                                   kGapSums ? scratch.mass_t.data() + b : nullptr,
