@@ -64,6 +64,33 @@ def test_every_divergence_and_temperature_matches_reference(divergence, temperat
     check_against_reference(student, teacher, divergence=divergence, temperature=temperature, beta=0.3)
 
 
+def _wide_range_rows(vocab: int, temperature: float, seed: int) -> torch.Tensor:
+    """Rows whose logits / T cover the statistics pass's exp over its whole range: spread from 0 down
+    past float's smallest normal exp (-87); rising from one 2048-entry block to the next by 40 (exps
+    above the running max, up to e^40, kept) and by 100 (a block beyond e^64, taken again at its own
+    max); falling block by block."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.arange(vocab) // 2048
+    noise = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    rows = [
+        -100.0 * torch.rand(vocab, generator=gen, dtype=torch.float64),
+        40.0 * blocks + noise,
+        100.0 * blocks + noise,
+        -30.0 * blocks + 3 * noise,
+    ]
+    return (torch.stack(rows) * temperature).float()
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl", "jsd"))
+@pytest.mark.parametrize("temperature", (0.7, 3.0, 20.0))
+def test_exps_over_their_whole_range_and_any_temperature_match_reference(divergence, temperature):
+    # exp(d / T) with 1/T folded into its argument reduction: temperatures whose 1/T is not a power
+    # of two, every sixteenth of its table, exps that flush to 0, and exps above their shift
+    student = _wide_range_rows(6000, temperature, seed=11)
+    teacher = _wide_range_rows(6000, temperature, seed=12)
+    check_against_reference(student, teacher, divergence=divergence, temperature=temperature, beta=0.3)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
 @pytest.mark.parametrize("kd_weight,ce_weight", ((1.0, 0.0), (0.5, 0.5), (0.1, 0.9), (0.0, 1.0), (2.0, 0.3)))
 @pytest.mark.parametrize("scale_by_t2", (True, False))
