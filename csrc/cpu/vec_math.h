@@ -181,20 +181,20 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
 }
 
 // exp(d / T) for d = x - shift, the statistics passes' exps, in fewer instructions than
-// exp_nonpositive(d * (1 / T)) more accurately (within 0.7 ulp). AVX512: d / T = k ln2 + r
+// exp_nonpositive(d * (1 / T)) and more accurately (within 0.7 ulp). AVX512: d / T = k ln2 + r
 // with k a multiple of 1/16 (rounded by adding 1.5 * 2^19, whose ulp is 1/16, so that the sum's
 // low four mantissa bits index a table of 2^(j/16)), r = (d - k (T ln2)) / T with T ln2 split in
 // two floats, the first short enough that k times it is exact, and |r| <= ln2 / 32, where
 // e^r - 1 = r + r^2/2 + r^3/6 leaves out less than 1e-8 relative. The 1/T goes into the
 // polynomial's coefficients. The result is 2^floor(k) 2^(j/16) (1 + (e^r - 1)), 2^(j/16) from
 // a table of two floats. Like exp_nonpositive, results below the normal range are exactly 0 (-inf
-// and masked lanes included) and NaN stays NaN. Above: with kCapped, d / T beyond the float
-// range gives +inf; without it, d / T must stay below 2^17 (the one-loop statistics pass, which
-// discards the exps of a block whose max lies far above the shift, may exceed that).
+// and masked lanes included) and NaN stays NaN. Above 0, d / T is exact up to the float range and
+// must stay below 2^17 (beyond, the result is meaningless: the one-loop statistics pass, which
+// discards the exps of a block whose max lies far above its shift, may take such exps).
 struct ExpScale {
   float inv_t;
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 to_k, t_ln2_hi, t_ln2_lo, c1, c2, c3, cap;
+  __m512 to_k, t_ln2_hi, t_ln2_lo, c1, c2, c3;
 #endif
   explicit ExpScale(float inv_temperature) : inv_t(inv_temperature) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -208,16 +208,13 @@ struct ExpScale {
     c1 = _mm512_set1_ps(static_cast<float>(inv));
     c2 = _mm512_set1_ps(static_cast<float>(inv * inv / 2));
     c3 = _mm512_set1_ps(static_cast<float>(inv * inv * inv / 6));
-    cap = _mm512_set1_ps(static_cast<float>(89.0 / inv));
 #endif
   }
 };
 
-template <bool kCapped = false>
 KD_ALWAYS_INLINE Vec exp_scaled(Vec d, const ExpScale& scale) {
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 dv = d;
-  if constexpr (kCapped) dv = _mm512_min_ps(scale.cap, dv);  // keeps a NaN d (the second operand)
+  const __m512 dv = d;
   const __m512 magic = _mm512_set1_ps(786432.f);  // 1.5 * 2^19
   const __m512 kb = _mm512_fmadd_ps(dv, scale.to_k, magic);
   const __m512 k = _mm512_sub_ps(kb, magic);
