@@ -102,6 +102,21 @@ def test_low_precision_inputs(groups, extra, dtype):
     check_against_reference(student, teacher, labels, groups=groups, temperature=2.0, **extra, **WEIGHTS)
 
 
+@pytest.mark.parametrize("groups,extra", [("teacher_topk", {"k": 5}), ("label", {})], ids=("top5", "label"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_low_precision_rows_the_one_pass_road_leaves(groups, extra, dtype):
+    # bf16 / fp16 rows are read in place by the one-pass road; a row it leaves midway (thousands
+    # of teacher ties at the k-th logit, no finite teacher logit in the first block) is widened
+    # for the general road, whose float32 gradient is then narrowed
+    student, teacher = make_pair((4, 3000), dtype, seed=6)
+    teacher[0] = 1.0  # every class ties
+    teacher[1, ::2] = teacher[1].max()  # 1500 classes tie at the top
+    teacher[2, :2500] = float("-inf")  # the first block holds no finite teacher logit
+    labels = make_labels((4,), 3000, seed=6)
+    labels[2] = 2700
+    check_against_reference(student, teacher, labels, groups=groups, temperature=2.0, **extra, **WEIGHTS)
+
+
 def test_mixed_student_and_teacher_dtypes():
     student, _ = make_pair((9, 300), torch.bfloat16, seed=3)
     _, teacher = make_pair((9, 300), torch.float32, seed=3)

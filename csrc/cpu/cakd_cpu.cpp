@@ -14,7 +14,8 @@
 // first (cakd_fused_row): S is told apart inside the statistics pass, which reads both rows from
 // DRAM once, and WCD comes from block sums, so the gradient pass needs neither logits nor logs;
 // rows it cannot take (NaN / inf logits, masked prefixes, many ties at the k-th logit) go the
-// general way above.
+// general way above. The fused path reads bf16 / fp16 rows in place and writes their gradient in
+// place, converting vector by vector; the general way widens a row it gets into fp32 scratch.
 // Rows whose label is ignore_index give loss 0 and gradient 0; a row whose teacher is entirely
 // -inf has no teacher distribution and gives 0. NaN / +inf logits, out-of-range labels, and a
 // student that is -inf where the teacher has mass (the loss would be +inf; a whole student row
@@ -52,6 +53,9 @@ struct CakdScratch {
   std::vector<float> w_shift_s, w_shift_t;  // [blocks]
   std::vector<double> w_mass, w_gap;         // [blocks]
   std::vector<int64_t> pending;
+  // bf16 / fp16 rows: the first k teacher logits as floats (top-k rule); a row the fused path
+  // leaves to the general one, widened, and its fp32 gradient
+  std::vector<float> head, wide_s, wide_t, wide_g;
 };
 
 // Fills scratch.in_s with S.
@@ -262,7 +266,8 @@ float cakd_marked_row(const RowArgs& args, const CakdParams& params, CakdScratch
 // cakd_grad(p̂, q̂, ...). It prefetches nothing: the statistics pass already fetched the thread's
 // next rows while computing its exps (prefetch_block_ahead), where this pass has too little work
 // to hide DRAM reads behind.
-void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& scratch, const OnlineLse& s_u,
+template <typename S, typename T>
+void cakd_grad_pass(const RowArgsT<S, T>& args, const CakdRow& row, const CakdScratch& scratch, const OnlineLse& s_u,
                     const OnlineLse& s_a, const OnlineLse& w_u, const OnlineLse& w_a, float inv_t) {
   const int64_t V = args.vocab;
   const Vec grad_bcd_s(row.s.grad_bcd), grad_bcd_w(row.w.grad_bcd), grad_kl_s(row.s.grad_kl), grad_kl_w(row.w.grad_kl);
@@ -273,7 +278,7 @@ void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& 
     const Vec vfp_w(w_a.probability_factor(scratch.w_shift_t[b], inv_t));
     const bool mixed = scratch.block_s_count[b] != 0;
     const float *exp_s = scratch.exp_s.data(), *exp_t = scratch.exp_t.data(), *s_mask = scratch.s_mask.data();
-    float* out = args.grad;
+    S* out = args.grad;
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
       const Vec es = Vec::loadu(exp_s + i, m), et = Vec::loadu(exp_t + i, m);
       Vec grad;
@@ -284,11 +289,7 @@ void cakd_grad_pass(const RowArgs& args, const CakdRow& row, const CakdScratch& 
       } else {
         grad = cakd_grad(et * vfp_w, es * vfq_w, grad_bcd_w, grad_kl_w);
       }
-      if (args.stream_grad && m == kW) {
-        store_streaming(grad, out + i);
-      } else {
-        grad.store(out + i, m);
-      }
+      store_row(grad, out + i, m, args.stream_grad);
     });
   }
 }
@@ -309,9 +310,20 @@ struct TopKGroups {
   float kth_end = kNegInf;
   Vec below_kth_end{kNegInf};  // pending: t >= kth_end, i.e. t > below_kth_end
 
-  TopKGroups(const float* teacher, int64_t k, std::vector<Ranked>& buffer) : top(teacher, k, buffer) {}
+  // head: the row's first k teacher logits as floats
+  TopKGroups(const float* head, int64_t k, std::vector<Ranked>& buffer) : top(head, k, buffer) {}
   KD_ALWAYS_INLINE std::pair<Vec, Vec> candidates(int64_t, const Vec& t) const { return {t, Vec(top.kth())}; }
-  void offer(const float* teacher, int64_t i, int64_t n) { top.offer(teacher, i, n); }
+  // the classes [i, i + n) of the teacher row; tv: their logits, widened
+  template <typename T>
+  void offer(const T* teacher, const Vec& tv, int64_t i, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) {
+      top.offer(teacher, i, n);
+    } else {
+      alignas(64) float lanes[kW];
+      tv.store(lanes);
+      top.offer_lanes(lanes, i, n);
+    }
+  }
   // After a block's first loop; false while fewer than k teacher logits are finite (no threshold).
   bool end_block() {
     kth_end = top.kth();
@@ -319,7 +331,8 @@ struct TopKGroups {
     return kth_end != kNegInf;
   }
   KD_ALWAYS_INLINE std::pair<Vec, Vec> pending(int64_t, const Vec& t) const { return {t, below_kth_end}; }
-  bool is_pending(const float* teacher, int64_t j) const { return teacher[j] >= kth_end; }
+  template <typename T>
+  bool is_pending(const T* teacher, int64_t j) const { return static_cast<float>(teacher[j]) >= kth_end; }
   void finish(std::vector<int64_t>& out) { top.finish(out); }
 };
 
@@ -337,10 +350,12 @@ struct LabelGroups {
     if (label < i || label >= i + kW) return {Vec(0.f), Vec(std::numeric_limits<float>::infinity())};
     return {Vec::loadu(kOneHot.data() + kW - (label - i)), Vec(0.5f)};
   }
-  void offer(const float*, int64_t, int64_t) {}
+  template <typename T>
+  void offer(const T*, const Vec&, int64_t, int64_t) {}
   bool end_block() { return true; }
   KD_ALWAYS_INLINE std::pair<Vec, Vec> pending(int64_t i, const Vec& t) const { return candidates(i, t); }
-  bool is_pending(const float*, int64_t j) const { return j == label; }
+  template <typename T>
+  bool is_pending(const T*, int64_t j) const { return j == label; }
   void finish(std::vector<int64_t>& out) { out.push_back(label); }
 };
 
@@ -358,13 +373,14 @@ struct LabelGroups {
 // path (choose_s + cakd_marked_row), which then decides them from scratch: NaN / +inf logits, a
 // teacher with fewer than k finite logits so far, a W class far above W's shift, ties beyond
 // kMaxPending, a non-finite component.
-template <class Groups>
-bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& groups, CakdScratch& scratch,
+template <class Groups, typename S, typename T>
+bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups&& groups, CakdScratch& scratch,
                     float* components, float* loss) {
   const int64_t V = args.vocab;
   const int64_t blocks = (V + kBlock - 1) / kBlock;
   const float inv_t = params.inv_temperature;
-  const float *z = args.student, *t = args.teacher;
+  const S* z = args.student;
+  const T* t = args.teacher;
   float *exp_s = (scratch.exp_s.resize(V), scratch.exp_s.data()), *exp_t = (scratch.exp_t.resize(V), scratch.exp_t.data());
   scratch.w_shift_s.resize(blocks);
   scratch.w_shift_t.resize(blocks);
@@ -377,12 +393,12 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
     const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
     Vec max_u(kNegInf), max_a(kNegInf);
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-      const Vec tv = load_masked(t + i, m), zv = load_masked(z + i, m);
+      const Vec tv = load_row(t + i, m), zv = load_row(z + i, m);
       const auto [key, threshold] = groups.candidates(i, tv);
       const NotAbove w(key, threshold);
       max_a = w.max(max_a, tv);
       max_u = w.max(max_u, zv);
-      if (!w.all()) groups.offer(t, i, m);
+      if (!w.all()) groups.offer(t, tv, i, m);
     });
     const float block_a = hmax(max_a), block_u = hmax(max_u);
     if (bad_logit(block_a) || bad_logit(block_u) || !groups.end_block()) return false;
@@ -396,8 +412,8 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
     for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
       prefetch_block_ahead(z + i);
       prefetch_block_ahead(t + i);
-      const Vec tv = load_masked(t + i, m);
-      const Vec du = load_masked(z + i, m) - vshift_u, da = tv - vshift_a;
+      const Vec tv = load_row(t + i, m);
+      const Vec du = load_row(z + i, m) - vshift_u, da = tv - vshift_a;
       const Vec eu = exp_nonpositive(du * vinv), ea = exp_nonpositive(da * vinv);
       eu.store(exp_s + i, m);
       ea.store(exp_t + i, m);
@@ -429,14 +445,16 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
   std::sort(scratch.in_s.begin(), scratch.in_s.end());  // pending is in index order
   // S's statistics, exps (at S's maxima) and SCD, in double
   OnlineLse s_u, s_a;
+  auto t_at = [t](int64_t j) { return static_cast<float>(t[j]); };
+  auto z_at = [z](int64_t j) { return static_cast<float>(z[j]); };
   for (int64_t j : scratch.in_s) {
-    if (!std::isfinite(t[j]) || !std::isfinite(z[j])) return false;
-    s_a.max = std::max(s_a.max, t[j]);
-    s_u.max = std::max(s_u.max, z[j]);
+    if (!std::isfinite(t_at(j)) || !std::isfinite(z_at(j))) return false;
+    s_a.max = std::max(s_a.max, t_at(j));
+    s_u.max = std::max(s_u.max, z_at(j));
   }
   for (int64_t j : scratch.in_s) {
-    const double ea = std::exp(static_cast<double>(t[j] - s_a.max) * inv_t);
-    const double eu = std::exp(static_cast<double>(z[j] - s_u.max) * inv_t);
+    const double ea = std::exp(static_cast<double>(t_at(j) - s_a.max) * inv_t);
+    const double eu = std::exp(static_cast<double>(z_at(j) - s_u.max) * inv_t);
     s_a.sum += ea;
     s_u.sum += eu;
     exp_t[j] = static_cast<float>(ea);
@@ -445,8 +463,8 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
   double scd = 0.0;
   const double log_sum_a = std::log(s_a.sum), log_sum_u = std::log(s_u.sum);
   for (int64_t j : scratch.in_s) {
-    const double log_p = static_cast<double>(t[j] - s_a.max) * inv_t - log_sum_a;
-    const double log_q = static_cast<double>(z[j] - s_u.max) * inv_t - log_sum_u;
+    const double log_p = static_cast<double>(t_at(j) - s_a.max) * inv_t - log_sum_a;
+    const double log_q = static_cast<double>(z_at(j) - s_u.max) * inv_t - log_sum_u;
     scd += std::exp(log_p) * (log_p - log_q);
   }
   // the pending classes outside S join W at their block's shifts
@@ -457,7 +475,7 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
       continue;
     }
     const int64_t b = j / kBlock;
-    const float da = t[j] - scratch.w_shift_t[b], du = z[j] - scratch.w_shift_s[b];
+    const float da = t_at(j) - scratch.w_shift_t[b], du = z_at(j) - scratch.w_shift_s[b];
     const double ea = std::exp(static_cast<double>(da) * inv_t), eu = std::exp(static_cast<double>(du) * inv_t);
     if (!(ea <= 1e30) || !(eu <= 1e30)) return false;  // far above the shift (or NaN)
     exp_t[j] = static_cast<float>(ea);
@@ -466,8 +484,8 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
     if (ea > 0.0) scratch.w_gap[b] += ea * (static_cast<double>(da) - du);
     // the class's exp at its block's shift, rescaled to W's running max (raised to it first, so
     // that an empty W starts from the class itself)
-    w_a.raise_max(t[j], inv_t);
-    w_u.raise_max(z[j], inv_t);
+    w_a.raise_max(t_at(j), inv_t);
+    w_u.raise_max(z_at(j), inv_t);
     if (ea > 0.0) w_a.sum += ea * std::exp(static_cast<double>(scratch.w_shift_t[b] - w_a.max) * inv_t);
     if (eu > 0.0) w_u.sum += eu * std::exp(static_cast<double>(scratch.w_shift_s[b] - w_u.max) * inv_t);
   }
@@ -490,20 +508,49 @@ bool cakd_fused_row(const RowArgs& args, const CakdParams& params, Groups&& grou
   return true;
 }
 
-float cakd_row(const RowArgs& args, const CakdParams& params, CakdScratch& scratch, float* components,
-               int* error) {
-  float loss;
-  if (params.rule == GroupRule::kTopK && params.top_k <= kBufferedSelection && params.top_k < args.vocab &&
-      cakd_fused_row(args, params, TopKGroups(args.teacher, params.top_k, scratch.buffer), scratch, components, &loss))
-    return loss;
-  if (params.rule == GroupRule::kLabel && args.vocab > 1 &&
-      cakd_fused_row(args, params, LabelGroups{args.label}, scratch, components, &loss))
-    return loss;
+// S chosen by choose_s and the row done by cakd_marked_row, over float rows.
+float cakd_general_row(const RowArgs& args, const CakdParams& params, CakdScratch& scratch, float* components,
+                       int* error) {
   choose_s(args, params, scratch);
   mark_s(args.vocab, scratch);
-  loss = cakd_marked_row(args, params, scratch, components, error);
+  const float loss = cakd_marked_row(args, params, scratch, components, error);
   clear_s(scratch);
   return loss;
+}
+
+// A row in its own dtypes (S, T): bf16 / fp16 rows are read and written in place by the fused
+// path (cakd_fused_row), converted vector by vector; the rows it leaves to the general path are
+// widened into fp32 scratch there, and their fp32 gradient narrowed once.
+template <typename S, typename T>
+float cakd_row(const RowArgsT<S, T>& args, const CakdParams& params, CakdScratch& scratch, float* components,
+               int* error) {
+  const int64_t V = args.vocab;
+  float loss;
+  if (params.rule == GroupRule::kTopK && params.top_k <= kBufferedSelection && params.top_k < V) {
+    const float* head = row_as_float(args.teacher, params.top_k, scratch.head);  // the first k teacher logits
+    if (cakd_fused_row(args, params, TopKGroups(head, params.top_k, scratch.buffer), scratch, components, &loss))
+      return loss;
+  }
+  if (params.rule == GroupRule::kLabel && V > 1 &&
+      cakd_fused_row(args, params, LabelGroups{args.label}, scratch, components, &loss))
+    return loss;
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    return cakd_general_row(args, params, scratch, components, error);
+  } else {
+    RowArgs wide;
+    wide.student = row_as_float(args.student, V, scratch.wide_s);
+    wide.teacher = row_as_float(args.teacher, V, scratch.wide_t);
+    wide.vocab = V;
+    wide.label = args.label;
+    wide.grad_scale = args.grad_scale;
+    wide.stream_grad = false;  // per-thread scratch, narrowed below
+    wide.next = args.next;
+    if (args.grad) scratch.wide_g.resize(V);
+    wide.grad = args.grad ? scratch.wide_g.data() : nullptr;
+    loss = cakd_general_row(wide, params, scratch, components, error);
+    if (args.grad) convert_row(scratch.wide_g.data(), args.grad, V);
+    return loss;
+  }
 }
 
 // The op (schema in csrc/ops.cpp): -> (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad [N, V]
@@ -534,8 +581,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cakd_loss_fwd_cpu(
   at::Tensor grad = compute_grad ? empty_huge_pages({in.rows, in.vocab}, in.student.options())
                                  : at::empty({0}, in.student.options());
   float* components_ptr = components.mutable_data_ptr<float>();
-  run_rows(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(), compute_grad ? &grad : nullptr, [&]() {
-    return [&params, components_ptr, scratch = CakdScratch{}](const RowArgs& args, int64_t r, int* error) mutable {
+  run_rows</*kNativeRows=*/true>(in, ignore_index, scale, row_loss.mutable_data_ptr<float>(),
+                                 compute_grad ? &grad : nullptr, [&]() {
+    return [&params, components_ptr, scratch = CakdScratch{}](const auto& args, int64_t r, int* error) mutable {
       return cakd_row(args, params, scratch, components_ptr + 3 * r, error);
     };
   });

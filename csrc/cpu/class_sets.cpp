@@ -144,9 +144,9 @@ float RunningTopK::trim() {
   return buffer_[k_ - 1].logit;  // the k-th best: everything before it ranks before it
 }
 
-void RunningTopK::offer(const float* teacher, int64_t i, int64_t n) {
+void RunningTopK::offer_lanes(const float* lanes, int64_t i, int64_t n) {
   for (int64_t j = std::max(i, k_); j < i + n; ++j)
-    if (teacher[j] > kth_) buffer_.push_back(Ranked{teacher[j], j});
+    if (lanes[j - i] > kth_) buffer_.push_back(Ranked{lanes[j - i], j});
   if (buffer_.size() >= capacity_) kth_ = trim();
 }
 

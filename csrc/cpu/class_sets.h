@@ -35,7 +35,9 @@ class RunningTopK {
   RunningTopK(const float* teacher, int64_t k, std::vector<Ranked>& buffer);
   float kth() const { return kth_; }
   // Offers the classes [i, i + n) whose logits exceed kth() (the first k are already in).
-  void offer(const float* teacher, int64_t i, int64_t n);
+  void offer(const float* teacher, int64_t i, int64_t n) { offer_lanes(teacher + i, i, n); }
+  // The same from their logits alone: lanes[j - i] is class j's.
+  void offer_lanes(const float* lanes, int64_t i, int64_t n);
   // Appends the k classes to `out`.
   void finish(std::vector<int64_t>& out);
 
