@@ -388,7 +388,7 @@ bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups
   scratch.w_gap.resize(blocks);
   scratch.pending.clear();
   OnlineLse w_u, w_a;  // W's statistics: student, teacher
-  const Vec vinv(inv_t);
+  const ExpScale at_t(inv_t);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
     Vec max_u(kNegInf), max_a(kNegInf);
@@ -408,32 +408,40 @@ bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups
     scratch.w_shift_t[b] = shift_a;
     scratch.w_shift_s[b] = shift_u;
     const Vec vshift_a(shift_a), vshift_u(shift_u);
-    Vec acc_u(0.f), acc_a(0.f), acc_gap(0.f);
-    for_each_vec(off, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-      prefetch_block_ahead(z + i);
-      prefetch_block_ahead(t + i);
-      const Vec tv = load_row(t + i, m);
-      const Vec du = load_row(z + i, m) - vshift_u, da = tv - vshift_a;
-      const Vec eu = exp_nonpositive(du * vinv), ea = exp_nonpositive(da * vinv);
-      eu.store(exp_s + i, m);
-      ea.store(exp_t + i, m);
-      const auto [key, threshold] = groups.pending(i, tv);
-      const NotAbove w(key, threshold);
-      acc_u = w.add(acc_u, eu);
-      acc_a = w.add(acc_a, ea);
-      acc_gap = w.add(acc_gap, kd_if_pos(ea, ea * (da - du)));
-      if (!w.all())
-        for (int64_t j = i; j < i + m; ++j)
-          if (groups.is_pending(t, j)) scratch.pending.push_back(j);
-    });
-    const float sum_u = hsum(acc_u), sum_a = hsum(acc_a), gap = hsum(acc_gap);
+    // W's sums in double, kFold vectors at a time: WCD takes log(sum) of each side's, so their
+    // rounding is an absolute error of WCD, which a float sum over the block would make ~1e-7
+    DoubleSum<> sums_u, sums_a, sums_gap;
+    for (int64_t c = off; c < bend; c += kFold * kW) {
+      Vec acc_u(0.f), acc_a(0.f), acc_gap(0.f);
+      for_each_vec(c, std::min(bend, c + kFold * kW), [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+        prefetch_block_ahead(z + i);
+        prefetch_block_ahead(t + i);
+        const Vec tv = load_row(t + i, m);
+        const Vec du = load_row(z + i, m) - vshift_u, da = tv - vshift_a;
+        const Vec eu = exp_scaled(du, at_t), ea = exp_scaled(da, at_t);
+        eu.store(exp_s + i, m);
+        ea.store(exp_t + i, m);
+        const auto [key, threshold] = groups.pending(i, tv);
+        const NotAbove w(key, threshold);
+        acc_u = w.add(acc_u, eu);
+        acc_a = w.add(acc_a, ea);
+        acc_gap = w.add(acc_gap, kd_if_pos(ea, ea * (da - du)));
+        if (!w.all())
+          for (int64_t j = i; j < i + m; ++j)
+            if (groups.is_pending(t, j)) scratch.pending.push_back(j);
+      });
+      sums_u.add_partial(acc_u);
+      sums_a.add_partial(acc_a);
+      sums_gap.add_partial(acc_gap);
+    }
+    const double sum_u = sums_u.total(), sum_a = sums_a.total(), gap = sums_gap.total();
     // NaN logits (the maxima may drop them), or a W class far above its shift
     if (!std::isfinite(sum_u) || !std::isfinite(sum_a) || !std::isfinite(gap)) return false;
     if (scratch.pending.size() > kMaxPending) return false;
     // A W whose maxima are still -inf (its classes so far all arrived as candidates) took its
     // exps at the shift 0: its running max must say so before a later block rescales its sum.
-    if (w_u.empty() && sum_u > 0.f) w_u.max = shift_u;
-    if (w_a.empty() && sum_a > 0.f) w_a.max = shift_a;
+    if (w_u.empty() && sum_u > 0.0) w_u.max = shift_u;
+    if (w_a.empty() && sum_a > 0.0) w_a.max = shift_a;
     w_u.sum += sum_u;
     w_a.sum += sum_a;
     scratch.w_mass[b] = sum_a;
