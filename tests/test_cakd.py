@@ -117,6 +117,17 @@ def test_low_precision_rows_the_one_pass_road_leaves(groups, extra, dtype):
     check_against_reference(student, teacher, labels, groups=groups, temperature=2.0, **extra, **WEIGHTS)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_top_k_with_a_finite_mask_far_below_the_rest(dtype):
+    # a vocabulary masked with -1e9 (not -inf) around a few live classes: W's maximum is the mask,
+    # while live classes that arrived as candidates and fell out of the top k sit 1e9 above it
+    student, teacher = make_pair((3, 300), dtype, seed=8)
+    teacher.fill_(-1e9)
+    teacher[:, 10:31] = torch.arange(21, dtype=dtype)
+    teacher[1, 200:240] = torch.linspace(-3, 25, 40).to(dtype)
+    check_against_reference(student, teacher, groups="teacher_topk", k=5, temperature=2.0, **WEIGHTS)
+
+
 def test_mixed_student_and_teacher_dtypes():
     student, _ = make_pair((9, 300), torch.bfloat16, seed=3)
     _, teacher = make_pair((9, 300), torch.float32, seed=3)

@@ -190,9 +190,9 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
 // a table of two floats (its remainder added as the polynomial's constant term): 12 vector
 // instructions, within 0.7 ulp of exp(d * inv_t). Like exp_nonpositive, results below the normal
 // range are exactly 0 (-inf and masked lanes included) and NaN stays NaN. Above 0, d / T is exact
-// up to the float range and must stay below 2^17 (beyond, the result is meaningless: the one-loop
-// statistics pass, which discards the exps of a block whose max lies far above its shift, may
-// take such exps).
+// up to the float range and must stay below 2^17 for a defined result: the one-loop statistics
+// pass discards the exps of a block whose max lies far above its shift; CAKD's one-pass road,
+// which needs +inf beyond the range, caps d first.
 struct ExpScale {
   float inv_t;
 #if defined(CPU_CAPABILITY_AVX512)
