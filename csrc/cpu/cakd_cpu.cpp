@@ -389,9 +389,6 @@ bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups
   scratch.pending.clear();
   OnlineLse w_u, w_a;  // W's statistics: student, teacher
   const ExpScale at_t(inv_t);
-  // exp_scaled's argument capped at d / T = 100: exps beyond the float range come out +inf, as
-  // the checks on W's sums below need (uncapped, d / T above 2^17 gives no defined value)
-  const Vec beyond_range(100.f / inv_t);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
     Vec max_u(kNegInf), max_a(kNegInf);
@@ -421,7 +418,8 @@ bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups
         prefetch_block_ahead(t + i);
         const Vec tv = load_row(t + i, m);
         const Vec du = load_row(z + i, m) - vshift_u, da = tv - vshift_a;
-        const Vec eu = exp_scaled(kd_min(beyond_range, du), at_t), ea = exp_scaled(kd_min(beyond_range, da), at_t);
+        // capped: exps beyond the float range come out +inf, which the checks on W's sums need
+        const Vec eu = exp_scaled<true>(du, at_t), ea = exp_scaled<true>(da, at_t);
         eu.store(exp_s + i, m);
         ea.store(exp_t + i, m);
         const auto [key, threshold] = groups.pending(i, tv);

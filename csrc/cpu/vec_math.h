@@ -189,14 +189,14 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
 // polynomial's coefficients. The result is 2^floor(k) 2^(j/16) (1 + (e^r - 1)), 2^(j/16) from
 // a table of two floats (its remainder added as the polynomial's constant term): 12 vector
 // instructions, within 0.7 ulp of exp(d * inv_t). Like exp_nonpositive, results below the normal
-// range are exactly 0 (-inf and masked lanes included) and NaN stays NaN. Above 0, d / T is exact
-// up to the float range and must stay below 2^17 for a defined result: the one-loop statistics
-// pass discards the exps of a block whose max lies far above its shift; CAKD's one-pass road,
-// which needs +inf beyond the range, caps d first.
+// range are exactly 0 (-inf and masked lanes included) and NaN stays NaN. Above 0: with kCapped,
+// d / T beyond the float range gives +inf (CAKD's one-pass road checks its sums for it); without
+// it, d / T must stay below 2^17 for a defined result (the one-loop statistics pass discards the
+// exps of a block whose max lies far above its shift).
 struct ExpScale {
   float inv_t;
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 to_k, t_ln2_hi, t_ln2_lo, c1, c2, c3;
+  __m512 to_k, t_ln2_hi, t_ln2_lo, c1, c2, c3, cap;
 #endif
   explicit ExpScale(float inv_temperature) : inv_t(inv_temperature) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -210,13 +210,16 @@ struct ExpScale {
     c1 = _mm512_set1_ps(static_cast<float>(inv));
     c2 = _mm512_set1_ps(static_cast<float>(inv * inv / 2));
     c3 = _mm512_set1_ps(static_cast<float>(inv * inv * inv / 6));
+    cap = _mm512_set1_ps(static_cast<float>(89.0 / inv));  // exp(89) is beyond the float range
 #endif
   }
 };
 
+template <bool kCapped = false>
 KD_ALWAYS_INLINE Vec exp_scaled(Vec d, const ExpScale& scale) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 dv = d;
+  __m512 dv = d;
+  if constexpr (kCapped) dv = _mm512_min_ps(scale.cap, dv);  // keeps a NaN d (the second operand)
   const __m512 magic = _mm512_set1_ps(786432.f);  // 1.5 * 2^19
   const __m512 kb = _mm512_fmadd_ps(dv, scale.to_k, magic);
   const __m512 k = _mm512_sub_ps(kb, magic);
