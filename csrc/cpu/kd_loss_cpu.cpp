@@ -67,38 +67,51 @@ bool stats_block(const S* z, const T* t, int64_t n, const ExpScale& at_t, const 
                  float* shift_t_out, int* error) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const float inv_t = at_t.inv_t;
-  Vec acc_s, acc_t, acc_unit, acc_gap;
-  // exps of the block at the given shifts into scratch and the accumulators; with with_maxima
+  // the block's sums and maxima, in registers through the loop (for_each_vec with a state)
+  struct Sums {
+    Vec s{0.f}, t{0.f}, unit{0.f}, gap{0.f}, max_s{kNegInf}, max_t{kNegInf};
+  };
+  // exps of the block at the given shifts into scratch and the sums; with with_maxima
   // (std::true_type) also the block's maxima
-  auto exps_at = [&](float shift_s, float shift_t, auto with_maxima, Vec& max_s, Vec& max_t) KD_ALWAYS_INLINE_LAMBDA {
+  auto exps_at_with = [&](float shift_s, float shift_t, auto with_maxima, auto with_unit) KD_ALWAYS_INLINE_LAMBDA {
+    constexpr bool kMaxima = decltype(with_maxima)::value, kUnit = decltype(with_unit)::value;
     const Vec vshift_s(shift_s), vshift_t(shift_t);
-    acc_s = acc_t = acc_unit = acc_gap = Vec(0.f);
-    for_each_vec(0, n, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
+    const ExpScale scale_t = at_t, scale_1 = at_1;
+    Sums sums;
+    for_each_vec(0, n, sums, [=](int64_t i, int64_t m, Sums& acc) KD_ALWAYS_INLINE_LAMBDA {
       prefetch_block_ahead(z + i);
       prefetch_block_ahead(t + i);
       const Vec zv = load_row(z + i, m), tv = load_row(t + i, m);
-      if constexpr (decltype(with_maxima)::value) {
-        max_s = max_unordered(max_s, zv);
-        max_t = max_unordered(max_t, tv);
+      if constexpr (kMaxima) {
+        acc.max_s = max_unordered(acc.max_s, zv);
+        acc.max_t = max_unordered(acc.max_t, tv);
       }
       const Vec ds = zv - vshift_s, dt = tv - vshift_t;
-      const Vec es = exp_scaled(ds, at_t), et = exp_scaled(dt, at_t);
+      const Vec es = exp_scaled(ds, scale_t), et = exp_scaled(dt, scale_t);
       es.store(exp_s + i, m);
       et.store(exp_t + i, m);
-      acc_s = acc_s + es;
-      acc_t = acc_t + et;
-      if (unit) {
-        const Vec e_1 = exp_scaled(ds, at_1);
+      acc.s = acc.s + es;
+      acc.t = acc.t + et;
+      if constexpr (kUnit) {
+        const Vec e_1 = exp_scaled(ds, scale_1);
         e_1.store(exp_1 + i, m);
-        acc_unit = acc_unit + e_1;
+        acc.unit = acc.unit + e_1;
       }
-      if constexpr (kGapSums) acc_gap = acc_gap + kd_if_pos(et, et * (dt - ds));
+      if constexpr (kGapSums) acc.gap = acc.gap + kd_if_pos(et, et * (dt - ds));
     });
+    return sums;
   };
+  auto exps_at = [&](float shift_s, float shift_t, auto with_maxima) KD_ALWAYS_INLINE_LAMBDA {
+    return unit ? exps_at_with(shift_s, shift_t, with_maxima, std::true_type{})
+                : exps_at_with(shift_s, shift_t, with_maxima, std::false_type{});
+  };
+  Sums sums;
   Vec max_s(kNegInf), max_t(kNegInf);
   bool one_loop = false;
   if (!lse_u.empty() && !lse_a.empty()) {
-    exps_at(lse_u.max, lse_a.max, std::true_type{}, max_s, max_t);
+    sums = exps_at(lse_u.max, lse_a.max, std::true_type{});
+    max_s = sums.max_s;
+    max_t = sums.max_t;
     const float block_s = hmax(max_s), block_t = hmax(max_t);
     // the student's exps at T = 1 too, when the CE term keeps them
     const float scale_s = unit ? std::max(inv_t, 1.f) : inv_t;
@@ -119,18 +132,18 @@ bool stats_block(const S* z, const T* t, int64_t n, const ExpScale& at_t, const 
     if (unit) unit->raise_max(block_s, 1.f);
     lse_a.raise_max(block_t, inv_t);
     // An empty stream (every logit so far -inf) shifts by +inf: its exps come out exactly 0.
-    exps_at(lse_u.empty() ? kInf : lse_u.max, lse_a.empty() ? kInf : lse_a.max, std::false_type{}, max_s, max_t);
+    sums = exps_at(lse_u.empty() ? kInf : lse_u.max, lse_a.empty() ? kInf : lse_a.max, std::false_type{});
   }
   *shift_s_out = lse_u.max;
   *shift_t_out = lse_a.max;
-  const float block_mass = hsum(acc_t), block_sum_s = hsum(acc_s);
+  const float block_mass = hsum(sums.t), block_sum_s = hsum(sums.s);
   // A NaN logit the maxima dropped still makes its exp, and so the block's sum, NaN.
   if (std::isnan(block_sum_s)) *error |= kBadStudent;
   if (std::isnan(block_mass)) *error |= kBadTeacher;
   if (std::isnan(block_sum_s) || std::isnan(block_mass)) return false;
   lse_u.sum += block_sum_s;
   lse_a.sum += block_mass;
-  if (unit) unit->sum += hsum(acc_unit);
+  if (unit) unit->sum += hsum(sums.unit);
   if (one_loop) {  // the sums were taken at the shifts: now raise the maxima to the block's
     lse_u.raise_max(block_s, inv_t);
     if (unit) unit->raise_max(block_s, 1.f);
@@ -138,7 +151,7 @@ bool stats_block(const S* z, const T* t, int64_t n, const ExpScale& at_t, const 
   }
   if constexpr (kGapSums) {
     *mass = block_mass;
-    *gap = hsum(acc_gap);
+    *gap = hsum(sums.gap);
   }
   return true;
 }
@@ -237,31 +250,50 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
     scratch.factor_t[b] = lse_a.probability_factor(scratch.block_max_t[b], inv_t);
   }
 
+  // softmax(z) at T = 1 for the CE blend: q itself when T = 1, else the stored exps at T = 1
+  // times their block's factor
+  if (ce_separate) {
+    scratch.factor_1.resize(blocks);
+    for (int64_t b = 0; b < blocks; ++b) scratch.factor_1[b] = lse_z.probability_factor(scratch.block_max_s[b], 1.f);
+  }
+
+  // The loops below capture by value and carry their sums in a state (for_each_vec with a state),
+  // so nothing they read is reloaded around their stores: the row, the scratch pointers and the
+  // constants are locals here.
+  const RowArgsT<S, T> row = args;
+  const Mixture mix = params.mix;
+  const float* const exp_s = scratch.exp_s.data();
+  float* const exp_t = scratch.exp_t.data();  // pass 2 may keep kCachedGrad's quantity here
+  const float* const exp_1 = ce_separate ? scratch.exp_1.data() : nullptr;
+  const float *const factor_s = scratch.factor_s.data(), *const factor_t = scratch.factor_t.data();
+  const float* const factor_1 = ce_separate ? scratch.factor_1.data() : nullptr;
   // log-softmax is formed as (x - max) / T - log(sum): the shifted logit is exact and the
   // normaliser stays small, which keeps precision when all logits are large.
   const Vec v_inv_t(inv_t), v_max_s(lse_u.max), v_max_t(lse_a.max);
   const Vec v_log_sum_s(static_cast<float>(std::log(lse_u.sum))), v_log_sum_t(static_cast<float>(std::log(lse_a.sum)));
   // Visits every vector of the row (from L2), block by block, with the factors that turn the block's
-  // stored exps into q and p.
-  auto for_each_block_vector = [&](auto&& body) {
+  // stored exps into q and p: body(i, n, fq, fp, state).
+  auto for_each_block_vector = [&](auto& state, const auto& body) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t off = b * kBlock, bend = std::min(V, off + kBlock);
-      const Vec fq(scratch.factor_s[b]), fp(scratch.factor_t[b]);
-      for_each_vec(off, bend, [&](int64_t i, int64_t n) KD_ALWAYS_INLINE_LAMBDA { body(i, n, fq, fp); });
+      const Vec fq(factor_s[b]), fp(factor_t[b]);
+      for_each_vec(off, bend, state, [=](int64_t i, int64_t n, auto& st) KD_ALWAYS_INLINE_LAMBDA {
+        body(i, n, fq, fp, st);
+      });
     }
   };
-  // The same with the tempered student logit z and the probabilities p and q.
-  auto for_each_vector = [&](auto&& body) {
-    for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) KD_ALWAYS_INLINE_LAMBDA {
-      const Vec z = load_row(args.student + i, n);
-      const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-      const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
-      body(i, n, z, p, q);
+  // The same with the student logit z and the probabilities p and q: body(i, n, z, p, q, state).
+  auto for_each_vector = [&](auto& state, const auto& body) {
+    for_each_block_vector(state, [=](int64_t i, int64_t n, const Vec& fq, const Vec& fp, auto& st) KD_ALWAYS_INLINE_LAMBDA {
+      const Vec z = load_row(row.student + i, n);
+      const Vec q = Vec::loadu(exp_s + i, n) * fq;
+      const Vec p = Vec::loadu(exp_t + i, n) * fp;
+      body(i, n, z, p, q, st);
     });
   };
-  auto logs = [&](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) {
+  auto logs = [=](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) KD_ALWAYS_INLINE_LAMBDA {
     logq = (z - v_max_s) * v_inv_t - v_log_sum_s;
-    logp = (load_row(args.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
+    logp = (load_row(row.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
   };
 
   // Pass 2: the divergence value and its row constant C (kRowSum divergences). kCachedGrad
@@ -269,25 +301,29 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   // which pass 3 then no longer needs.
   const bool write_grad = args.grad != nullptr;
   // one fold per block, as a block's vectors stream through the loops below
-  DoubleSum<kBlock / kW> divergence, row_c_sum, row_c2_sum;
+  struct RowSums {
+    DoubleSum<kBlock / kW> divergence, c, c2;
+  };
+  RowSums sums;
   float row_c = 0.f, row_c2 = 0.f;
   if constexpr (Div::kRowSum) {
-    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) KD_ALWAYS_INLINE_LAMBDA {
+    for_each_vector(sums, [=](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q, RowSums& acc)
+                              KD_ALWAYS_INLINE_LAMBDA {
       Vec logp, logq, loss, c;
       logs(i, n, z, logp, logq);
       if constexpr (kCachedGrad<Div>) {
         Vec cached;
-        Div::terms(logp, logq, p, q, params.mix, loss, c, cached);
-        if (write_grad) cached.store(scratch.exp_t.data() + i, n);
+        Div::terms(logp, logq, p, q, mix, loss, c, cached);
+        if (write_grad) cached.store(exp_t + i, n);
       } else {
-        Div::terms(logp, logq, p, q, params.mix, loss, c);
+        Div::terms(logp, logq, p, q, mix, loss, c);
       }
-      divergence.add(loss);
-      row_c_sum.add(c);
-      if constexpr (kSecondRowSum<Div>) row_c2_sum.add(Div::second_term(p, q, params.mix));
+      acc.divergence.add(loss);
+      acc.c.add(c);
+      if constexpr (kSecondRowSum<Div>) acc.c2.add(Div::second_term(p, q, mix));
     });
-    row_c = static_cast<float>(row_c_sum.total());
-    row_c2 = static_cast<float>(row_c2_sum.total());
+    row_c = static_cast<float>(sums.c.total());
+    row_c2 = static_cast<float>(sums.c2.total());
   }
 
   // Pass 3: the gradient dL/dz = kd_coef * dD/du + ce_weight * (softmax(z) - e_y), times the
@@ -295,46 +331,46 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   const float scale = args.grad_scale;
   const Vec v_kd(params.kd_coef * scale), v_ce(params.ce_weight * scale);
   const float label_term = params.ce_weight * scale;
-  auto store_grad = [&](int64_t i, int64_t n, const Vec& g) { store_grad_vector(args, i, n, g, use_ce, label_term); };
-  // softmax(z) at T = 1 for the CE blend: q itself when T = 1, else the stored exps at T = 1
-  // times their block's factor
-  if (ce_separate) {
-    scratch.factor_1.resize(blocks);
-    for (int64_t b = 0; b < blocks; ++b) scratch.factor_1[b] = lse_z.probability_factor(scratch.block_max_s[b], 1.f);
-  }
-  auto ce_softmax = [&](int64_t i, int64_t n, const Vec& q) {
-    return ce_separate ? Vec::loadu(scratch.exp_1.data() + i, n) * Vec(scratch.factor_1[i / kBlock]) : q;
+  auto store_grad = [=](int64_t i, int64_t n, const Vec& g) KD_ALWAYS_INLINE_LAMBDA {
+    store_grad_vector(row, i, n, g, use_ce, label_term);
   };
+  auto ce_softmax = [=](int64_t i, int64_t n, const Vec& q) KD_ALWAYS_INLINE_LAMBDA {
+    return ce_separate ? Vec::loadu(exp_1 + i, n) * Vec(factor_1[i / kBlock]) : q;
+  };
+  NoState none;
   if constexpr (kGapSums) {
     // Forward KL's value came from pass 1: its gradient q - p needs the two exps only.
-    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec& fp) KD_ALWAYS_INLINE_LAMBDA {
-      const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-      const Vec p = Vec::loadu(scratch.exp_t.data() + i, n) * fp;
-      Vec g = v_kd * Div::grad(q, q, p, q, params.mix, 0.f);
+    if (write_grad) for_each_block_vector(none, [=](int64_t i, int64_t n, const Vec& fq, const Vec& fp, NoState&)
+                                                    KD_ALWAYS_INLINE_LAMBDA {
+      const Vec q = Vec::loadu(exp_s + i, n) * fq;
+      const Vec p = Vec::loadu(exp_t + i, n) * fp;
+      Vec g = v_kd * Div::grad(q, q, p, q, mix, 0.f);
       if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
       store_grad(i, n, g);
     });
   } else if constexpr (kCachedGrad<Div>) {
     // From L2: q and the cached quantity only, no logs or mixtures recomputed (the value and C
     // came from pass 2, so without a gradient there is nothing left to do).
-    if (write_grad) for_each_block_vector([&](int64_t i, int64_t n, const Vec& fq, const Vec&) KD_ALWAYS_INLINE_LAMBDA {
-      const Vec q = Vec::loadu(scratch.exp_s.data() + i, n) * fq;
-      Vec g = v_kd * Div::grad_cached(q, Vec::loadu(scratch.exp_t.data() + i, n), params.mix, row_c);
+    if (write_grad) for_each_block_vector(none, [=](int64_t i, int64_t n, const Vec& fq, const Vec&, NoState&)
+                                                    KD_ALWAYS_INLINE_LAMBDA {
+      const Vec q = Vec::loadu(exp_s + i, n) * fq;
+      Vec g = v_kd * Div::grad_cached(q, Vec::loadu(exp_t + i, n), mix, row_c);
       if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
       store_grad(i, n, g);
     });
   } else if (write_grad || !Div::kRowSum) {
-    for_each_vector([&](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q) KD_ALWAYS_INLINE_LAMBDA {
+    for_each_vector(sums, [=](int64_t i, int64_t n, const Vec& z, const Vec& p, const Vec& q, RowSums& acc)
+                              KD_ALWAYS_INLINE_LAMBDA {
       Vec logp, logq;
       if constexpr (!Div::kRowSum) {
         Vec loss, c;
         logs(i, n, z, logp, logq);
-        Div::terms(logp, logq, p, q, params.mix, loss, c);
-        divergence.add(loss);
+        Div::terms(logp, logq, p, q, mix, loss, c);
+        acc.divergence.add(loss);
       }
       if (!write_grad) return;
       if constexpr (Div::kRowSum) logs(i, n, z, logp, logq);
-      Vec g = v_kd * divergence_grad<Div>(logp, logq, p, q, params.mix, row_c, row_c2);
+      Vec g = v_kd * divergence_grad<Div>(logp, logq, p, q, mix, row_c, row_c2);
       if (use_ce) g = g + v_ce * ce_softmax(i, n, q);
       store_grad(i, n, g);
     });
@@ -342,7 +378,7 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   const double kd = kGapSums ? forward_kl_from_blocks(scratch.block_max_t.data(), scratch.block_max_s.data(),
                                                      scratch.mass_t.data(), scratch.gap_t.data(), blocks, lse_u,
                                                      lse_a, inv_t)
-                             : divergence.total();
+                             : sums.divergence.total();
   // forward KL is +inf only where the teacher has mass on a student -inf entry
   if constexpr (std::is_same_v<Div, ForwardKL>)
     if (!std::isfinite(kd)) *error |= kStudentMassOnNegInf;

@@ -51,6 +51,29 @@ KD_ALWAYS_INLINE void for_each_vec(int64_t begin, int64_t end, Body&& body) {
   if (i < end) body(i, end - i);
 }
 
+struct NoState {};  // for_each_vec's state for a loop that carries none
+
+template <class Body, class State>
+__attribute__((noinline)) State partial_vector(Body body, int64_t i, int64_t n, State state) {
+  body(i, n, state);
+  return state;
+}
+
+// for_each_vec for a hot loop whose body captures by value ([=]) and carries its running state
+// (sums, maxima) in `state`, body(i, n, state): the loop works on a copy of the state that no
+// pointer reaches, so it stays in registers across the loop's stores (a vector store may alias
+// anything a pointer reaches: accumulators or pointers captured by reference are stored and
+// reloaded around each one). The partial last vector runs out of line: inlined beside the loop,
+// GCC merges the two bodies into one with a runtime length (a branch at every load and store).
+template <class State, class Body>
+KD_ALWAYS_INLINE void for_each_vec(int64_t begin, int64_t end, State& state, const Body& body) {
+  State local = state;
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) body(i, kW, local);
+  if (i < end) local = partial_vector(body, i, end - i, local);
+  state = local;
+}
+
 inline float hsum(const Vec& v) {
   alignas(64) float lanes[kW];
   v.store(lanes);
