@@ -4,7 +4,9 @@
     python -m benchmarks.cakd --quick            # N=1024, fewer repeats
     python -m benchmarks.cakd --peer-n 4096      # eager / torch.compile at full size too (~6 GB)
 
-Rows, each configuration in its own process (benchmarks.harness), fp32 logits:
+    python -m benchmarks.cakd --dtype bf16       # bf16 logits (the gradient comes back in bf16)
+
+Rows, each configuration in its own process (benchmarks.harness), fp32 logits unless --dtype:
   kdkernels forward KL   kdkernels.kd_loss, the fused forward KL: the yardstick ("x fused KL")
   kdkernels CAKD         kdkernels.cakd_loss(groups="teacher_topk", k), and the teacher_mass rule
   kdkernels DKD          kdkernels.dkd_loss (S = the label; alpha=1, beta=8)
@@ -23,6 +25,7 @@ from typing import Any, Callable, Dict, List
 from benchmarks import harness
 
 LOGIT_STD = 3.0
+DTYPES = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
 MASK_OFFSET = 1000.0  # logits - MASK_OFFSET * mask: the usual way to renormalise over a subset
 
 
@@ -94,12 +97,14 @@ def loss_function(impl: str, loss: str, k: int, mass: float, temperature: float)
     return torch.compile(eager, dynamic=False) if impl == "compile" else eager
 
 
-def setup(impl: str, loss: str, n: int, v: int, k: int, mass: float, temperature: float) -> Callable[[], None]:
+def setup(impl: str, loss: str, n: int, v: int, k: int, mass: float, temperature: float,
+          dtype: str = "fp32") -> Callable[[], None]:
     """Child-process setup for harness.measure: inputs and one forward + backward step."""
     import torch
 
-    student = (torch.randn(n, v) * LOGIT_STD).requires_grad_(True)
-    teacher = torch.randn(n, v) * LOGIT_STD
+    torch_dtype = getattr(torch, DTYPES[dtype][0])
+    student = (torch.randn(n, v) * LOGIT_STD).to(torch_dtype).requires_grad_(True)
+    teacher = (torch.randn(n, v) * LOGIT_STD).to(torch_dtype)
     labels = torch.randint(0, v, (n,))
     return harness.fwd_bwd_step(loss_function(impl, loss, k, mass, temperature), student, teacher, labels)
 
@@ -125,13 +130,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peer-n", type=int, default=512,
                         help="rows the eager / torch.compile peers run at, scaled to --n (default 512)")
     parser.add_argument("--no-peers", action="store_true", help="kdkernels rows only")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the logits (default fp32)")
     harness.add_run_args(parser, repeat=7, time_budget_s=20.0, warmup=None, png="cakd")
     return harness.parse_run_args(parser, argv)
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     configs = _configurations(args)
-    harness.progress(f"cakd benchmark: N={args.n} V={args.v} T={args.temperature} k={args.k}, "
+    harness.progress(f"cakd benchmark: {args.dtype}, N={args.n} V={args.v} T={args.temperature} k={args.k}, "
                      f"{len(configs)} configurations, {harness.available_cpus()} threads")
     rows = []
     for index, config in enumerate(configs, 1):
@@ -139,13 +145,13 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         result = harness.measure(
             "benchmarks.cakd:setup",
             {"impl": impl, "loss": config["loss"], "n": n_run, "v": args.v, "k": args.k, "mass": args.mass,
-             "temperature": args.temperature},
+             "temperature": args.temperature, "dtype": args.dtype},
             repeat=args.repeat if impl == "kdkernels" else min(args.repeat, 3),
             warmup=harness.warmup_for(impl, args), time_budget_s=args.time_budget,
             label=f"[{index}/{len(configs)}] {impl} {_label(config, args)} N={n_run}")
         scale = args.n / n_run  # linear in rows: the peers run at --peer-n
         row = harness.measured_row({"impl": impl, "loss": _label(config, args), "n_run": n_run}, result,
-                                   scale=scale, grad_bytes=args.n * args.v * 4)
+                                   scale=scale, grad_bytes=args.n * args.v * DTYPES[args.dtype][1])
         if "error" not in row:
             row["scaled"] = "" if scale == 1 else f"x{scale:g}"
         rows.append(row)
@@ -161,7 +167,7 @@ COLUMNS = [harness.IMPL_COLUMN, harness.Column("loss", "loss"), harness.Column("
 def main(argv=None) -> int:
     args, setup_info, setup_line = harness.start(parse_args, argv)
     rows = run(args)
-    shape = f"fp32, N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, {harness.available_cpus()} threads"
+    shape = f"{args.dtype}, N={args.n}, V={args.v}, T={args.temperature}, fwd+bwd, {harness.available_cpus()} threads"
     print(f"\nSetup: {setup_line}")
     harness.print_table(rows, COLUMNS, markdown=args.markdown, title=f"CAKD / DKD, {shape}")
     print("\n'scaled': the row ran at 'rows run' rows; its time and memory are multiplied to N. "
@@ -171,7 +177,8 @@ def main(argv=None) -> int:
                       title=f"CAKD / DKD beside the fused forward KL ({shape}; 'scaled' rows from --peer-n rows)",
                       setup=setup_line)
     if args.json:
-        meta = {"n": args.n, "v": args.v, "temperature": args.temperature, "k": args.k, "mass": args.mass,
+        meta = {"dtype": args.dtype, "n": args.n, "v": args.v, "temperature": args.temperature, "k": args.k,
+                "mass": args.mass,
                 "peer_n": args.peer_n, "repeat": args.repeat, "threads": harness.available_cpus(),
                 "setup": setup_info}
         harness.write_json(args.json, {"title": "cakd", "meta": meta, "rows": rows})

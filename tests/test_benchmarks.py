@@ -111,9 +111,10 @@ def test_kd_loss_benchmark_prints_a_row_per_configuration(tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["benchmarks.cakd", "--n", "16", "--v", "64", "--k", "3", "--no-peers", "--repeat", "1"],
+    ["benchmarks.cakd", "--n", "16", "--v", "64", "--k", "3", "--no-peers", "--repeat", "1", "--dtype", "bf16"],
     ["benchmarks.fused_linear", "--n", "16", "--h", "8", "--v", "64", "--impls", "kdkernels", "gemms",
      "--skip-vocab-table", "--repeat", "1"],
-], ids=["cakd", "fused_linear"])
+], ids=["cakd", "cakd-bf16", "fused_linear"])
 def test_benchmarks_name_their_setup_and_write_a_png(tmp_path, argv):
     png_path, json_path = tmp_path / "plot.png", tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "-m", *argv, "--warmup", "1", "--png", str(png_path),

@@ -128,6 +128,19 @@ def test_top_k_with_a_finite_mask_far_below_the_rest(dtype):
     check_against_reference(student, teacher, groups="teacher_topk", k=5, temperature=2.0, **WEIGHTS)
 
 
+@pytest.mark.parametrize("groups,extra", [("teacher_topk", {"k": 1171}), ("teacher_topk", {"k": 700}),
+                                          ("teacher_mass", {"mass": 0.999999})], ids=str)
+def test_large_s_over_masked_classes_and_a_partial_last_vector(groups, extra):
+    # S chosen by the threshold search (k > 64, or a mass of thousands of classes), over a row of
+    # 1271 classes (not a whole number of vectors) whose teacher is -inf on 200 of them: with
+    # k = 1171, S reaches into the masked classes (the lowest indices among them), so the search
+    # window's lower end is -inf and the lanes past the row's end must not be taken for classes
+    student, teacher = make_pair((3, 1271), seed=12)
+    teacher[:, 300:500] = -float("inf")
+    teacher[1, 1200:] = -float("inf")
+    check_against_reference(student, teacher, groups=groups, temperature=2.0, **extra, **WEIGHTS)
+
+
 def test_mixed_student_and_teacher_dtypes():
     student, _ = make_pair((9, 300), torch.bfloat16, seed=3)
     _, teacher = make_pair((9, 300), torch.float32, seed=3)

@@ -58,15 +58,16 @@ void select_prefix_by_threshold(const float* teacher, int64_t V, const float* pr
                                 std::vector<Ranked>& window, std::vector<int64_t>& out) {
   // weight and number of classes with t >= threshold (NaN compares false: never counted)
   auto weigh = [&](float threshold, double* weight, int64_t* count) {
-    const Vec vthr(threshold), zero(0.f), one(1.f);
+    const Vec vthr(threshold), one(1.f);
     double total_weight = 0.0, total_count = 0.0;
     for (int64_t b = 0; b < V; b += kBlock) {
       const int64_t bend = std::min(V, b + kBlock);
       Vec acc_w(0.f), acc_c(0.f);
+      // the comparison's all-ones lanes select 1 and the probability with one AND each
       for_each_vec(b, bend, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
         const Vec above = load_masked(teacher + i, m) >= vthr;
-        acc_c = acc_c + Vec::blendv(zero, one, above);
-        if (probs) acc_w = acc_w + Vec::blendv(zero, Vec::loadu(probs + i, m), above);
+        acc_c = acc_c + (above & one);
+        if (probs) acc_w = acc_w + (above & Vec::loadu(probs + i, m));
       });
       total_count += hsum(acc_c);
       total_weight += hsum(acc_w);
@@ -111,12 +112,20 @@ void select_prefix_by_threshold(const float* teacher, int64_t V, const float* pr
   // rank order while the weight before each class is short of target.
   const float low = key_value(lo), high = key_value(hi);
   window.clear();
+  // S holds up to count_lo classes (thousands under the mass rule): each vector's lanes at or
+  // above `high` and those in the window are visited by their set bits, not one by one.
+  out.reserve(out.size() + static_cast<size_t>(count_lo));
+  const Vec vlow(low), vhigh(high);
   for_each_vec(0, V, [&](int64_t i, int64_t m) KD_ALWAYS_INLINE_LAMBDA {
-    const Vec x = load_masked(teacher + i, m);
-    if (!any_lane(x >= Vec(low))) return;
-    for (int64_t j = i; j < i + m; ++j) {
-      if (teacher[j] >= high) out.push_back(j);
-      else if (teacher[j] >= low) window.push_back(Ranked{teacher[j], j});
+    const Vec x = Vec::loadu(teacher + i, m);
+    const uint32_t lanes = (1u << m) - 1u;  // a partial load's other lanes are 0
+    const uint32_t at_low = ~static_cast<uint32_t>((x >= vlow).zero_mask()) & lanes;
+    if (at_low == 0) return;
+    const uint32_t at_high = ~static_cast<uint32_t>((x >= vhigh).zero_mask()) & lanes;
+    for (uint32_t bits = at_high; bits != 0; bits &= bits - 1) out.push_back(i + __builtin_ctz(bits));
+    for (uint32_t bits = at_low & ~at_high; bits != 0; bits &= bits - 1) {
+      const int64_t j = i + __builtin_ctz(bits);
+      window.push_back(Ranked{teacher[j], j});
     }
   });
   std::sort(window.begin(), window.end(), ranks_before);
