@@ -373,9 +373,11 @@ struct LabelGroups {
 // path (choose_s + cakd_marked_row), which then decides them from scratch: NaN / +inf logits, a
 // teacher with fewer than k finite logits so far, a W class far above W's shift, ties beyond
 // kMaxPending, a non-finite component.
+// Out of line: inlined into the row loop (as GCC does for bf16 / fp16 rows), its loops kept
+// their sums and constants on the stack, stored and reloaded at every vector.
 template <class Groups, typename S, typename T>
-bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups&& groups, CakdScratch& scratch,
-                    float* components, float* loss) {
+__attribute__((noinline)) bool cakd_fused_row(const RowArgsT<S, T>& args, const CakdParams& params, Groups&& groups,
+                                              CakdScratch& scratch, float* components, float* loss) {
   const int64_t V = args.vocab;
   const int64_t blocks = (V + kBlock - 1) / kBlock;
   const float inv_t = params.inv_temperature;
