@@ -217,7 +217,9 @@ inline float hmax(const Vec& v) {
 template <typename T>
 inline float block_max(const T* x, int64_t n) {
   Vec m(kNegInf);
-  for (int64_t i = 0; i < n; i += kW) m = at::vec::maximum(m, load_row(x + i, std::min(kW, n - i)));
+  for_each_vec(0, n, m, [=](int64_t i, int64_t len, Vec& acc) KD_ALWAYS_INLINE_LAMBDA {
+    acc = at::vec::maximum(acc, load_row(x + i, len));
+  });
   return hmax(m);
 }
 
@@ -312,22 +314,35 @@ inline bool add_block_exps(const T* x, int64_t n, float inv_t, OnlineLse& lse, O
     if (unit_exps) std::fill(unit_exps, unit_exps + n, 0.f);
     return true;
   }
-  const Vec vmax(lse.max), vinv(inv_t);
-  Vec acc(0.f), acc_unit(0.f);
-  for (int64_t i = 0; i < n; i += kW) {
-    const int64_t m = std::min(kW, n - i);
-    prefetch_block_ahead(x + i);
-    const Vec xv = load_row(x + i, m);
-    const Vec e = exp_nonpositive((xv - vmax) * vinv);
-    if constexpr (kStoreExps) e.store(exps + i, m);
-    acc = acc + e;
-    if (unit) {
-      const Vec e_unit = exp_nonpositive(xv - vmax);
-      if (unit_exps) e_unit.store(unit_exps + i, m);
-      acc_unit = acc_unit + e_unit;
-    }
+  const Vec vmax(lse.max);
+  const ExpScale at_t(inv_t), at_1(1.f);
+  struct Sums {
+    Vec at_t{0.f}, unit{0.f};
+  };
+  Sums sums;
+  // the loop in registers (for_each_vec with a state), one instantiation with the unit exps and
+  // one without
+  auto add_exps = [&](auto with_unit) {
+    constexpr bool kUnit = decltype(with_unit)::value;
+    for_each_vec(0, n, sums, [=](int64_t i, int64_t m, Sums& acc) KD_ALWAYS_INLINE_LAMBDA {
+      prefetch_block_ahead(x + i);
+      const Vec d = load_row(x + i, m) - vmax;
+      const Vec e = exp_scaled(d, at_t);
+      if constexpr (kStoreExps) e.store(exps + i, m);
+      acc.at_t = acc.at_t + e;
+      if constexpr (kUnit) {
+        const Vec e_unit = exp_scaled(d, at_1);
+        if (unit_exps) e_unit.store(unit_exps + i, m);
+        acc.unit = acc.unit + e_unit;
+      }
+    });
+  };
+  if (unit) {
+    add_exps(std::true_type{});
+  } else {
+    add_exps(std::false_type{});
   }
-  const float sum = hsum(acc), sum_unit = unit ? hsum(acc_unit) : 0.f;
+  const float sum = hsum(sums.at_t), sum_unit = unit ? hsum(sums.unit) : 0.f;
   if (std::isnan(sum) || std::isnan(sum_unit)) return false;
   lse.sum += sum;
   if (unit) unit->sum += sum_unit;
