@@ -426,6 +426,33 @@ def test_module_and_no_grad():
     assert "support" in repr(criterion)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_low_precision_rows_give_the_float32_result_rounded_once(dtype, temperature):
+    # bf16 / fp16 rows are read in place and the gradient narrowed as it is stored: loss and
+    # gradient must be the float32 kernel's on the same (widened) logits, each entry rounded once,
+    # the label's entry too, inside the support (even rows) and outside it (odd rows). A 37-class
+    # row is not a whole number of vectors.
+    gen = torch.Generator().manual_seed(11)
+    rows = 200
+    student = (3 * torch.randn(rows, 37, generator=gen)).to(dtype)
+    ids = torch.stack([torch.randperm(37, generator=gen)[:5] for _ in range(rows)])
+    labels = torch.tensor([int(ids[r, r % 5]) if r % 2 == 0 else
+                           next(c for c in range(37) if c not in ids[r].tolist()) for r in range(rows)])
+    values = torch.log_softmax(torch.randn(rows, 5, generator=gen), -1)
+    options = dict(ce_weight=0.4, temperature=temperature, reduction="none", backend="cpu")
+    results = []
+    for logits in (student, student.float()):
+        leaf = logits.clone().requires_grad_(True)
+        loss = kdkernels.sparse_kd_loss(leaf, ids, values, labels, **options)
+        loss.backward(torch.full_like(loss, 0.3))
+        results.append((loss.detach(), leaf.grad))
+    (low_loss, low_grad), (loss, grad) = results
+    assert low_grad.dtype == dtype
+    assert torch.equal(low_loss, loss)
+    assert torch.equal(low_grad, grad.to(dtype))
+
+
 def test_inplace_op_equals_out_of_place():
     student, ids, values, labels = matrix_inputs(torch.float32)
     cfg_args = (0, 1.0, 1, 2, 2.0, 0.5, 1.0, 0.3, True, -100, PAD)

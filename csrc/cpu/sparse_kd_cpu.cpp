@@ -39,13 +39,16 @@ struct SparseScratch {
   std::vector<float> exps_1;     // [V] exp(z − running max) for the CE term when T != 1
   std::vector<float> block_max;  // [blocks] the running max each block was shifted by
   std::vector<float> factor;     // [blocks] turns the stored exps into probabilities
-  std::vector<float> s_buf, g_buf;            // fp32 rows of bf16 / fp16 logits and gradient
   std::vector<float> zs, z_raw, logp, logq, d;  // [k] per support entry
 };
 
+// One row in the student's own dtype S: bf16 / fp16 rows are widened vector by vector as the
+// statistics pass reads them, and the gradient is narrowed as it is stored (each entry rounded
+// once), with no row-sized fp32 copies.
+template <typename S>
 struct SparseRow {
-  const float* z;        // [V] student logits (fp32)
-  float* grad;           // [V] dL/dz out, or nullptr; may alias z (in place)
+  const S* z;            // [V] student logits
+  S* grad;               // [V] dL/dz out, or nullptr; may alias z (in place)
   const int64_t* ids;    // [k]
   const float* values;   // [k]
   int64_t vocab, k, label;
@@ -54,10 +57,11 @@ struct SparseRow {
 };
 
 // Returns the row loss; writes the gradient when row.grad is set.
-float sparse_row(const SparseRow& row, const SparseParams& params, SparseScratch& sc, int* error) {
+template <typename S>
+float sparse_row(const SparseRow<S>& row, const SparseParams& params, SparseScratch& sc, int* error) {
   const int64_t V = row.vocab, k = row.k;
   auto zero_grad = [&]() {
-    if (row.grad) std::fill(row.grad, row.grad + V, 0.f);
+    if (row.grad) std::fill(row.grad, row.grad + V, S(0));
     return 0.f;
   };
   int64_t n_support = 0;
@@ -105,13 +109,15 @@ float sparse_row(const SparseRow& row, const SparseParams& params, SparseScratch
   // 2. gather the support, zero its exps
   sc.zs.resize(k);
   sc.z_raw.resize(k);
+  bool label_in_support = false;
   for (int64_t b = 0; b < k; ++b) {
     const int64_t id = row.ids[b];
     if (id == params.pad_id) {
       sc.zs[b] = kNegInf;
       continue;
     }
-    sc.z_raw[b] = row.z[id] - max_z;  // read before the gradient may overwrite the row
+    label_in_support |= id == row.label;
+    sc.z_raw[b] = static_cast<float>(row.z[id]) - max_z;  // read before the gradient may overwrite the row
     sc.zs[b] = sc.z_raw[b] * inv_t;
     sc.exps[id] = 0.f;
   }
@@ -141,7 +147,8 @@ float sparse_row(const SparseRow& row, const SparseParams& params, SparseScratch
   const float divergence = sparse_divergence(row.ids, row.values, sc.zs.data(), k, params, rest_exists, log_z,
                                              logq_rest, sc.logp.data(), sc.logq.data(), sc.d.data(), &c_row);
   double loss = static_cast<double>(kd.kd_scale) * divergence;
-  const float z_label = use_ce ? row.z[row.label] - max_z : 0.f;  // read before any gradient write
+  // read before any gradient write
+  const float z_label = use_ce ? static_cast<float>(row.z[row.label]) - max_z : 0.f;
   const double log_sum_1 = std::log(ce_separate ? sum_1 : sum_t);
   if (use_ce) loss += kd.ce_weight * (log_sum_1 - static_cast<double>(z_label));
   if (!std::isfinite(loss)) {
@@ -169,12 +176,16 @@ float sparse_row(const SparseRow& row, const SparseParams& params, SparseScratch
       if (use_ce) {
         const Vec softmax_1 = ce_separate ? Vec::loadu(sc.exps_1.data() + i, n) * to_softmax_1 : q;
         g = g + v_ce * softmax_1;
+        // the CE term's -e_y on the label's entry, so that entry is rounded once (a support id's
+        // entry is written below instead)
+        if (!label_in_support && row.label >= i && row.label < i + n) {
+          alignas(64) float lanes[kW];
+          g.store(lanes);
+          lanes[row.label - i] -= ce_coef;
+          g = Vec::loadu(lanes);
+        }
       }
-      if (n == kW && row.stream_grad) {
-        store_streaming(g, row.grad + i);
-      } else {
-        g.store(row.grad + i, n);
-      }
+      store_row(g, row.grad + i, n, row.stream_grad);
     }
   }
   stream_fence();  // the scalar writes below land after the streamed ones
@@ -185,14 +196,12 @@ float sparse_row(const SparseRow& row, const SparseParams& params, SparseScratch
     if (use_ce) {
       const float shifted = ce_separate ? sc.z_raw[b] : sc.zs[b];
       g += ce_coef * std::exp(shifted - static_cast<float>(log_sum_1));
+      if (id == row.label) g -= ce_coef;
     }
-    row.grad[id] = g;
+    row.grad[id] = static_cast<S>(g);
   }
-  if (use_ce) row.grad[row.label] -= ce_coef;
   return static_cast<float>(loss);
 }
-
-using SparseRowFn = float (*)(const SparseRow&, const SparseParams&, SparseScratch&, int*);
 
 template <typename student_t>
 void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tensor& ids, const at::Tensor& values,
@@ -210,7 +219,7 @@ void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tens
     SparseScratch sc;
     int local_errors = kRowOk;
     for (int64_t r = begin; r < end; ++r) {
-      SparseRow row;
+      SparseRow<student_t> row;
       row.vocab = V;
       row.k = k;
       row.ids = id_base + r * k;
@@ -227,18 +236,10 @@ void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tens
         if (g_row) std::fill(g_row, g_row + V, student_t(0));
         continue;
       }
-      row.z = row_as_float(s_base + r * V, V, sc.s_buf);
-      row.stream_grad = std::is_same_v<student_t, float>;
-      if constexpr (std::is_same_v<student_t, float>) {
-        row.grad = g_row;
-      } else {
-        if (g_row) sc.g_buf.resize(V);
-        row.grad = g_row ? sc.g_buf.data() : nullptr;
-      }
+      row.z = s_base + r * V;
+      row.grad = g_row;
+      row.stream_grad = true;
       row_loss[r] = sparse_row(row, params, sc, &local_errors);
-      if constexpr (!std::is_same_v<student_t, float>) {
-        if (g_row) convert_row(sc.g_buf.data(), g_row, V);
-      }
     }
     stream_fence();
     if (local_errors) errors->fetch_or(local_errors);
