@@ -165,12 +165,7 @@ double cross_entropy(const OnlineLse& lse_z, float z_label) {
 // added on the label's entry when it lies there (so that entry is rounded once, like the rest).
 template <typename S, typename T>
 KD_ALWAYS_INLINE void store_grad_vector(const RowArgsT<S, T>& args, int64_t i, int64_t n, Vec g, bool use_ce, float label_term) {
-  if (use_ce && args.label >= i && args.label < i + n) {
-    alignas(64) float lanes[kW];
-    g.store(lanes);
-    lanes[args.label - i] -= label_term;
-    g = Vec::loadu(lanes);
-  }
+  if (use_ce && args.label >= i && args.label < i + n) g = minus_on_lane(g, args.label - i, label_term);
   store_row(g, args.grad + i, n, args.stream_grad);
 }
 

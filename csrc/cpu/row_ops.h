@@ -205,6 +205,15 @@ KD_ALWAYS_INLINE void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
   }
 }
 
+// g with `value` subtracted from lane `lane` (the CE term's -e_y on the label's entry, taken before
+// the vector is stored so that entry is rounded once).
+KD_ALWAYS_INLINE Vec minus_on_lane(const Vec& g, int64_t lane, float value) {
+  alignas(64) float lanes[kW];
+  g.store(lanes);
+  lanes[lane] -= value;
+  return Vec::loadu(lanes);
+}
+
 // Max that propagates NaN (so a NaN anywhere in the row is seen).
 inline float hmax(const Vec& v) {
   alignas(64) float lanes[kW];

@@ -53,7 +53,6 @@ struct SparseRow {
   const float* values;   // [k]
   int64_t vocab, k, label;
   float grad_scale;
-  bool stream_grad;
 };
 
 // Returns the row loss; writes the gradient when row.grad is set.
@@ -178,14 +177,9 @@ float sparse_row(const SparseRow<S>& row, const SparseParams& params, SparseScra
         g = g + v_ce * softmax_1;
         // the CE term's -e_y on the label's entry, so that entry is rounded once (a support id's
         // entry is written below instead)
-        if (!label_in_support && row.label >= i && row.label < i + n) {
-          alignas(64) float lanes[kW];
-          g.store(lanes);
-          lanes[row.label - i] -= ce_coef;
-          g = Vec::loadu(lanes);
-        }
+        if (!label_in_support && row.label >= i && row.label < i + n) g = minus_on_lane(g, row.label - i, ce_coef);
       }
-      store_row(g, row.grad + i, n, row.stream_grad);
+      store_row(g, row.grad + i, n, /*stream=*/true);
     }
   }
   stream_fence();  // the scalar writes below land after the streamed ones
@@ -238,7 +232,6 @@ void run_sparse_rows(const at::Tensor& student, at::Tensor* grad, const at::Tens
       }
       row.z = s_base + r * V;
       row.grad = g_row;
-      row.stream_grad = true;
       row_loss[r] = sparse_row(row, params, sc, &local_errors);
     }
     stream_fence();
