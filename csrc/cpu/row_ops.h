@@ -160,6 +160,24 @@ KD_ALWAYS_INLINE Vec load_row(const T* ptr, int64_t n) {
       x = _mm512_cvtph_ps(raw);
     }
     return n == kW ? Vec(x) : Vec(_mm512_mask_blend_ps(lanes, _mm512_set1_ps(kNegInf), x));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // eight 16-bit elements; a partial vector through a zeroed copy (at::vec's partial loads of a
+    // 16-lane Vectorized<T> go through such a copy at every vector, full ones included)
+    __m128i raw;
+    if (n == kW) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
+    } else {
+      alignas(16) uint16_t lanes[kW] = {};
+      std::memcpy(lanes, ptr, n * sizeof(T));
+      raw = _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+    }
+    __m256 x;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    } else {
+      x = _mm256_cvtph_ps(raw);
+    }
+    return n == kW ? Vec(x) : Vec::set(Vec(kNegInf), Vec(x), n);
 #else
     // at::vec's conversion of the first kW elements (its low half)
     const Vec x = std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(ptr, n)));
@@ -197,6 +215,29 @@ KD_ALWAYS_INLINE void store_row(const Vec& v, T* ptr, int64_t n, bool stream) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(ptr), packed);
     } else {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptr), packed);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    __m128i packed;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256 x = v;
+      const __m256i bits = _mm256_castps_si256(x);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+      rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0),
+                                   _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+      // every lane is in [0, 0xFFFF]: the unsigned saturating pack keeps it
+      packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    } else {
+      packed = _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (n != kW) {
+      alignas(16) uint16_t lanes[kW];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), packed);
+      std::memcpy(ptr, lanes, n * sizeof(T));
+    } else if (stream && reinterpret_cast<uintptr_t>(ptr) % sizeof(packed) == 0) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(ptr), packed);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ptr), packed);
     }
 #else
     (void)stream;

@@ -193,17 +193,23 @@ KD_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
 // d / T beyond the float range gives +inf (CAKD's one-pass road checks its sums for it); without
 // it, d / T must stay below 2^17 for a defined result (the one-loop statistics pass discards the
 // exps of a block whose max lies far above its shift).
+// AVX2: the same scheme with k a multiple of 1/8 (one 8-entry permute per table), |r| <= ln2 / 16
+// and a quartic (the rest below 2e-9 relative), 2^floor(k) built from k's exponent bits and
+// multiplied in (no scalef): 17 instructions where exp_nonpositive(d * (1 / T)) takes about 27.
 struct ExpScale {
   float inv_t;
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 to_k, t_ln2_hi, t_ln2_lo, c1, c2, c3, cap;
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 to_k, t_ln2_hi, t_ln2_lo, c1, c2, c3, c4, cap;
 #endif
   explicit ExpScale(float inv_temperature) : inv_t(inv_temperature) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     const double inv = inv_temperature, t_ln2 = 0.693147180559945309417 / inv;
     int e = 0;
     const double mantissa = std::frexp(t_ln2, &e);
     const double hi = std::ldexp(std::nearbyint(std::ldexp(mantissa, 11)), e - 11);  // 11 bits
+#if defined(CPU_CAPABILITY_AVX512)
     to_k = _mm512_set1_ps(static_cast<float>(1.44269504088896340736 * inv));
     t_ln2_hi = _mm512_set1_ps(static_cast<float>(hi));
     t_ln2_lo = _mm512_set1_ps(static_cast<float>(t_ln2 - hi));
@@ -211,6 +217,16 @@ struct ExpScale {
     c2 = _mm512_set1_ps(static_cast<float>(inv * inv / 2));
     c3 = _mm512_set1_ps(static_cast<float>(inv * inv * inv / 6));
     cap = _mm512_set1_ps(static_cast<float>(89.0 / inv));  // exp(89) is beyond the float range
+#else
+    to_k = _mm256_set1_ps(static_cast<float>(1.44269504088896340736 * inv));
+    t_ln2_hi = _mm256_set1_ps(static_cast<float>(hi));
+    t_ln2_lo = _mm256_set1_ps(static_cast<float>(t_ln2 - hi));
+    c1 = _mm256_set1_ps(static_cast<float>(inv));
+    c2 = _mm256_set1_ps(static_cast<float>(inv * inv / 2));
+    c3 = _mm256_set1_ps(static_cast<float>(inv * inv * inv / 6));
+    c4 = _mm256_set1_ps(static_cast<float>(inv * inv * inv * inv / 24));
+    cap = _mm256_set1_ps(static_cast<float>(89.0 / inv));
+#endif
 #endif
   }
 };
@@ -247,6 +263,36 @@ KD_ALWAYS_INLINE Vec exp_scaled(Vec d, const ExpScale& scale) {
   const __m512 mantissa = _mm512_fmadd_ps(pow2_hi, tail, pow2_hi);
   // k > -126 keeps the result normal (2^(j/16) e^r >= 2^(1/16) e^(-ln2/32) > 1 there); NaN kept
   return Vec(_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(k, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), mantissa, k));
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 dv = d;
+  if constexpr (kCapped) dv = _mm256_min_ps(scale.cap, dv);  // keeps a NaN d (the second operand)
+  const __m256 magic = _mm256_set1_ps(1572864.f);  // 1.5 * 2^20, whose ulp is 1/8
+  const __m256 kb = _mm256_fmadd_ps(dv, scale.to_k, magic);
+  const __m256 k = _mm256_sub_ps(kb, magic);
+  __m256 r = _mm256_fnmadd_ps(k, scale.t_ln2_hi, dv);
+  r = _mm256_fnmadd_ps(k, scale.t_ln2_lo, r);
+  // 2^(j/8), j = 0..7 (kb's low three bits), as hi and its relative remainder lo
+  const __m256i kbits = _mm256_castps_si256(kb);
+  const __m256 pow2_hi = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(1.0f, 1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f, 1.4142135381698608f,
+                     1.5422108173370361f, 1.6817928552627563f, 1.8340080976486206f),
+      kbits);
+  const __m256 pow2_rel_lo = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(0.0f, -1.199215748926008e-08f, 3.1934181521364735e-08f, -3.0990719324108795e-08f,
+                     1.7114270889351246e-08f, 5.233334210430485e-09f, -1.4719605090363075e-08f,
+                     -6.128259677495862e-09f),
+      kbits);
+  const __m256 tail = _mm256_fmadd_ps(
+      _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(scale.c4, r, scale.c3), r, scale.c2), r, scale.c1), r,
+      pow2_rel_lo);
+  const __m256 mantissa = _mm256_fmadd_ps(pow2_hi, tail, pow2_hi);
+  // kb's bits are those of 1.5 * 2^20 plus 8 k: bits >> 3 end in floor(k) (the magic's part ends
+  // in nine zero bits), so ((bits >> 3) + 127) << 23 is the float 2^floor(k) for floor(k) in
+  // [-126, 127], +inf at 128 (the capped overflow); a product keeps a NaN mantissa NaN
+  const __m256i biased = _mm256_add_epi32(_mm256_srli_epi32(kbits, 3), _mm256_set1_epi32(127));
+  const __m256 result = _mm256_mul_ps(mantissa, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  // k > -126 keeps the result normal; 0 below (masked -inf lanes included), NaN kept
+  return Vec(_mm256_and_ps(result, _mm256_cmp_ps(k, _mm256_set1_ps(-126.f), _CMP_NLE_UQ)));
 #else
   return exp_nonpositive(d * Vec(scale.inv_t));
 #endif
