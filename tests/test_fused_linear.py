@@ -598,8 +598,33 @@ def test_bfloat16_weight_gradient_takes_the_widening_gemm(monkeypatch):
 
     monkeypatch.setattr(torch.ops.kdkernels, "addmm_widening_", spy)
     check_against_reference(make_case(dtype=torch.bfloat16, chunk_size=10))
-    # three chunks of the 29 rows, each adding to the whole [67, 24] float32 accumulator
-    assert calls == [(torch.float32, torch.bfloat16, (67, 24), 0.0)] + [(torch.float32, torch.bfloat16, (67, 24), 1.0)] * 2
+    # three chunks of the 29 rows, each adding to the whole [67, 24] float32 accumulator (on a CPU
+    # without bf16 dot products the logits and hidden gradient take it too: other shapes)
+    weight_calls = [call for call in calls if call[2] == (67, 24)]
+    assert weight_calls == [(torch.float32, torch.bfloat16, (67, 24), 0.0)] + [(torch.float32, torch.bfloat16, (67, 24), 1.0)] * 2
+
+
+@pytest.mark.skipif(not fused_linear._WIDENING_DTYPES, reason="this torch's BLAS has no widening GEMM")
+@pytest.mark.parametrize("widened", [True, False], ids=["widening-gemm", "torch-matmul"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_logits_and_hidden_gradient_match_reference_on_either_gemm(monkeypatch, dtype, widened):
+    # CPUs without 16-bit dot products take the widening GEMM for the chunk logits and the hidden
+    # gradient (torch's 16-bit matmul is orders of magnitude slower there); both roads give the
+    # reference's result, whichever this machine takes
+    monkeypatch.setattr(fused_linear, "_WIDENED_GEMM_DTYPES", frozenset({dtype}) if widened else frozenset())
+    monkeypatch.setattr(fused_linear, "COPY_BLOCK_BYTES", 4 * 10 * 16)  # several column blocks per chunk
+    calls = []
+    original = torch.ops.kdkernels.addmm_widening_
+
+    def spy(out, mat1, mat2, beta, alpha):
+        calls.append(tuple(out.shape))
+        return original(out, mat1, mat2, beta, alpha)
+
+    monkeypatch.setattr(torch.ops.kdkernels, "addmm_widening_", spy)
+    check_against_reference(make_case(dtype=dtype, bias=True, chunk_size=10))
+    logits_calls = [shape for shape in calls if shape[1] != 24]
+    hidden_calls = [shape for shape in calls if shape[1] == 24 and shape[0] != 67]
+    assert bool(logits_calls) == widened and bool(hidden_calls) == widened, calls
 
 
 def test_widening_gemm_drops_the_float32_copy_from_the_chunk_budget():

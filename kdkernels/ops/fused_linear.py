@@ -99,7 +99,10 @@ def _lm_head_gemm(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     """out [n, V] = logit_scale * (hidden [n, H] @ weight [V, H]^T + bias [V]), in out's dtype,
     which may be float32 for a bfloat16 / float16 lm_head (float32_chunk_logits)."""
     wide = out.dtype != hidden.dtype
-    if bias is None and wide:
+    if not wide and out.device.type == "cpu" and hidden.dtype in _WIDENED_GEMM_DTYPES \
+            and weight.dtype == hidden.dtype:
+        _lm_head_gemm_widening(out, hidden, weight, bias, logit_scale)
+    elif bias is None and wide:
         torch.mm(hidden, weight.t(), out.dtype, out=out)
         if logit_scale != 1.0:
             out.mul_(logit_scale)
@@ -109,6 +112,23 @@ def _lm_head_gemm(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         torch.addmm(bias, hidden, weight.t(), out.dtype, beta=logit_scale, alpha=logit_scale, out=out)
     else:
         torch.addmm(bias, hidden, weight.t(), beta=logit_scale, alpha=logit_scale, out=out)
+
+
+def _lm_head_gemm_widening(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor], logit_scale: float) -> None:
+    """_lm_head_gemm of a 16-bit lm_head on a CPU without 16-bit dot products: the widening GEMM
+    (float32 accumulation, as torch's 16-bit matmul) into a float32 buffer of COPY_BLOCK_BYTES,
+    a block of vocabulary columns at a time, each block rounded once into out."""
+    rows = out.shape[0]
+    block = max(1, COPY_BLOCK_BYTES // (4 * max(rows, 1)))
+    buffer = torch.empty(rows * min(block, out.shape[1]), dtype=torch.float32, device=out.device)
+    for lo in range(0, out.shape[1], block):
+        hi = min(lo + block, out.shape[1])
+        wide = buffer[: rows * (hi - lo)].view(rows, hi - lo)
+        torch.ops.kdkernels.addmm_widening_(wide, hidden, weight[lo:hi].t(), 0.0, float(logit_scale))
+        if bias is not None:
+            wide.add_(bias[lo:hi].float(), alpha=logit_scale)
+        out[:, lo:hi].copy_(wide)
 
 
 class _LinearLogits:
@@ -231,6 +251,22 @@ def _widening_dtypes() -> frozenset:
 _WIDENING_DTYPES = _widening_dtypes()
 
 
+def _native_16bit_dot(dtype: torch.dtype) -> bool:
+    """Whether this CPU has dot-product instructions for `dtype` (AVX512-BF16 or AMX for bfloat16,
+    AMX-FP16 for float16). Without them torch's 16-bit matmul over a long reduction (the hidden
+    gradient's, over the vocabulary) runs two orders of magnitude slower than the widening GEMM, and
+    over the hidden size (the logits') several times slower."""
+    cpu = getattr(torch, "cpu", None)
+    probes = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              torch.float16: ("_is_amx_fp16_supported",)}[dtype]
+    return any(bool(getattr(cpu, name, lambda: True)()) for name in probes)
+
+
+# asked once, at import (as _WIDENING_DTYPES): the 16-bit dtypes whose chunk logits and hidden
+# gradient take the widening GEMM (a float32 result, rounded once) in place of torch's 16-bit matmul
+_WIDENED_GEMM_DTYPES = frozenset(dtype for dtype in _WIDENING_DTYPES if not _native_16bit_dot(dtype))
+
+
 def widening_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a 16-bit lm_head's float32 weight gradient accumulates straight from the 16-bit
     gradient chunks, in one GEMM that reads 16-bit operands and accumulates and writes float32
@@ -290,7 +326,14 @@ class _StudentGrads:
         scale = student.logit_scale * headroom
         if self.hidden is not None:
             out = self.hidden[start:end]
-            torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
+            if grad.device.type == "cpu" and grad.dtype == student.weight.dtype \
+                    and grad.dtype in _WIDENED_GEMM_DTYPES:
+                # float32 accumulation either way; this GEMM reads the 16-bit operands as they are
+                wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                torch.ops.kdkernels.addmm_widening_(wide, grad, student.weight, 0.0, float(scale))
+                out.copy_(wide)
+            else:
+                torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
         parts = ((self.weight_row, self.weight),) + self.more_weight if self.weight is not None else ()
         hidden, rows = student.hidden[start:end], end - start
         copy = None
