@@ -210,23 +210,18 @@ struct ExpScale {
     const double mantissa = std::frexp(t_ln2, &e);
     const double hi = std::ldexp(std::nearbyint(std::ldexp(mantissa, 11)), e - 11);  // 11 bits
 #if defined(CPU_CAPABILITY_AVX512)
-    to_k = _mm512_set1_ps(static_cast<float>(1.44269504088896340736 * inv));
-    t_ln2_hi = _mm512_set1_ps(static_cast<float>(hi));
-    t_ln2_lo = _mm512_set1_ps(static_cast<float>(t_ln2 - hi));
-    c1 = _mm512_set1_ps(static_cast<float>(inv));
-    c2 = _mm512_set1_ps(static_cast<float>(inv * inv / 2));
-    c3 = _mm512_set1_ps(static_cast<float>(inv * inv * inv / 6));
-    cap = _mm512_set1_ps(static_cast<float>(89.0 / inv));  // exp(89) is beyond the float range
+    auto splat = [](double v) { return _mm512_set1_ps(static_cast<float>(v)); };
 #else
-    to_k = _mm256_set1_ps(static_cast<float>(1.44269504088896340736 * inv));
-    t_ln2_hi = _mm256_set1_ps(static_cast<float>(hi));
-    t_ln2_lo = _mm256_set1_ps(static_cast<float>(t_ln2 - hi));
-    c1 = _mm256_set1_ps(static_cast<float>(inv));
-    c2 = _mm256_set1_ps(static_cast<float>(inv * inv / 2));
-    c3 = _mm256_set1_ps(static_cast<float>(inv * inv * inv / 6));
-    c4 = _mm256_set1_ps(static_cast<float>(inv * inv * inv * inv / 24));
-    cap = _mm256_set1_ps(static_cast<float>(89.0 / inv));
+    auto splat = [](double v) { return _mm256_set1_ps(static_cast<float>(v)); };
+    c4 = splat(inv * inv * inv * inv / 24);
 #endif
+    to_k = splat(1.44269504088896340736 * inv);
+    t_ln2_hi = splat(hi);
+    t_ln2_lo = splat(t_ln2 - hi);
+    c1 = splat(inv);
+    c2 = splat(inv * inv / 2);
+    c3 = splat(inv * inv * inv / 6);
+    cap = splat(89.0 / inv);  // exp(89) is beyond the float range
 #endif
   }
 };

@@ -99,8 +99,7 @@ def _lm_head_gemm(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     """out [n, V] = logit_scale * (hidden [n, H] @ weight [V, H]^T + bias [V]), in out's dtype,
     which may be float32 for a bfloat16 / float16 lm_head (float32_chunk_logits)."""
     wide = out.dtype != hidden.dtype
-    if not wide and out.device.type == "cpu" and hidden.dtype in _WIDENED_GEMM_DTYPES \
-            and weight.dtype == hidden.dtype:
+    if not wide and widened_matmul(hidden, weight):
         _lm_head_gemm_widening(out, hidden, weight, bias, logit_scale)
     elif bias is None and wide:
         torch.mm(hidden, weight.t(), out.dtype, out=out)
@@ -256,15 +255,21 @@ def _native_16bit_dot(dtype: torch.dtype) -> bool:
     AMX-FP16 for float16). Without them torch's 16-bit matmul over a long reduction (the hidden
     gradient's, over the vocabulary) runs two orders of magnitude slower than the widening GEMM, and
     over the hidden size (the logits') several times slower."""
-    cpu = getattr(torch, "cpu", None)
     probes = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
               torch.float16: ("_is_amx_fp16_supported",)}[dtype]
-    return any(bool(getattr(cpu, name, lambda: True)()) for name in probes)
+    # a torch without a probe keeps its own matmul
+    return any(bool(getattr(torch.cpu, name, lambda: True)()) for name in probes)
 
 
 # asked once, at import (as _WIDENING_DTYPES): the 16-bit dtypes whose chunk logits and hidden
 # gradient take the widening GEMM (a float32 result, rounded once) in place of torch's 16-bit matmul
 _WIDENED_GEMM_DTYPES = frozenset(dtype for dtype in _WIDENING_DTYPES if not _native_16bit_dot(dtype))
+
+
+def widened_matmul(mat1: torch.Tensor, mat2: torch.Tensor) -> bool:
+    """Whether a 16-bit product mat1 @ mat2 of the lm_head (chunk logits, hidden gradient) takes
+    the widening GEMM in place of torch's matmul: on a CPU without dot products for its dtype."""
+    return mat1.device.type == "cpu" and mat1.dtype == mat2.dtype and mat1.dtype in _WIDENED_GEMM_DTYPES
 
 
 def widening_gemm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -326,8 +331,7 @@ class _StudentGrads:
         scale = student.logit_scale * headroom
         if self.hidden is not None:
             out = self.hidden[start:end]
-            if grad.device.type == "cpu" and grad.dtype == student.weight.dtype \
-                    and grad.dtype in _WIDENED_GEMM_DTYPES:
+            if widened_matmul(grad, student.weight):
                 # float32 accumulation either way; this GEMM reads the 16-bit operands as they are
                 wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
                 torch.ops.kdkernels.addmm_widening_(wide, grad, student.weight, 0.0, float(scale))
