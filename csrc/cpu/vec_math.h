@@ -41,7 +41,8 @@ inline Vec kd_exp(Vec x) { return x.exp(); }
 // from tables (one permute each): log x = e ln2 - log(c) + log1p(m c - 1), where m c - 1 (one
 // FMA, so exact to its own rounding) is at most 1/16 in size and its log1p a short polynomial.
 // The two intervals around 1 have c = 1, so log x near 1 is log1p of the exact m - 1.
-// Elsewhere: m in [sqrt(1/2), sqrt(2)) and log1p(m - 1) by the Cephes logf polynomial (~1 ulp).
+// AVX2: the same in tables of eight (below). Elsewhere: m in [sqrt(1/2), sqrt(2)) and log1p(m - 1)
+// by the Cephes logf polynomial (~1 ulp).
 KD_ALWAYS_INLINE Vec log_inline(Vec x) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
 #if defined(CPU_CAPABILITY_AVX512)
@@ -79,6 +80,50 @@ KD_ALWAYS_INLINE Vec log_inline(Vec x) {
   const __mmask16 tiny = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GE_OQ), xv,
                                                  _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ);
   return Vec(_mm512_mask_mov_ps(result, tiny, _mm512_set1_ps(-kInf)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  // The same scheme in 8-entry tables (one 8-lane permute each). x = 2^e m with m in
+  // [0.71875, 1.4375) from the bits: b = bits(x) - bits(0.71875), e = b >> 23, and b's next three
+  // bits (bits 20-22, which the permute reads by itself) index eight intervals of 2^20 bit
+  // patterns: four of 1/16 below 1, [0.96875, 1.0625) around 1 with c = 1, three of 1/8 above.
+  // |m c - 1| <= 1/16 in each, so the AVX512 polynomial applies unchanged.
+  const __m256 xv = x;
+  const __m256i b = _mm256_sub_epi32(_mm256_castps_si256(xv), _mm256_set1_epi32(0x3F380000));
+  const __m256i e_bits = _mm256_srai_epi32(b, 23);
+  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_castps_si256(xv), _mm256_slli_epi32(e_bits, 23)));
+  const __m256i interval = _mm256_srli_epi32(b, 20);
+  const __m256 c = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(1.3333333730697632f, 1.2307692766189575f, 1.1428571939468384f, 1.0666667222976685f, 1.0f,
+                     0.8888888955116272f, 0.800000011920929f, 0.7272727489471436f),
+      interval);
+  const __m256 minus_log_c = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(-0.28768211603164673f, -0.2076393961906433f, -0.13353143632411957f, -0.06453857570886612f,
+                     0.0f, 0.11778302490711212f, 0.2231435328722f, 0.31845369935035706f),
+      interval);
+  const __m256 minus_log_c_lo = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(1.3777543550475002e-08f, -5.840503636278527e-09f, -1.0038856412819541e-09f,
+                     2.4172321921867024e-09f, 0.0f, 3.2986906539633765e-09f, 3.540848725336332e-09f,
+                     1.9658554784030002e-09f),
+      interval);
+  const __m256 r = _mm256_fmsub_ps(m, c, _mm256_set1_ps(1.f));
+  const __m256 poly = horner(Vec(r), -1.f / 6.f, 0.2f, -0.25f, 1.f / 3.f, -0.5f);
+  // -log(c) + r with its rounding error (Fast2Sum: |-log(c)| >= |r| wherever c != 1), which joins
+  // the small rest, so the sum of the larger terms rounds once, at the end
+  const __m256 hi = _mm256_add_ps(minus_log_c, r);
+  const __m256 hi_err = _mm256_add_ps(_mm256_sub_ps(minus_log_c, hi), r);
+  const __m256 rest = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(r, r), poly, minus_log_c_lo), hi_err);
+  __m256 result = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e_bits), _mm256_set1_ps(0.693147182464599609375f),
+                                  _mm256_add_ps(hi, rest));
+  // x below the smallest normal (0 and negatives included), +inf and NaN: rare, one test for all
+  const __m256 special = _mm256_or_ps(_mm256_cmp_ps(xv, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_NGE_UQ),
+                                      _mm256_cmp_ps(xv, _mm256_set1_ps(kInf), _CMP_EQ_OQ));
+  if (__builtin_expect(_mm256_movemask_ps(special) != 0, 0)) {
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(-kInf),
+                              _mm256_cmp_ps(xv, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ));
+    result = _mm256_blendv_ps(result, xv, _mm256_cmp_ps(xv, _mm256_set1_ps(kInf), _CMP_EQ_OQ));
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                              _mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_NGE_UQ));
+  }
+  return Vec(result);
 #else
   // frexp by bits: x = 2^e m, m in [0.5, 1)
   using IVec = at::vec::Vectorized<int32_t>;
@@ -131,6 +176,13 @@ inline Vec kd_where_gt(Vec a, Vec b, Vec x, Vec y) {
 #endif
 }
 inline Vec kd_splat(float v, Vec) { return Vec(v); }
+#if defined(CPU_CAPABILITY_AVX2)
+// value where prob > 0, else 0 (divergence.h's kd_if_pos): a compare and an AND, where the blend
+// with 0 compiles to three instructions (GCC rebuilds the mask from its sign bits)
+KD_ALWAYS_INLINE Vec kd_if_pos(Vec prob, Vec value) {
+  return Vec(_mm256_and_ps(value, _mm256_cmp_ps(prob, _mm256_setzero_ps(), _CMP_GT_OQ)));
+}
+#endif
 
 // min(1 / x, 1e30) for x >= 0: the 14-bit hardware estimate, capped, and one Newton step
 // (e (2 - x e)), ~1 ulp, in a few instructions where a division blocks its unit for several
