@@ -11,7 +11,9 @@ Table 1, peers at N x H x V (each configuration in its own process, benchmarks.h
   compile    torch.compile of that same eager function (compiled in the untimed warmup)
   liger      Liger-Kernel's chunked LigerFusedLinearJSDLoss with beta=0 (forward KL), no hard loss
   gemms      the floor: the four GEMMs alone (student and teacher logits, dL/dh = g W, dL/dW = g^T h)
-             into preallocated outputs
+             into preallocated outputs; bf16/fp16 on a CPU without 16-bit dot products: the
+             widening GEMM (16-bit operands, float32 accumulation and output), which
+             kdkernels takes there too (torch's 16-bit matmul there is ~100x slower)
 Columns: median time and its ratio to the GEMM floor, the fastest step and its ratio to the
 floor's fastest (the figure least disturbed by other load on a shared machine), extra peak RSS
 (peak during the timed steps minus RSS once the inputs exist) in MiB and as a fraction of Liger's.
@@ -83,9 +85,12 @@ def _loss_fn(impl: str, temperature: float, chunk_size) -> Callable[..., Any]:
 def _gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) -> Callable[[], None]:
     """The four GEMMs of one fused-linear step, into outputs allocated (and touched) in this setup."""
     import torch
+    from kdkernels.ops.fused_linear import widened_matmul
 
     n, v, h = student_hidden.shape[0], student_weight.shape[0], student_hidden.shape[1]
     dtype = student_hidden.dtype
+    if widened_matmul(student_hidden, student_weight):
+        return _widening_gemms_step(student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight)
     student_logits, teacher_logits = torch.zeros(n, v, dtype=dtype), torch.zeros(n, v, dtype=dtype)
     grad_logits = torch.randn(n, v).to(dtype) * 1e-4
     grad_hidden, grad_weight = torch.zeros(n, h, dtype=dtype), torch.zeros(v, h, dtype=dtype)
@@ -97,6 +102,28 @@ def _gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) 
         torch.mm(grad_logits, student_weight, out=grad_hidden)
         torch.mm(grad_logits.t(), student_hidden, out=grad_weight)
 
+    step.tensors = (student_logits, teacher_logits, grad_logits, grad_hidden, grad_weight)
+    return step
+
+
+def _widening_gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) -> Callable[[], None]:
+    """_gemms_step with the widening GEMM (kdkernels::addmm_widening_): 16-bit operands, float32
+    outputs, as a 16-bit fused-linear step computes them on a CPU without 16-bit dot products."""
+    import torch
+
+    n, v, h = student_hidden.shape[0], student_weight.shape[0], student_hidden.shape[1]
+    gemm = torch.ops.kdkernels.addmm_widening_
+    student_logits, teacher_logits = torch.zeros(n, v), torch.zeros(n, v)
+    grad_logits = (torch.randn(n, v) * 1e-4).to(student_hidden.dtype)
+    grad_hidden, grad_weight = torch.zeros(n, h), torch.zeros(v, h)
+
+    def step() -> None:
+        gemm(student_logits, student_hidden, student_weight.t(), 0.0, 1.0)
+        gemm(teacher_logits, teacher_hidden, teacher_weight.t(), 0.0, 1.0)
+        gemm(grad_hidden, grad_logits, student_weight, 0.0, 1.0)
+        gemm(grad_weight, grad_logits.t(), student_hidden, 0.0, 1.0)
+
+    step.tensors = (student_logits, teacher_logits, grad_logits, grad_hidden, grad_weight)
     return step
 
 

@@ -114,7 +114,9 @@ def test_kd_loss_benchmark_prints_a_row_per_configuration(tmp_path):
     ["benchmarks.cakd", "--n", "16", "--v", "64", "--k", "3", "--no-peers", "--repeat", "1", "--dtype", "bf16"],
     ["benchmarks.fused_linear", "--n", "16", "--h", "8", "--v", "64", "--impls", "kdkernels", "gemms",
      "--skip-vocab-table", "--repeat", "1"],
-], ids=["cakd", "cakd-bf16", "fused_linear"])
+    ["benchmarks.fused_linear", "--n", "16", "--h", "8", "--v", "64", "--impls", "kdkernels", "gemms",
+     "--skip-vocab-table", "--repeat", "1", "--dtype", "bf16"],
+], ids=["cakd", "cakd-bf16", "fused_linear", "fused_linear-bf16"])
 def test_benchmarks_name_their_setup_and_write_a_png(tmp_path, argv):
     png_path, json_path = tmp_path / "plot.png", tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "-m", *argv, "--warmup", "1", "--png", str(png_path),
@@ -165,3 +167,25 @@ def test_compare_builds_times_each_row_for_both_checkouts(tmp_path):
         assert row["before_ms"] > 0 and row["after_ms"] > 0
         assert row["ratio"] == pytest.approx(row["after_ms"] / row["before_ms"])
     assert sum(1 for line in proc.stdout.splitlines() if line.startswith(("kd_loss", "fused_linear"))) == len(rows)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_linear_gemm_floor_computes_the_four_products(dtype):
+    # The floor's step does the four GEMMs of a fused step, in whichever form this machine takes
+    # for the dtype (torch's matmul, or the widening GEMM on a CPU without 16-bit dot products).
+    import torch
+    from benchmarks import fused_linear
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype)
+    hs, ws, ht, wt = (torch.randn(shape).to(dtype) for shape in ((4, 8), (16, 8), (4, 8), (16, 8)))
+    step = fused_linear._gemms_step(hs, ws, ht, wt)
+    step()
+    student_logits, teacher_logits, grad_logits, grad_hidden, grad_weight = (x.double() for x in step.tensors)
+    h64, w64, ht64, wt64 = (x.double() for x in (hs, ws, ht, wt))
+    tol = dict(rtol=1e-2, atol=1e-2 * 8 ** 0.5) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(student_logits, h64 @ w64.t(), **tol)
+    torch.testing.assert_close(teacher_logits, ht64 @ wt64.t(), **tol)
+    scale = grad_logits.abs().max().item()
+    torch.testing.assert_close(grad_hidden / scale, grad_logits @ w64 / scale, **tol)
+    torch.testing.assert_close(grad_weight / scale, grad_logits.t() @ h64 / scale, **tol)

@@ -364,10 +364,14 @@ class _StudentGrads:
             self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=scale)
 
     def results(self, student: _LinearLogits) -> List[Optional[torch.Tensor]]:
-        """[hidden, weight, bias] gradients in their parameters' dtypes (one cast at the end)."""
-        weight = None if self.weight is None else self.weight.to(student.weight.dtype)
-        bias = None if self.bias is None else self.bias.to(student.weight.dtype)
-        return [self.hidden, weight, bias]
+        """[hidden, weight, bias] gradients in their parameters' dtypes (one cast at the end, into
+        a reusable buffer: a fresh [V, H] tensor paid a page fault per page at every step)."""
+        def cast(accumulator: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if accumulator is None or accumulator.dtype == student.weight.dtype:
+                return accumulator
+            return _empty(accumulator.shape, student.weight.dtype, accumulator.device).copy_(accumulator)
+
+        return [self.hidden, cast(self.weight), cast(self.bias)]
 
 
 def _narrow_rows(source: torch.Tensor, target: torch.Tensor, backward: bool) -> None:
