@@ -83,45 +83,31 @@ def _loss_fn(impl: str, temperature: float, chunk_size) -> Callable[..., Any]:
 
 
 def _gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) -> Callable[[], None]:
-    """The four GEMMs of one fused-linear step, into outputs allocated (and touched) in this setup."""
+    """The four GEMMs of one fused-linear step, into outputs allocated (and touched) in this setup.
+    A 16-bit lm_head on a CPU without 16-bit dot products takes the widening GEMM, as the fused
+    step does there (kdkernels::addmm_widening_: 16-bit operands, float32 outputs)."""
     import torch
     from kdkernels.ops.fused_linear import widened_matmul
 
     n, v, h = student_hidden.shape[0], student_weight.shape[0], student_hidden.shape[1]
     dtype = student_hidden.dtype
-    if widened_matmul(student_hidden, student_weight):
-        return _widening_gemms_step(student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight)
-    student_logits, teacher_logits = torch.zeros(n, v, dtype=dtype), torch.zeros(n, v, dtype=dtype)
-    grad_logits = torch.randn(n, v).to(dtype) * 1e-4
-    grad_hidden, grad_weight = torch.zeros(n, h, dtype=dtype), torch.zeros(v, h, dtype=dtype)
     student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+    if widened_matmul(student_hidden, student_weight):
+        out_dtype = torch.float32
+
+        def mm(a, b, out):
+            torch.ops.kdkernels.addmm_widening_(out, a, b, 0.0, 1.0)
+    else:
+        out_dtype, mm = dtype, torch.mm
+    student_logits, teacher_logits = torch.zeros(n, v, dtype=out_dtype), torch.zeros(n, v, dtype=out_dtype)
+    grad_logits = torch.randn(n, v).to(dtype) * 1e-4
+    grad_hidden, grad_weight = torch.zeros(n, h, dtype=out_dtype), torch.zeros(v, h, dtype=out_dtype)
 
     def step() -> None:
-        torch.mm(student_hidden, student_weight.t(), out=student_logits)
-        torch.mm(teacher_hidden, teacher_weight.t(), out=teacher_logits)
-        torch.mm(grad_logits, student_weight, out=grad_hidden)
-        torch.mm(grad_logits.t(), student_hidden, out=grad_weight)
-
-    step.tensors = (student_logits, teacher_logits, grad_logits, grad_hidden, grad_weight)
-    return step
-
-
-def _widening_gemms_step(student_hidden, student_weight, teacher_hidden, teacher_weight) -> Callable[[], None]:
-    """_gemms_step with the widening GEMM (kdkernels::addmm_widening_): 16-bit operands, float32
-    outputs, as a 16-bit fused-linear step computes them on a CPU without 16-bit dot products."""
-    import torch
-
-    n, v, h = student_hidden.shape[0], student_weight.shape[0], student_hidden.shape[1]
-    gemm = torch.ops.kdkernels.addmm_widening_
-    student_logits, teacher_logits = torch.zeros(n, v), torch.zeros(n, v)
-    grad_logits = (torch.randn(n, v) * 1e-4).to(student_hidden.dtype)
-    grad_hidden, grad_weight = torch.zeros(n, h), torch.zeros(v, h)
-
-    def step() -> None:
-        gemm(student_logits, student_hidden, student_weight.t(), 0.0, 1.0)
-        gemm(teacher_logits, teacher_hidden, teacher_weight.t(), 0.0, 1.0)
-        gemm(grad_hidden, grad_logits, student_weight, 0.0, 1.0)
-        gemm(grad_weight, grad_logits.t(), student_hidden, 0.0, 1.0)
+        mm(student_hidden, student_weight.t(), out=student_logits)
+        mm(teacher_hidden, teacher_weight.t(), out=teacher_logits)
+        mm(grad_logits, student_weight, out=grad_hidden)
+        mm(grad_logits.t(), student_hidden, out=grad_weight)
 
     step.tensors = (student_logits, teacher_logits, grad_logits, grad_hidden, grad_weight)
     return step
