@@ -67,9 +67,12 @@ def _check_per_row(name: str, value, batch_shape, device, *, integer: bool, rows
 
 
 def check_labels(labels, batch_shape, device) -> Optional[torch.Tensor]:
-    """Integer labels [*batch] (None: no labels)."""
-    return None if labels is None else _check_per_row("labels", labels, batch_shape, device, integer=True,
-                                                      rows="logits")
+    """Integer labels [*batch] (None: no labels), returned as int64: a narrower or unsigned dtype
+    would compare against ignore_index after wrapping it (-100 is 156 in uint8)."""
+    if labels is None:
+        return None
+    labels = _check_per_row("labels", labels, batch_shape, device, integer=True, rows="logits")
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 def _check_number(name: str, value, *, low=None, high=None, low_open=False) -> float:
@@ -117,15 +120,31 @@ def make_config(*, divergence, temperature, beta, kd_weight, ce_weight, scale_by
     if ce_weight > 0 and not has_labels:
         raise ValueError("ce_weight > 0 needs labels (the hard targets of the CE term)")
     check_int("ignore_index", ignore_index)
+    beta = _check_number("beta", beta, low=0.0, high=1.0)
+    if beta == 0.0 and divergence in SKEW_AT_ZERO:
+        # the mixture is the other distribution itself: the plain KL, whose kernels take log p -
+        # log q from the logits (the mixture form would need q itself, which can underflow)
+        divergence = SKEW_AT_ZERO[divergence]
     return KDConfig(
         divergence=divergence,
         temperature=check_temperature(temperature),
-        beta=_check_number("beta", beta, low=0.0, high=1.0),
+        beta=beta,
         kd_weight=_check_number("kd_weight", kd_weight, low=0.0),
         ce_weight=ce_weight,
-        scale_by_t2=bool(scale_by_t2),
+        scale_by_t2=check_flag("scale_by_t2", scale_by_t2),
         ignore_index=ignore_index,
     )
+
+
+# skew KL at beta = 0 is KL(p || q), skew reverse KL at beta = 0 is KL(q || p)
+SKEW_AT_ZERO = {"skew_kl": "forward_kl", "skew_reverse_kl": "reverse_kl"}
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool option: True or False, not an int or another object read as true or false."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_kd_call(labels, batch_shape, device, reduction, **kd_options):
@@ -185,7 +204,7 @@ def make_cakd_config(*, groups, k, mass, bcd_weight, scd_weight, wcd_weight, tem
         scd_teacher_mass=scd_teacher,
         wcd_teacher_mass=wcd_teacher,
         temperature=check_temperature(temperature),
-        scale_by_t2=bool(scale_by_t2),
+        scale_by_t2=check_flag("scale_by_t2", scale_by_t2),
         ignore_index=check_int("ignore_index", ignore_index),
     )
 
@@ -215,13 +234,15 @@ def check_values(teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], v
 
 def check_student_support(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                           labels: Optional[torch.Tensor], ignore_index: int, *, log_q_by_teacher: bool,
-                          ce_weight: float) -> None:
+                          ce_weight: float, log_p_by_student: bool = False) -> None:
     """Student logits [N, V]: no NaN / +inf, and no counted row (label not ignore_index) whose loss
     would be +inf or undefined because of the student's -inf entries: a row entirely -inf where
     the teacher's is not; when
     the loss weights log q by the teacher's probability (log_q_by_teacher: forward KL and its
     decompositions), a finite teacher logit where the student's is -inf; with a CE term, the
-    label on a student -inf entry. Entries -inf on both sides are masking."""
+    label on a student -inf entry. Entries -inf on both sides are masking. When the loss weights
+    log p by the student's probability (log_p_by_student: reverse KL), a teacher -inf where the
+    student's logit is finite raises too, naming teacher_logits."""
     counted = None if labels is None else labels != ignore_index
     if counted is not None:
         student_logits, teacher_logits, labels = student_logits[counted], teacher_logits[counted], labels[counted]
@@ -234,6 +255,10 @@ def check_student_support(student_logits: torch.Tensor, teacher_logits: torch.Te
         bad |= (student_masked & teacher_live).any(-1)
     if labels is not None and ce_weight > 0:
         bad |= student_masked.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    # (a teacher row entirely -inf has no distribution and no KD term)
+    if log_p_by_student and bool(((~teacher_live & ~student_masked).any(-1) & teacher_live.any(-1)).any()):
+        raise ValueError("teacher_logits is -inf where the student has probability, so the reverse KL would be "
+                         "+inf; mask an entry on both sides (student_logits -inf there too)")
     if bool(bad.any()):
         raise ValueError("student_logits make a row's loss infinite: a row that counts is -inf everywhere while "
                          "the teacher's is not, or -inf where the teacher has probability (forward KL, CAKD/DKD) "
@@ -241,12 +266,13 @@ def check_student_support(student_logits: torch.Tensor, teacher_logits: torch.Te
 
 
 def check_logit_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-                       ignore_index: int, log_q_by_teacher: bool, ce_weight: float) -> None:
+                       ignore_index: int, log_q_by_teacher: bool, ce_weight: float,
+                       log_p_by_student: bool = False) -> None:
     """Every value rule of a loss on logits [N, V], [N, V], [N]: teacher and labels first, then the
     student (check_values, check_student_support)."""
     check_values(teacher_logits, labels, teacher_logits.shape[-1], ignore_index)
     check_student_support(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher=log_q_by_teacher,
-                          ce_weight=ce_weight)
+                          ce_weight=ce_weight, log_p_by_student=log_p_by_student)
 
 
 def check_choice(name: str, value, choices) -> str:
@@ -290,6 +316,10 @@ def check_projection(weight, bias, student_hidden) -> None:
         check_tensor("projection_bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"projection_bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    for name, value in (("projection", weight), ("projection_bias", bias)):
+        if value is not None and value.dtype != student_hidden.dtype:
+            raise TypeError(f"{name} dtype {value.dtype} must equal student_hidden dtype {student_hidden.dtype} "
+                            "(it is applied to student_hidden as a linear layer)")
 
 
 def check_projected(projected, teacher_hidden) -> None:

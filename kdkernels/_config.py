@@ -89,6 +89,12 @@ class KDConfig(_TemperatureOptions):
         return teacher_weighted and self.kd_weight > 0
 
     @property
+    def log_p_by_student(self) -> bool:
+        """Whether the loss weights log p by the student's probability with nothing else in the
+        log (reverse KL), so a teacher -inf where the student has mass makes it infinite."""
+        return self.divergence == "reverse_kl" and self.kd_weight > 0
+
+    @property
     def mixture_weights(self) -> Tuple[float, float]:
         """(w_p, w_q) of the mixture m = w_p p + w_q q that the divergence compares against;
         (0, 0) for divergences without one. Formed in float64 (a Python float), so 1 - beta
@@ -108,6 +114,9 @@ CAKD_GROUPS = {
     "teacher_topk": 1,
     "teacher_mass": 2,
 }
+
+# Relative slack of the teacher_mass rule's target (CAKDConfig.mass_target).
+MASS_TOLERANCE = 2.0 ** -16
 
 # A group weight given as this string is the teacher's mass on that group, per row.
 TEACHER_MASS_WEIGHT = "teacher_mass"
@@ -134,6 +143,15 @@ class CAKDConfig(_TemperatureOptions):
 
     # The decomposition of forward KL: a student -inf where the teacher has mass is infinite; no CE.
     log_q_by_teacher = True
+    log_p_by_student = False
     ce_weight = 0.0
 
     group_rule_id = kernel_id(CAKD_GROUPS, "groups")
+
+    @property
+    def mass_target(self) -> float:
+        """The cumulative teacher mass that the ``teacher_mass`` rule's S must reach: ``mass``
+        lowered by a relative 2^-16, so that a prefix whose mass equals ``mass`` in exact arithmetic
+        (a uniform teacher at mass 0.5) reaches it on every backend, whatever float32's rounding of
+        the probabilities (relative errors ~1e-6) does to the sum."""
+        return self.mass * (1.0 - MASS_TOLERANCE)

@@ -13,17 +13,20 @@ from kdkernels import _checks, _extension
 
 @torch.library.custom_op("kdkernels::check_logit_values", mutates_args=())
 def check_logit_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-                       ignore_index: int, log_q_by_teacher: bool, ce_weight: float) -> torch.Tensor:
+                       ignore_index: int, log_q_by_teacher: bool, ce_weight: float,
+                       log_p_by_student: bool = False) -> torch.Tensor:
     """The value checks of a loss on logits [N, V] (kdkernels._checks: teacher, labels, then the
     student), as an op: under torch.compile they run when the graph runs, and still raise the
     ValueError naming the argument. Returns a float32 zero that the caller adds to its reduction
     scale, so the compiled graph keeps the op."""
-    _checks.check_logit_values(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher, ce_weight)
+    _checks.check_logit_values(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher, ce_weight,
+                               log_p_by_student)
     return torch.zeros((), dtype=torch.float32, device=student_logits.device)
 
 
 @check_logit_values.register_fake
-def _check_logit_values_fake(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher, ce_weight):
+def _check_logit_values_fake(student_logits, teacher_logits, labels, ignore_index, log_q_by_teacher, ce_weight,
+                             log_p_by_student=False):
     return torch.empty((), dtype=torch.float32, device=student_logits.device)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
@@ -149,7 +150,21 @@ def check_label_range(labels: Optional[torch.Tensor], vocab: int, ignore_index: 
 def effective_labels(labels: Optional[torch.Tensor], teacher: SparseTeacher, cfg: SparseConfig) -> torch.Tensor:
     """[N] labels in which rows whose support is all padding are ignore_index: such a row counts
     as ignored (loss 0, gradient 0, not in the mean). Rows get label 0 when no labels are given
-    (no CE term then: ce_weight is 0 without labels)."""
+    (no CE term then: ce_weight is 0 without labels). Without labels nothing is ignored but the
+    all-padding rows, so the call must pass a config whose ignore_index is not 0 (see
+    `config_without_labels`)."""
     has_support = (teacher.ids != cfg.pad_id).any(dim=-1)
-    base = labels.reshape(-1).long() if labels is not None else torch.zeros_like(has_support, dtype=torch.long)
+    if labels is None:
+        assert cfg.ignore_index != 0, "config_without_labels keeps label 0 apart from ignore_index"
+        base = torch.zeros_like(has_support, dtype=torch.long)
+    else:
+        base = labels.reshape(-1).long()
     return torch.where(has_support, base, torch.full_like(base, cfg.ignore_index))
+
+
+def config_without_labels(cfg: SparseConfig) -> SparseConfig:
+    """Without labels, ignore_index marks only the rows `effective_labels` ignores; the rows it
+    keeps get label 0, so an ignore_index of 0 is moved to -100 (a no-label call never reads it)."""
+    if cfg.ignore_index != 0:
+        return cfg
+    return dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, ignore_index=-100))

@@ -83,8 +83,10 @@ def kd_loss(
         ValueError naming ``student_logits`` for a non-ignored row whose loss would be infinite
         because of the student's ``-inf`` entries: the whole row ``-inf`` (the teacher's not);
         with ``forward_kl`` (or ``skew_kl`` at ``beta=0``) a ``-inf`` where the teacher's logit
-        is finite; with the CE term, the label on a ``-inf`` entry. ``-inf`` on both sides is
-        masking, not an error.
+        is finite; with the CE term, the label on a ``-inf`` entry. ValueError naming
+        ``teacher_logits`` when ``reverse_kl`` (or ``skew_reverse_kl`` at ``beta=0``) meets a
+        teacher ``-inf`` where the student's logit is finite. ``-inf`` on both sides is masking,
+        not an error.
     """
     if distributed.is_dtensor(student_logits):  # vocabulary-sharded (tensor-parallel) or replicated logits
         return distributed.dtensor_kd_loss(
@@ -240,7 +242,8 @@ def cakd_loss(
             ``k >= V``, then W is empty);
             ``"teacher_mass"``: S = the fewest most probable teacher classes (at temperature T)
             whose probabilities sum to ``>= mass``; the class that crosses ``mass`` is included.
-            Among equal teacher logits the lower class index ranks first, so S is deterministic.
+            The sum is compared with ``mass`` lowered by a relative 2^-16, so that a sum equal to
+            ``mass`` in exact arithmetic (a uniform teacher) reaches it on every backend. Among equal teacher logits the lower class index ranks first, so S is deterministic.
         k: size of S for ``teacher_topk`` (int >= 1); only for that rule.
         mass: teacher mass S reaches for ``teacher_mass``, in (0, 1); only for that rule.
         bcd_weight, scd_weight, wcd_weight: weights (>= 0) of the three parts. ``scd_weight`` /
@@ -342,6 +345,7 @@ def feature_alignment_loss(
     kind = _checks.check_choice("kind", kind, _features.FEATURE_KINDS)
     reduction = _checks.check_reduction(reduction)
     mask = _checks.check_mask(mask, student_hidden.shape[:-1], student_hidden.device)
+    _checks.check_counted_finite("student_hidden", student_hidden, mask)
     _checks.check_counted_finite("teacher_hidden", teacher_hidden, mask)
     return reduce_masked(_features.hint_token_loss(student_hidden, teacher_hidden, projection, projection_bias,
                                                    kind, mask), mask, reduction)
@@ -368,5 +372,7 @@ def attention_transfer_loss(
     _checks.check_attention_pair(student_features, teacher_features, channel_dim)
     p = _checks.check_exponent(p)
     reduction = _checks.check_reduction(reduction)
+    _checks.check_counted_finite("student_features", student_features, None)
+    _checks.check_counted_finite("teacher_features", teacher_features, None)
     return reduce_masked(_features.attention_sample_loss(student_features, teacher_features, p, channel_dim),
                          None, reduction)

@@ -3,6 +3,7 @@ validated, at construction; ``forward`` takes the tensors."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -157,8 +158,8 @@ class SparseKDLoss(_LossModule):
 
     def _probe(self) -> None:
         labels = torch.zeros(1, dtype=torch.long)
-        sparse.sparse_kd_loss(torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), labels,
-                              **{**self.options, "backend": "reference"})
+        sparse.sparse_kd_loss(torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long),
+                              _probe_teacher_values(self.options), labels, **{**self.options, "backend": "reference"})
 
 
 class FusedLinearSparseKDLoss(_LossModule):
@@ -171,4 +172,13 @@ class FusedLinearSparseKDLoss(_LossModule):
     def _probe(self) -> None:
         labels = torch.zeros(1, dtype=torch.long)
         sparse.fused_linear_sparse_kd_loss(torch.zeros(1, 1), torch.zeros(2, 1), torch.zeros(1, 1, dtype=torch.long),
-                                           torch.zeros(1, 1), labels, **{**self.options, "backend": "reference"})
+                                           _probe_teacher_values(self.options), labels,
+                                           **{**self.options, "backend": "reference"})
+
+
+def _probe_teacher_values(options: Dict[str, Any]) -> torch.Tensor:
+    """A [1, 1] teacher value that every option set accepts: half the mass on the support (so
+    missing_mass="residual" has mass outside it), as the configured teacher_kind expresses it."""
+    if options.get("teacher_kind", "logprobs") == "probs":
+        return torch.full((1, 1), 0.5)
+    return torch.full((1, 1), -math.log(2.0))  # log-prob of 1/2; any value is a valid logit

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 
 from kdkernels import _checks
-from kdkernels._sparse_checks import (check_label_range, check_sparse_teacher, check_student, effective_labels,
-                                      make_sparse_config)
+from kdkernels._amp import autocast_as_matmul_inputs
+from kdkernels._sparse_checks import (check_label_range, check_sparse_teacher, check_student, config_without_labels,
+                                      effective_labels, make_sparse_config)
 from kdkernels._config import math_dtype
 from kdkernels.ops import sparse as sparse_ops
 
@@ -32,6 +33,8 @@ def _prepare(student, teacher_ids, teacher_values, labels, batch_shape, vocab, o
     reduction = _checks.check_reduction(options.pop("reduction"))
     cfg = make_sparse_config(has_labels=labels is not None, **options)
     check_label_range(labels, vocab, cfg.ignore_index)
+    if labels is None:
+        cfg = config_without_labels(cfg)
     teacher = check_sparse_teacher(teacher_ids, teacher_values, batch_shape, vocab, student.device, cfg,
                                    math_dtype(student.dtype))
     return cfg, teacher, effective_labels(labels, teacher, cfg), reduction
@@ -114,6 +117,7 @@ def sparse_kd_loss(
     return sparse_ops.sparse_loss(student_logits, teacher, labels_1d, cfg, reduction, backend)
 
 
+@autocast_as_matmul_inputs("student_hidden", "student_weight", "student_bias")
 def fused_linear_sparse_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -149,7 +153,9 @@ def fused_linear_sparse_kd_loss(
     lm_head's weight gradient is still summed over the tokens in float32 and rounded once: in two
     passes over the tokens (the logits GEMM and row kernel run twice), so that its float32
     accumulators need half the gradient's memory beyond it rather than twice. Gradients are
-    computed in the forward pass, only for the tensors that require grad.
+    computed in the forward pass, only for the tensors that require grad. Under
+    ``torch.autocast`` the lm_head inputs (hidden states, weight, bias) are cast to the autocast
+    dtype, as a matmul's are; the loss math stays float32.
 
     Args:
         student_hidden: ``[N, H]`` or ``[B, S, H]`` final hidden states, float32 / bfloat16 /

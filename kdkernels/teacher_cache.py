@@ -154,8 +154,9 @@ def build_teacher_cache(teacher: nn.Module, input_ids: torch.Tensor, out_dir: st
         A :class:`CacheSummary`.
     """
     safetensors_torch, _ = _safetensors()
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    for name, value in (("k", k), ("batch_size", batch_size), ("sequences_per_shard", sequences_per_shard)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if values_dtype not in VALUE_DTYPES:
         raise ValueError(f"values_dtype must be one of {tuple(VALUE_DTYPES)}, got {values_dtype!r}")
     if not (isinstance(temperature, (int, float)) and 1e-6 <= float(temperature) <= 1e6):

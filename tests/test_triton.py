@@ -217,6 +217,23 @@ def test_student_neg_inf_that_makes_the_loss_infinite_is_a_nan_row_and_raises(ca
 
 
 @interpreter_case
+def test_reverse_kl_teacher_neg_inf_under_student_mass_is_a_nan_row_and_raises():
+    from kdkernels.backends import triton as triton_backend
+
+    student, teacher = make_pair((3, 20), seed=45)
+    teacher[1, 4] = -math.inf
+    cfg = kdkernels._checks.make_config(divergence="reverse_kl", temperature=2.0, beta=0.5, kd_weight=1.0,
+                                        ce_weight=0.0, scale_by_t2=True, ignore_index=-100, has_labels=False)
+    row_loss, _ = triton_backend.rows(student, teacher, None, torch.tensor(1.0), cfg, True)
+    assert torch.isnan(row_loss[1]) and torch.isfinite(row_loss[[0, 2]]).all()
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kdkernels.kd_loss(student.clone().requires_grad_(), teacher, backend="triton", divergence="reverse_kl",
+                          temperature=2.0)
+    student[1, 4] = -math.inf  # masked on both sides: a finite row
+    check(student, teacher, divergence="reverse_kl", temperature=2.0)
+
+
+@interpreter_case
 @pytest.mark.parametrize("divergence", ("jsd", "skew_kl", "skew_reverse_kl"))
 def test_mixture_weights_near_one_keep_full_precision(divergence):
     student, teacher = make_pair((3, 20), seed=44)

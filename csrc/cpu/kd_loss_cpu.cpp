@@ -40,6 +40,7 @@ struct RowScratch {
   std::vector<float> block_max_s, block_max_t;  // [blocks] running max each block was shifted by
   std::vector<float> factor_s, factor_t, factor_1;  // [blocks] turn the stored exps into probabilities
   std::vector<double> mass_t, gap_t;            // [blocks] forward KL's block sums (stats_block)
+  std::vector<float> log_shift_s, log_shift_t, log_ratio;  // [blocks] the logs' shifts and constant (kd_row)
 };
 
 // How far (in units of the exps' argument) a block's max may lie above the running max its exps
@@ -262,10 +263,34 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   const float* const exp_1 = ce_separate ? scratch.exp_1.data() : nullptr;
   const float *const factor_s = scratch.factor_s.data(), *const factor_t = scratch.factor_t.data();
   const float* const factor_1 = ce_separate ? scratch.factor_1.data() : nullptr;
-  // log-softmax is formed as (x - max) / T - log(sum): the shifted logit is exact and the
-  // normaliser stays small, which keeps precision when all logits are large.
-  const Vec v_inv_t(inv_t), v_max_s(lse_u.max), v_max_t(lse_a.max);
-  const Vec v_log_sum_s(static_cast<float>(std::log(lse_u.sum))), v_log_sum_t(static_cast<float>(std::log(lse_a.sum)));
+  // The divergences read the logs only as log p - log q (divergence.h), and must read it as the
+  // log of the ratio of the very floats p and q they get: the mixture divergences combine the two
+  // (JSD takes log(m / q) from p and q, log(m / p) from it and log p - log q), and a difference
+  // of a few ulps between them is an error of that size in every element's term, which does not
+  // cancel over the row: at a high temperature JSD is ~1e-4 and such an error its 1e-3 part.
+  // So per block b, with the shifts its exps were taken at and its probability factors f:
+  // logq = (z - shift_s) / T, logp = (t - shift_t) / T + K_b, K_b = log(f_t) - log(f_s) of the
+  // float factors, in double, rounded once (a small number when the rows are alike). A factor
+  // that underflowed (a block far below the row's max) takes the row's form instead: shifts at
+  // the maxima, K = log(sum_s) - log(sum_t).
+  const Vec v_inv_t(inv_t);
+  scratch.log_shift_s.resize(blocks);
+  scratch.log_shift_t.resize(blocks);
+  scratch.log_ratio.resize(blocks);
+  {
+    const double row_ratio = std::log(lse_u.sum) - std::log(lse_a.sum);
+    constexpr float kMinNormal = std::numeric_limits<float>::min();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float f_s = scratch.factor_s[b], f_t = scratch.factor_t[b];
+      const bool own = f_s >= kMinNormal && f_t >= kMinNormal && std::isfinite(f_s) && std::isfinite(f_t);
+      scratch.log_shift_s[b] = own ? scratch.block_max_s[b] : lse_u.max;
+      scratch.log_shift_t[b] = own ? scratch.block_max_t[b] : lse_a.max;
+      scratch.log_ratio[b] = static_cast<float>(own ? std::log(static_cast<double>(f_t)) - std::log(static_cast<double>(f_s))
+                                                    : row_ratio);
+    }
+  }
+  const float *const log_shift_s = scratch.log_shift_s.data(), *const log_shift_t = scratch.log_shift_t.data();
+  const float* const log_ratio = scratch.log_ratio.data();
   // Visits every vector of the row (from L2), block by block, with the factors that turn the block's
   // stored exps into q and p: body(i, n, fq, fp, state).
   auto for_each_block_vector = [&](auto& state, const auto& body) {
@@ -287,8 +312,9 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
     });
   };
   auto logs = [=](int64_t i, int64_t n, const Vec& z, Vec& logp, Vec& logq) KD_ALWAYS_INLINE_LAMBDA {
-    logq = (z - v_max_s) * v_inv_t - v_log_sum_s;
-    logp = (load_row(row.teacher + i, n) - v_max_t) * v_inv_t - v_log_sum_t;
+    const int64_t b = i / kBlock;
+    logq = (z - Vec(log_shift_s[b])) * v_inv_t;
+    logp = at::vec::fmadd(load_row(row.teacher + i, n) - Vec(log_shift_t[b]), v_inv_t, Vec(log_ratio[b]));
   };
 
   // Pass 2: the divergence value and its row constant C (kRowSum divergences). kCachedGrad
@@ -377,6 +403,9 @@ float kd_row(const RowArgsT<S, T>& args, const KDParams& params, RowScratch& scr
   // forward KL is +inf only where the teacher has mass on a student -inf entry
   if constexpr (std::is_same_v<Div, ForwardKL>)
     if (!std::isfinite(kd)) *error |= kStudentMassOnNegInf;
+  // reverse KL is +inf only where the student has mass on a teacher -inf entry
+  if constexpr (std::is_same_v<Div, ReverseKL>)
+    if (!std::isfinite(kd)) *error |= kTeacherNegInfUnderStudent;
   double loss = params.kd_scale * kd;
   if (use_ce) loss += params.ce_weight * cross_entropy(ce_separate ? lse_z : lse_u, z_label);
   return static_cast<float>(loss);

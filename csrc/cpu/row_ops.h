@@ -336,8 +336,16 @@ inline double forward_kl_from_blocks(const float* shift_t, const float* shift_s,
 // What a row kernel reports (or-ed over the rows; run_rows turns them into one ValueError):
 // NaN / +inf logits, a label outside [0, V), and a student that is -inf where the loss needs a
 // finite value (the whole row, the label's entry, or an entry the teacher gives probability to
-// under a KL from the teacher), which would make the row's loss +inf or undefined.
-enum RowError : int { kRowOk = 0, kBadTeacher = 1, kBadStudent = 2, kBadLabel = 4, kStudentMassOnNegInf = 8 };
+// under a KL from the teacher), which would make the row's loss +inf or undefined; and under
+// reverse KL a teacher that is -inf where the student has probability (the loss would be +inf).
+enum RowError : int {
+  kRowOk = 0,
+  kBadTeacher = 1,
+  kBadStudent = 2,
+  kBadLabel = 4,
+  kStudentMassOnNegInf = 8,
+  kTeacherNegInfUnderStudent = 16
+};
 
 inline bool bad_logit(float x) { return std::isnan(x) || x == std::numeric_limits<float>::infinity(); }
 
@@ -480,6 +488,11 @@ constexpr const char* kStudentNegInfMessage =
     "student_logits is -inf where the loss needs a finite value (a whole row, the label's entry, or an "
     "entry where the teacher has probability), so the loss would be +inf or undefined";
 
+// The error for kTeacherNegInfUnderStudent.
+constexpr const char* kTeacherNegInfMessage =
+    "teacher_logits is -inf where the student has probability, so the reverse KL would be +inf; mask "
+    "an entry on both sides (student_logits -inf there too)";
+
 // Runs a row kernel over every row of [N, V] student / teacher logits with at::parallel_for.
 // Rows whose label is ignore_index get loss 0 and gradient 0 without calling the kernel;
 // out-of-range labels are reported (kBadLabel) and their rows ignored. With kNativeRows the
@@ -595,6 +608,7 @@ void run_rows(const RowInputs& in, int64_t ignore_index, float grad_scale, float
   TORCH_CHECK_VALUE(!(err & kBadLabel), "labels must lie in [0, ", in.vocab, ") or equal ignore_index (",
                     ignore_index, ")");
   TORCH_CHECK_VALUE(!(err & kStudentMassOnNegInf), kStudentNegInfMessage);
+  TORCH_CHECK_VALUE(!(err & kTeacherNegInfUnderStudent), kTeacherNegInfMessage);
 }
 
 }  // namespace kdkernels

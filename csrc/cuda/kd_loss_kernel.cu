@@ -369,8 +369,9 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_fwd_kernel(const KDRowsPr
   }
 
   if (threadIdx.x == 0) {
-    // forward KL is +inf only where the teacher has mass on a student -inf entry: reported as NaN
-    if constexpr (std::is_same_v<Div, ForwardKL>) {
+    // forward KL is +inf only where the teacher has mass on a student -inf entry, reverse KL only
+    // where the student has mass on a teacher -inf entry: reported as NaN
+    if constexpr (std::is_same_v<Div, ForwardKL> || std::is_same_v<Div, ReverseKL>) {
       if (!(divergence < INFINITY)) divergence = NAN;
     }
     float loss = params.kd_scale * divergence;

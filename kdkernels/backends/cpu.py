@@ -40,7 +40,7 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Decomposed KL (kdkernels.cakd_loss): (row_loss [N], components [N, 3] = BCD, SCD, WCD, grad)."""
     row_loss, components, grad = torch.ops.kdkernels.cakd_loss_fwd(
-        student_logits, teacher_logits, labels, grad_scale, cfg.group_rule_id, cfg.top_k, cfg.mass,
+        student_logits, teacher_logits, labels, grad_scale, cfg.group_rule_id, cfg.top_k, cfg.mass_target,
         cfg.bcd_weight, cfg.scd_weight, cfg.wcd_weight, cfg.scd_teacher_mass, cfg.wcd_teacher_mass,
         cfg.temperature, cfg.scale_by_t2, cfg.ignore_index, compute_grad)
     return row_loss, components, (grad if compute_grad else None)

@@ -14,6 +14,7 @@ upcast: the losses are computed in float32 (float64 for float64 input).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -75,7 +76,8 @@ def hint_token_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
 def attention_map(features: torch.Tensor, *, p: float = 2.0, channel_dim: int = -1) -> torch.Tensor:
     """``[B, ..., C, ...] -> [B, M]``: mean over the channel dimension of ``|F|^p``, flattened over
     the other non-batch dimensions and L2-normalised per sample."""
-    pooled = features.abs().pow(p).mean(dim=channel_dim).reshape(features.shape[0], -1)
+    pooled = features.abs().pow(p).mean(dim=channel_dim)
+    pooled = pooled.reshape(pooled.shape[0], math.prod(pooled.shape[1:]))  # -1 cannot be inferred at B = 0
     return F.normalize(pooled, dim=1, eps=NORM_EPS)
 
 

@@ -157,9 +157,14 @@ class _LinearLogits:
         _apply_softcap_(own, self.softcap)
         return logits
 
-    def full(self, vocab: int) -> torch.Tensor:
-        """All the logits [N, vocab] at once, differentiable (the reference path)."""
-        logits = torch.nn.functional.linear(self.hidden, self.weight, self.bias) * self.logit_scale
+    def full(self, vocab: int, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All the logits [N, vocab] at once, differentiable (the reference path). counted: bool
+        [N], the rows the loss reads; the others' hidden states enter as zeros, so that whatever
+        they hold (NaN) reaches no gradient (the weight's would be 0 * NaN)."""
+        hidden = self.hidden
+        if counted is not None:
+            hidden = torch.where(counted.unsqueeze(-1), hidden, hidden.new_zeros(()))
+        logits = torch.nn.functional.linear(hidden, self.weight, self.bias) * self.logit_scale
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return _pad_vocab(logits, vocab)
@@ -325,9 +330,11 @@ class _StudentGrads:
         )
 
     def add_chunk(self, student: _LinearLogits, start: int, end: int, grad: torch.Tensor,
-                  first: bool, headroom: float) -> None:
+                  first: bool, headroom: float, counted: Optional[torch.Tensor] = None) -> None:
         """grad: dL/d(hidden @ weight^T + bias) of rows [start, end), [n, V_s], divided by headroom
-        and lacking logit_scale, both folded into the GEMMs' alpha here (computed in float32 there)."""
+        and lacking logit_scale, both folded into the GEMMs' alpha here (computed in float32 there).
+        counted: bool [n], the rows that are not ignored; the weight gradient reads the others'
+        hidden states as zeros (their gradient rows are zero, and 0 * NaN would be NaN)."""
         scale = student.logit_scale * headroom
         if self.hidden is not None:
             out = self.hidden[start:end]
@@ -340,6 +347,8 @@ class _StudentGrads:
                 torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
         parts = ((self.weight_row, self.weight),) + self.more_weight if self.weight is not None else ()
         hidden, rows = student.hidden[start:end], end - start
+        if parts and counted is not None:
+            hidden = torch.where(counted.unsqueeze(-1), hidden, hidden.new_zeros(()))
         copy = None
         for row, weight in parts:
             grad_t = grad[:, row: row + weight.shape[0]].t()
@@ -513,7 +522,8 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
             grad.mul_(derivative)
         if grad.dtype != student.dtype:
             grad = narrow_grad[: end - start].copy_(grad)
-        grads.add_chunk(student, start, end, grad, first=start == 0, headroom=plan.headroom)
+        counted = None if labels_chunk is None else labels_chunk != plan.cfg.ignore_index
+        grads.add_chunk(student, start, end, grad, first=start == 0, headroom=plan.headroom, counted=counted)
         del grad  # freed before the next chunk's kernel allocates its own: one gradient chunk at a time
     return row_loss, grads
 
@@ -586,7 +596,9 @@ def fused_linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
         # The definition itself: whole logits, then kd_loss's reference formula. Differentiable
         # to any order; memory grows with tokens x vocabulary.
         labels_2d = None if labels is None else labels.reshape(-1)
-        loss, _ = logits_loss(KD, student.full(vocab), teacher.full(vocab), labels_2d, cfg, reduction, backend)
+        counted = None if labels is None else labels_2d != cfg.ignore_index
+        loss, _ = logits_loss(KD, student.full(vocab, counted), teacher.full(vocab), labels_2d, cfg, reduction,
+                              backend)
         return loss.reshape(batch_shape) if reduction == "none" else loss
     labels_1d = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]

@@ -80,7 +80,7 @@ class Route:
         if self.checks_values:
             return None
         args = (student_logits.detach(), teacher_logits, labels, cfg.ignore_index, cfg.log_q_by_teacher,
-                cfg.ce_weight)
+                cfg.ce_weight, cfg.log_p_by_student)
         if torch.compiler.is_compiling():
             return torch.ops.kdkernels.check_logit_values(*args)
         _checks.check_logit_values(*args)
@@ -122,9 +122,11 @@ class Route:
             if student_logits is None:
                 _checks.check_values(teacher_logits, labels, teacher_logits.shape[-1], cfg.ignore_index)
                 raise ValueError("student_logits contains NaN or +inf, or is -inf where the loss needs a finite "
-                                 "value (a whole row, the label's entry, or where forward KL's teacher has mass)")
+                                 "value (a whole row, the label's entry, or where forward KL's teacher has mass)"
+                                 + (", or teacher_logits is -inf where the student has probability (reverse KL)"
+                                    if cfg.log_p_by_student else ""))
             _checks.check_logit_values(student_logits, teacher_logits, labels, cfg.ignore_index,
-                                       cfg.log_q_by_teacher, cfg.ce_weight)
+                                       cfg.log_q_by_teacher, cfg.ce_weight, cfg.log_p_by_student)
 
         _reports.raise_reported(row_loss, raise_error)
 

@@ -79,7 +79,8 @@ def fused_linear_sparse_loss(student_hidden: torch.Tensor, student_weight: torch
     if route.differentiable:
         # The definition itself: whole logits, then the reference formula; differentiable to any
         # order, memory growing with tokens x vocabulary.
-        loss = sparse_loss(student.full(student.vocab), teacher, labels, cfg, reduction, "reference")
+        counted = labels != cfg.ignore_index  # the effective labels: all-padding rows are ignored too
+        loss = sparse_loss(student.full(student.vocab, counted), teacher, labels, cfg, reduction, "reference")
         return loss.reshape(batch_shape) if reduction == "none" else loss
     n_rows = student.hidden.shape[0]
     wanted = Wanted(student_hidden.requires_grad, student_weight.requires_grad,

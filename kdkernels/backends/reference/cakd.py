@@ -46,7 +46,7 @@ def correlated_set(teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
         probs = torch.softmax(teacher_logits.to(torch.float64) / cfg.temperature, dim=-1)
         sorted_probs = probs.gather(-1, order)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        in_set_sorted = mass_before < cfg.mass
+        in_set_sorted = mass_before < cfg.mass_target
     return torch.zeros_like(in_set_sorted).scatter(-1, order, in_set_sorted)
 
 

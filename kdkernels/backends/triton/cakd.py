@@ -392,7 +392,7 @@ def cakd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
     def launch(row_loss: torch.Tensor) -> None:
         rule = cfg.group_rule_id
-        target = float(cfg.mass) if rule == CAKD_GROUPS["teacher_mass"] else float(cfg.top_k)
+        target = float(cfg.mass_target) if rule == CAKD_GROUPS["teacher_mass"] else float(cfg.top_k)
         block, num_warps = launch_shape(vocab)
         _cakd_fwd_kernel[(n_rows,)](
             *leading_kernel_args(student, teacher, labels, grad, row_loss, grad_scale), components,

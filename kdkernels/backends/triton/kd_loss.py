@@ -20,7 +20,8 @@ student's softmax, ``ce_reuses_q``) and whether a gradient is wanted are compile
 A teacher row that is entirely -inf has no distribution: its KD term is 0 and its CE term stays.
 Bad values cost no host synchronisation: a row whose logits contain NaN or +inf, whose label is
 neither ``ignore_index`` nor in [0, V), or whose loss the student's -inf entries make +inf or
-undefined (the whole row; the label's entry; forward KL's teacher mass on one) gets a NaN loss,
+undefined (the whole row; the label's entry; forward KL's teacher mass on one), or whose reverse
+KL the teacher's -inf entries make +inf (student mass on one), gets a NaN loss,
 so the error shows in the loss (and trips AMP's inf/NaN check) instead of raising; rows with bad
 values also get a NaN gradient row.
 """
@@ -313,8 +314,10 @@ def _kd_loss_fwd_kernel(
                     tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
         divergence_total = tl.sum(divergence)
-        if DIVERGENCE == _FORWARD_KL:  # +inf only where the teacher has mass on a student -inf entry
-            poisoned = poisoned | (divergence_total == float("inf"))
+        # forward KL is +inf only where the teacher has mass on a student -inf entry, reverse KL
+        # only where the student has mass on a teacher -inf entry
+        if (DIVERGENCE == _FORWARD_KL) or (DIVERGENCE == _REVERSE_KL):
+            poisoned = poisoned | (has_teacher & (divergence_total == float("inf")))
         row_loss = tl.where(has_teacher, kd_scale * divergence_total, 0.0)
         if USE_CE:  # CE(z, y) = lse(z) - z_y = (max - z_y) + log sum exp(z - max)
             row_loss += ce_weight * ((max_z - z_label) + log_sum_z)
