@@ -243,7 +243,8 @@ def cakd_loss(
             ``"teacher_mass"``: S = the fewest most probable teacher classes (at temperature T)
             whose probabilities sum to ``>= mass``; the class that crosses ``mass`` is included.
             The sum is compared with ``mass`` lowered by a relative 2^-16, so that a sum equal to
-            ``mass`` in exact arithmetic (a uniform teacher) reaches it on every backend. Among equal teacher logits the lower class index ranks first, so S is deterministic.
+            ``mass`` in exact arithmetic (a uniform teacher) reaches it on every backend. Among
+            equal teacher logits the lower class index ranks first, so S is deterministic.
         k: size of S for ``teacher_topk`` (int >= 1); only for that rule.
         mass: teacher mass S reaches for ``teacher_mass``, in (0, 1); only for that rule.
         bcd_weight, scd_weight, wcd_weight: weights (>= 0) of the three parts. ``scd_weight`` /

@@ -330,11 +330,10 @@ class _StudentGrads:
         )
 
     def add_chunk(self, student: _LinearLogits, start: int, end: int, grad: torch.Tensor,
-                  first: bool, headroom: float, counted: Optional[torch.Tensor] = None) -> None:
+                  first: bool, headroom: float, hidden: Optional[torch.Tensor] = None) -> None:
         """grad: dL/d(hidden @ weight^T + bias) of rows [start, end), [n, V_s], divided by headroom
         and lacking logit_scale, both folded into the GEMMs' alpha here (computed in float32 there).
-        counted: bool [n], the rows that are not ignored; the weight gradient reads the others'
-        hidden states as zeros (their gradient rows are zero, and 0 * NaN would be NaN)."""
+        hidden: the rows' hidden states as the weight gradient reads them (default: the student's)."""
         scale = student.logit_scale * headroom
         if self.hidden is not None:
             out = self.hidden[start:end]
@@ -346,9 +345,7 @@ class _StudentGrads:
             else:
                 torch.addmm(out, grad, student.weight, beta=0, alpha=scale, out=out)
         parts = ((self.weight_row, self.weight),) + self.more_weight if self.weight is not None else ()
-        hidden, rows = student.hidden[start:end], end - start
-        if parts and counted is not None:
-            hidden = torch.where(counted.unsqueeze(-1), hidden, hidden.new_zeros(()))
+        hidden, rows = student.hidden[start:end] if hidden is None else hidden, end - start
         copy = None
         for row, weight in parts:
             grad_t = grad[:, row: row + weight.shape[0]].t()
@@ -482,6 +479,10 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
     # gradient in the lm_head's dtype, rounded into this one reused buffer
     narrow_grad = (_empty((min(chunk, n_rows), student.vocab), student.dtype, device)
                    if compute_grad and student.logits_dtype != student.dtype else None)
+    # the weight gradient reads the hidden states of ignored rows as zeros (their gradient rows are
+    # zero, and 0 * NaN would be NaN), from one reused buffer
+    counted_hidden = (_empty((min(chunk, n_rows), student.hidden.shape[1]), student.hidden.dtype, device)
+                      if labels is not None and wanted.weight else None)
     # the gradient replaces the student logits in their reused buffer: no allocation per chunk
     inplace = compute_grad and plan.inplace
     row_loss = torch.empty(n_rows, dtype=route.dtype, device=device)
@@ -522,8 +523,11 @@ def _run_chunks(plan: _Plan, student: _LinearLogits, teacher, labels: Optional[t
             grad.mul_(derivative)
         if grad.dtype != student.dtype:
             grad = narrow_grad[: end - start].copy_(grad)
-        counted = None if labels_chunk is None else labels_chunk != plan.cfg.ignore_index
-        grads.add_chunk(student, start, end, grad, first=start == 0, headroom=plan.headroom, counted=counted)
+        hidden = None
+        if counted_hidden is not None:
+            hidden = counted_hidden[: end - start].copy_(student.hidden[start:end])
+            hidden.masked_fill_((labels_chunk == plan.cfg.ignore_index).unsqueeze(-1), 0.0)
+        grads.add_chunk(student, start, end, grad, first=start == 0, headroom=plan.headroom, hidden=hidden)
         del grad  # freed before the next chunk's kernel allocates its own: one gradient chunk at a time
     return row_loss, grads
 
